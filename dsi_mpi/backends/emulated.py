@@ -1,0 +1,190 @@
+"""Emulated backend: a synthetic language with sleep-timed forwards, for latency studies.
+
+Design note, section 7. The target's token at position ``j`` is a deterministic function of
+``(seed, prefix)``, kept as a rolling 64-bit hash so each token costs O(1). The drafter
+reproduces the target's token with probability ``acceptance``, decided by another
+deterministic function of ``(seed, prefix)``, and proposes a different token otherwise, so
+acceptance is i.i.d. per position given a correct prefix, as in the paper's simulations.
+Each forward sleeps TTFT when it fills an empty cache (the prompt) and TPOT otherwise, in
+short slices so that a cancellation check can interrupt it.
+
+Spec grammar: ``emulated:tpot_ms=20.6,ttft_ms=27.8`` (target) and
+``emulated:tpot_ms=6.8,ttft_ms=8.1,acceptance=0.93`` (drafter); optional ``vocab`` (default
+32000) and ``seed`` (default 0); ``ttft_ms`` defaults to ``tpot_ms``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsi_mpi.backends.base import Backend, Cancelled, StepOutput
+from dsi_mpi.verify import SamplingParams
+
+PREFIX = "emulated:"
+_MASK = (1 << 64) - 1
+_SLICE_S = 0.0005  # sleep granularity: a cancellation interrupts a forward within this
+# Salts that separate the independent hash streams derived from one prefix state.
+_SALT_TARGET = 0x5A17_7A26_E7D0_0001
+_SALT_ACCEPT = 0x5A17_ACCE_97ED_0002
+_SALT_OTHER = 0x5A17_07E4_E70C_0003
+_SALT_SAMPLE = 0x5A17_5A3D_1E00_0004
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finaliser: a fast, well-mixed 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+@dataclass(frozen=True)
+class EmulatedSpec:
+    """A parsed emulated spec; ``acceptance`` is None for a target."""
+
+    tpot_ms: float
+    ttft_ms: float
+    acceptance: float | None = None
+    vocab: int = 32000
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> EmulatedSpec:
+        if not spec.startswith(PREFIX):
+            raise ValueError(f"not an emulated spec (must start with {PREFIX!r}): {spec!r}")
+        fields: dict[str, str] = {}
+        body = spec[len(PREFIX):]
+        for item in filter(None, body.split(",")):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or not value.strip():
+                raise ValueError(f"malformed emulated spec {spec!r}: {item!r} is not key=value")
+            if key in fields:
+                raise ValueError(f"malformed emulated spec {spec!r}: {key!r} given twice")
+            fields[key] = value.strip()
+        known = {"tpot_ms", "ttft_ms", "acceptance", "vocab", "seed"}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(
+                f"malformed emulated spec {spec!r}: unknown key(s) {unknown}; "
+                f"valid keys are {sorted(known)}, e.g. emulated:tpot_ms=20.6,ttft_ms=27.8"
+            )
+        if "tpot_ms" not in fields:
+            raise ValueError(f"malformed emulated spec {spec!r}: tpot_ms is required, e.g. emulated:tpot_ms=20.6")
+
+        def number(key: str, kind: type) -> float | int:
+            try:
+                return kind(fields[key])
+            except ValueError:
+                raise ValueError(
+                    f"malformed emulated spec {spec!r}: {key}={fields[key]!r} is not {kind.__name__}"
+                ) from None
+
+        tpot = float(number("tpot_ms", float))
+        ttft = float(number("ttft_ms", float)) if "ttft_ms" in fields else tpot
+        acceptance = float(number("acceptance", float)) if "acceptance" in fields else None
+        vocab = int(number("vocab", int)) if "vocab" in fields else 32000
+        seed = int(number("seed", int)) if "seed" in fields else 0
+        if tpot < 0 or ttft < 0:
+            raise ValueError(f"emulated spec {spec!r}: latencies must be >= 0 ms")
+        if acceptance is not None and not 0.0 <= acceptance <= 1.0:
+            raise ValueError(f"emulated spec {spec!r}: acceptance must be in [0, 1], got {acceptance}")
+        if vocab < 2:
+            raise ValueError(f"emulated spec {spec!r}: vocab must be >= 2, got {vocab}")
+        if seed < 0:
+            raise ValueError(f"emulated spec {spec!r}: seed must be >= 0, got {seed}")
+        return cls(tpot_ms=tpot, ttft_ms=ttft, acceptance=acceptance, vocab=vocab, seed=seed)
+
+
+class EmulatedLanguage:
+    """The synthetic language's token functions over a rolling prefix state (pure, no sleeps)."""
+
+    def __init__(self, seed: int, vocab: int) -> None:
+        self.seed = seed
+        self.vocab = vocab
+        self.initial_state = _mix(seed ^ 0xD51D_0000)
+
+    @staticmethod
+    def advance(state: int, token: int) -> int:
+        """The prefix state after appending ``token``."""
+        return _mix(state ^ _mix(token + 1))
+
+    def target_token(self, state: int, params: SamplingParams) -> int:
+        """The target's token after the prefix whose state is ``state``."""
+        h = state ^ _SALT_TARGET
+        if not params.greedy:  # sampling: a different seed gives a different continuation
+            h ^= _mix(params.seed ^ _SALT_SAMPLE)
+        return _mix(h) % self.vocab
+
+    def drafter_token(self, state: int, params: SamplingParams, acceptance: float) -> int:
+        """The target's token with probability ``acceptance``, a different token otherwise."""
+        target = self.target_token(state, params)
+        if _mix(state ^ _SALT_ACCEPT) < acceptance * 2.0**64:
+            return target
+        return (target + 1 + _mix(state ^ _SALT_OTHER) % (self.vocab - 1)) % self.vocab
+
+
+class EmulatedBackend(Backend):
+    """A target (acceptance None) or drafter of the emulated language."""
+
+    def __init__(self, spec: EmulatedSpec, sleep: bool = True) -> None:
+        self.spec = spec
+        self.language = EmulatedLanguage(spec.seed, spec.vocab)
+        self.vocab_size = spec.vocab
+        self.eos_token_ids = frozenset()  # the synthetic language never ends a sequence
+        self.max_positions = None
+        self.sleep = sleep
+        self._states = [self.language.initial_state]  # _states[i]: prefix state after i tokens
+
+    def cached_length(self) -> int:
+        return len(self._states) - 1
+
+    def crop(self, length: int) -> None:
+        del self._states[length + 1:]
+
+    def forward(
+        self,
+        tokens: Sequence[int],
+        params: SamplingParams,
+        num_outputs: int | None = None,
+        want_probs: bool = False,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> StepOutput:
+        if want_probs:
+            raise ValueError("the emulated backend has no distributions; use --verify exact with it")
+        if not tokens:
+            raise ValueError("forward needs at least one token")
+        start = self.cached_length()
+        delay_ms = self.spec.ttft_ms if start == 0 else self.spec.tpot_ms
+        if self.sleep:
+            self._sleep(delay_ms / 1000.0, should_cancel)
+        n = len(tokens) if num_outputs is None else min(num_outputs, len(tokens))
+        out = np.empty(n, dtype=np.int64)
+        state = self._states[-1]
+        for i, token in enumerate(tokens):
+            state = self.language.advance(state, int(token))
+            self._states.append(state)
+            j = i - (len(tokens) - n)
+            if j >= 0:
+                out[j] = self._token(state, params)
+        return StepOutput(first_position=start + len(tokens) - n + 1, tokens=out)
+
+    def _token(self, state: int, params: SamplingParams) -> int:
+        if self.spec.acceptance is None:
+            return self.language.target_token(state, params)
+        return self.language.drafter_token(state, params, self.spec.acceptance)
+
+    @staticmethod
+    def _sleep(seconds: float, should_cancel: Callable[[], bool] | None) -> None:
+        deadline = time.perf_counter() + seconds
+        while True:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            time.sleep(min(_SLICE_S, remaining))

@@ -1,0 +1,164 @@
+"""Hugging Face backend: any ``AutoModelForCausalLM`` with a croppable ``DynamicCache``.
+
+Written against transformers 5.x: the cache is passed as ``cache=`` and
+``DynamicCache.crop`` takes the (negative) number of tokens to remove. Cancellation is checked
+by forward pre-hooks on the decoder layers, so a stale forward stops within one layer's time;
+the partly updated cache is then cropped back, layer by layer, to its previous length.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dsi_mpi.backends.base import Backend, Cancelled, StepOutput
+from dsi_mpi.verify import SamplingParams, distributions, select_tokens
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU and float32 on a CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}") from None
+
+
+def context_length(config: object) -> int | None:
+    """The model's maximum number of positions, where its config states one."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def eos_ids(model_or_config: object) -> frozenset[int]:
+    """End-of-sequence ids as ``generate`` uses them: the generation config first."""
+    gen = getattr(model_or_config, "generation_config", None)
+    value = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if value is None:
+        config = getattr(model_or_config, "config", model_or_config)
+        value = getattr(config, "eos_token_id", None)
+    if value is None:
+        return frozenset()
+    return frozenset([value] if isinstance(value, int) else value)
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of decoder layers (``model.layers`` for Llama, ``transformer.h`` for GPT-2)."""
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+class HFBackend(Backend):
+    """A causal LM from a local path or hub id, one sequence, KV cache kept across calls."""
+
+    def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu") -> None:
+        from transformers import AutoModelForCausalLM, DynamicCache
+
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=resolve_dtype(dtype, device)
+        ).to(self.device)
+        self.model.eval()
+        self.config = self.model.config
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.eos_token_ids = eos_ids(self.model)
+        self.max_positions = context_length(self.config)
+        self.cache = DynamicCache(config=self.config)
+        self._should_cancel: Callable[[], bool] | None = None
+        for layer in _decoder_layers(self.model):
+            layer.register_forward_pre_hook(self._check_cancel)
+
+    def _check_cancel(self, module: torch.nn.Module, args: object) -> None:
+        if self._should_cancel is not None and self._should_cancel():
+            raise Cancelled()
+
+    def cached_length(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    def crop(self, length: int) -> None:
+        # Layer by layer: after an interrupted forward the layers hold different lengths.
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", True):
+                current = int(layer.get_seq_length())
+                if current > length:
+                    layer.crop(length - current)
+
+    def forward(
+        self,
+        tokens: Sequence[int],
+        params: SamplingParams,
+        num_outputs: int | None = None,
+        want_probs: bool = False,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> StepOutput:
+        if not tokens:
+            raise ValueError("forward needs at least one token")
+        start = self.cached_length()
+        n = len(tokens) if num_outputs is None else min(num_outputs, len(tokens))
+        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # [1, m]
+        self._should_cancel = should_cancel
+        try:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            with torch.inference_mode():
+                out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=n)
+        except Cancelled:
+            self.crop(start)
+            raise
+        finally:
+            self._should_cancel = None
+        logits = out.logits[0, -n:, :]  # [n, vocab]
+        first = start + len(tokens) - n + 1  # logits[i] predicts this position + i
+        probs = distributions(logits, params).numpy() if want_probs else None
+        return StepOutput(first_position=first, tokens=select_tokens(logits, first, params), probs=probs)
+
+
+def load_tokenizer(name_or_path: str):  # noqa: ANN201 - a transformers tokenizer or None
+    """The model's tokenizer, or None when it ships none (token ids only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_config(name_or_path: str):  # noqa: ANN201 - a transformers PretrainedConfig
+    """The model's config without its weights: what rank 0 checks before any compute."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if os.path.sep in name_or_path or name_or_path.startswith("."):
+        if not os.path.isdir(name_or_path):
+            raise FileNotFoundError(
+                f"model path {name_or_path!r} does not exist; pass a directory made by "
+                "save_pretrained, a hub id, or an emulated: spec"
+            )
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"cannot load a model config from {name_or_path!r} ({exc.__class__.__name__}); pass a "
+            "local directory made by save_pretrained, a reachable hub id, or an emulated: spec"
+        ) from None
+    try:
+        config.generation_config = GenerationConfig.from_pretrained(name_or_path)
+    except OSError:
+        config.generation_config = None
+    return config
+

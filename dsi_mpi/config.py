@@ -1,0 +1,99 @@
+"""The run's configuration: one frozen dataclass, validated when it is made.
+
+Every rank builds the same config from the same command line, so a bad value is reported
+identically everywhere before any model is loaded (only rank 0 prints it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsi_mpi.backends import EmulatedSpec, is_emulated
+from dsi_mpi.verify import SamplingParams
+
+MODES = ("dsi", "si", "nonsi")
+VERIFY_MODES = ("exact", "rejection")
+DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """Bad input: a message that names the problem and the fix; exit code 2, no traceback."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    target: str  # local path, hub id or emulated: spec of the target model
+    drafter: str | None = None  # the same for the drafter; unused by nonsi
+    mode: str = "dsi"  # dsi, si (classic speculative inference) or nonsi (target alone)
+    lookahead: int = 5  # drafts per verification task (k)
+    sp: int | None = None  # target servers to use; None: every target rank (dsi), 1 otherwise
+    max_new_tokens: int = 64
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    verify: str = "exact"  # exact (shared noise, token-identical) or rejection (Leviathan et al.)
+    dtype: str = "auto"  # model dtype for HF backends
+    device: str = "cpu"  # cpu, cuda, or cuda:N for model ranks
+    num_drafters: int = 1  # drafter ranks; ranks 1..num_drafters
+    max_run_ahead: int | None = None  # drafts beyond the committed prefix; None: lookahead * (sp + 1)
+    timeout_s: float = 600.0  # longest wait for any message before the job is aborted
+    poll_max_s: float = 0.0005  # longest sleep between polls of an idle rank
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"--verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.mode != "nonsi" and not self.drafter:
+            raise ConfigError(f"--mode {self.mode} needs --drafter SPEC (a path, hub id or emulated: spec)")
+        if self.mode != "nonsi" and self.lookahead < 1:
+            raise ConfigError(f"--lookahead must be >= 1, got {self.lookahead}: a task verifies at least one draft")
+        if self.sp is not None and self.sp < 1:
+            raise ConfigError(f"--sp must be >= 1, got {self.sp}")
+        if self.mode in ("si", "nonsi") and self.sp not in (None, 1):
+            raise ConfigError(f"--mode {self.mode} uses one target server; drop --sp {self.sp} or use --mode dsi")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_drafters != 1:
+            raise ConfigError("only one drafter rank is supported for now (--num-drafters 1)")
+        if self.max_run_ahead is not None and self.max_run_ahead < self.lookahead:
+            raise ConfigError(f"--max-run-ahead must be >= --lookahead ({self.lookahead}), got {self.max_run_ahead}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        specs = [("--target", self.target)] + ([("--drafter", self.drafter)] if self.uses_drafter else [])
+        for flag, spec in specs:
+            if is_emulated(spec):
+                try:
+                    parsed = EmulatedSpec.parse(spec)
+                except ValueError as exc:
+                    raise ConfigError(f"{flag}: {exc}") from None
+                if flag == "--target" and parsed.acceptance is not None:
+                    raise ConfigError(f"--target {spec!r}: acceptance= belongs in the drafter's spec")
+                if flag == "--drafter" and parsed.acceptance is None:
+                    raise ConfigError(f"--drafter {spec!r}: an emulated drafter needs acceptance=A (0..1)")
+        if self.uses_drafter:
+            if is_emulated(self.target) != is_emulated(self.drafter or ""):
+                raise ConfigError("--target and --drafter must both be emulated: specs or both be models")
+            if is_emulated(self.target):
+                t, d = EmulatedSpec.parse(self.target), EmulatedSpec.parse(self.drafter or "")
+                if (t.vocab, t.seed) != (d.vocab, d.seed):
+                    raise ConfigError(
+                        f"emulated target and drafter must share vocab and seed (the drafter imitates "
+                        f"the target's language): target vocab={t.vocab},seed={t.seed}, drafter vocab={d.vocab},seed={d.seed}"
+                    )
+                if self.verify == "rejection":
+                    raise ConfigError("--verify rejection needs model distributions; emulated backends support --verify exact only")
+
+    @property
+    def uses_drafter(self) -> bool:
+        return self.mode != "nonsi"
+
+    @property
+    def emulated(self) -> bool:
+        return is_emulated(self.target)
+
+    def run_ahead(self, sp: int) -> int:
+        """How far the drafter may run beyond the committed prefix."""
+        if self.mode == "si":
+            return self.lookahead
+        return self.max_run_ahead if self.max_run_ahead is not None else self.lookahead * (sp + 1)

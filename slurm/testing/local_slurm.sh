@@ -1,0 +1,414 @@
+#!/usr/bin/env bash
+# local_slurm.sh -- run a private, real, single-node Slurm cluster on this
+# machine (for tests): its own munged, slurmctld and slurmd, all as root,
+# all state/config/logs in one directory, no systemd, no /etc/slurm.
+#
+# Usage: local_slurm.sh {install|start|stop|restart|status|env|wait-job}
+#
+#   install  apt-get install slurmctld slurmd slurm-client munge (only if
+#            missing; with DSI_SLURM_WITH_PMIX=1 also libpmix2 for --mpi=pmix)
+#   start    write config, start munged + slurmctld + slurmd, wait until the
+#            node is idle; prints "export SLURM_CONF=..." on stdout (all
+#            progress goes to stderr), so  eval "$(local_slurm.sh start)"  works
+#   stop     cancel jobs, stop the daemons, leave no process of ours behind
+#   status   exit 0 if all daemons run, 3 if none, 1 if only some
+#   restart  stop + start
+#   env      print the export line only
+#   wait-job JOBID [TIMEOUT]
+#            poll until the job ends (0.5 s steps; sbatch --wait polls far
+#            more coarsely, ~10 s for a 1 s job); exit 0 iff COMPLETED
+#
+# Settings (environment):
+#   DSI_SLURM_DIR            state dir              [/tmp/dsi-slurm]
+#   DSI_SLURM_CPUS           CPUs the node claims   [16] (more than real is ok)
+#   DSI_SLURM_MEM_MB         RealMemory of the node [MemTotal of this machine]
+#   DSI_SLURM_CTLD_PORT      slurmctld port         [6817]
+#   DSI_SLURM_SLURMD_PORT    slurmd port            [6818]
+#   DSI_SLURM_START_TIMEOUT  seconds per start wait [60]
+#   DSI_SLURM_STOP_TIMEOUT   seconds per stop wait  [30]
+#   DSI_SLURM_WITH_PMIX      install: add libpmix2  [0]
+set -euo pipefail
+
+# Absolute paths matter: they end up in slurm.conf and in munge's socket path.
+STATE_DIR=$(realpath -m "${DSI_SLURM_DIR:-/tmp/dsi-slurm}")
+CPUS=${DSI_SLURM_CPUS:-16}
+CTLD_PORT=${DSI_SLURM_CTLD_PORT:-6817}
+SLURMD_PORT=${DSI_SLURM_SLURMD_PORT:-6818}
+START_TIMEOUT=${DSI_SLURM_START_TIMEOUT:-60}
+STOP_TIMEOUT=${DSI_SLURM_STOP_TIMEOUT:-30}
+WITH_PMIX=${DSI_SLURM_WITH_PMIX:-0}
+
+ETC=$STATE_DIR/etc
+LOG=$STATE_DIR/log
+RUN=$STATE_DIR/run
+SPOOL=$STATE_DIR/spool
+MUNGE_DIR=$STATE_DIR/munge
+CONF=$ETC/slurm.conf
+MUNGE_SOCK=$MUNGE_DIR/munge.socket
+MUNGE_PID=$MUNGE_DIR/munged.pid
+MUNGE_LOG=$MUNGE_DIR/munged.log  # munged insists its log dir is not world-writable
+CTLD_PID=$RUN/slurmctld.pid
+SLURMD_PID=$RUN/slurmd.pid
+CTLD_LOG=$LOG/slurmctld.log
+SLURMD_LOG=$LOG/slurmd.log
+
+# slurmctld only accepts to run on the host named in SlurmctldHost, and it
+# compares against the short hostname; so the node is named after it too.
+NODE=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)
+NODE=${NODE:-localhost}
+
+# Every Slurm client call below must see our config, never /etc/slurm.
+export SLURM_CONF=$CONF
+
+log() { echo "local_slurm: $*" >&2; }
+
+# die MESSAGE [LOGFILE...] -- print message, the tail of each log, exit 1.
+die() {
+    local msg=$1; shift
+    log "ERROR: $msg"
+    local f
+    for f in "$@"; do
+        if [[ -s $f ]]; then
+            echo "----- last lines of $f -----" >&2
+            tail -n 30 "$f" >&2
+            echo "-----" >&2
+        fi
+    done
+    exit 1
+}
+
+# ---------------------------------------------------------------- processes
+
+# pid_of PIDFILE PATTERN -- print the pid in PIDFILE if that process is alive
+# AND its command line contains PATTERN (a path only our instance uses), so a
+# stale pid file whose pid got reused by something else is never trusted.
+pid_of() {
+    local pidfile=$1 pattern=$2 pid
+    [[ -r $pidfile ]] || return 1
+    pid=$(tr -dc '0-9' <"$pidfile")
+    [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$pattern" || return 1
+    echo "$pid"
+}
+
+ctld_pid()   { pid_of "$CTLD_PID" "$CONF"; }
+slurmd_pid() { pid_of "$SLURMD_PID" "$CONF"; }
+munged_pid() { pid_of "$MUNGE_PID" "$MUNGE_SOCK"; }
+
+# Orphaned slurmstepd processes of our cluster: they inherit slurmd's
+# environment, which contains our SLURM_CONF.
+# (Reads /proc directly: minimal containers often lack procps/pgrep.)
+our_stepds() {
+    local d comm
+    for d in /proc/[0-9]*; do
+        { read -r comm <"$d/comm"; } 2>/dev/null || continue
+        [[ $comm == slurmstepd ]] || continue
+        if tr '\0' '\n' <"$d/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"; then
+            echo "${d#/proc/}"
+        fi
+    done
+}
+
+# wait_until TIMEOUT CMD... -- poll CMD every 0.5 s; 1 if it never succeeded.
+wait_until() {
+    local timeout=$1; shift
+    local deadline=$((SECONDS + timeout))
+    until "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.5
+    done
+}
+
+# alive PID -- true if running. A zombie counts as dead: our daemons are
+# reparented to PID 1, and in containers PID 1 often reaps late or never
+# (seen here: ~2 s), so "kill -0" would keep succeeding on a dead daemon.
+alive() {
+    local stat
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+    stat=${stat##*) }  # the state letter follows "(comm) "
+    [[ ${stat%% *} != Z ]]
+}
+
+# terminate NAME:PID... -- SIGTERM all at once (daemons take 1-2 s each to
+# exit, in parallel that is paid once), bounded wait, then SIGKILL stragglers.
+terminate() {
+    local np pids=()
+    for np in "$@"; do
+        alive "${np#*:}" || continue
+        log "stopping ${np%%:*} (pid ${np#*:})"
+        kill -TERM "${np#*:}" 2>/dev/null || true
+        pids+=("${np#*:}")
+    done
+    ((${#pids[@]})) || return 0
+    wait_until "$STOP_TIMEOUT" all_dead "${pids[@]}" && return 0
+    log "still alive after ${STOP_TIMEOUT}s, sending SIGKILL: $*"
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    wait_until 5 all_dead "${pids[@]}" || die "cannot kill: $*"
+}
+
+all_dead() {
+    local p
+    for p in "$@"; do alive "$p" && return 1; done
+    return 0
+}
+
+port_busy() { timeout 2 bash -c ": </dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+# ---------------------------------------------------------------- install
+
+install() {
+    local pkgs=(slurmctld slurmd slurm-client munge) missing=() p
+    # Slurm's mpi_pmix plugin dlopen()s the UNversioned pmix2/lib/libpmix.so, which
+    # only libpmix-dev ships; libpmix2 alone leaves --mpi=pmix unusable.
+    [[ $WITH_PMIX == 1 ]] && pkgs+=(libpmix2 libpmix-dev)
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if ((${#missing[@]} == 0)); then
+        log "already installed: ${pkgs[*]}"
+        return 0
+    fi
+    [[ $(id -u) == 0 ]] || die "install needs root (apt-get)"
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    # --no-install-recommends: slurm-wlm would pull sview/GTK and friends.
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+}
+
+# ---------------------------------------------------------------- config
+
+write_config() {
+    local mem
+    mem=${DSI_SLURM_MEM_MB:-$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)}
+    mkdir -p "$ETC" "$LOG" "$RUN" "$SPOOL/ctld" "$SPOOL/d"
+    cat >"$CONF" <<EOF
+# Generated by slurm/testing/local_slurm.sh -- private one-node test cluster.
+# Rewritten on every start; edit the script, not this file.
+ClusterName=dsi
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+# Everything runs as root: no slurm user needed, root may submit jobs.
+SlurmUser=root
+SlurmdUser=root
+# A private munged; its socket is passed to daemons AND clients via AuthInfo.
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCK
+StateSaveLocation=$SPOOL/ctld
+SlurmdSpoolDir=$SPOOL/d
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$SLURMD_PID
+SlurmctldLogFile=$CTLD_LOG
+SlurmdLogFile=$SLURMD_LOG
+SlurmctldDebug=info
+SlurmdDebug=info
+# No systemd / cgroup delegation in containers: track processes via /proc and
+# do no task binding. Keeps us independent of cgroup v1/v2 availability.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SwitchType=switch/none
+# Keep system-wide SPANK plugins (/etc/slurm/plugstack.conf) out.
+PlugStackConfig=$ETC/plugstack.conf
+MpiDefault=none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# Let the node claim more CPUs/memory than the machine has.
+SlurmdParameters=config_overrides
+ReturnToService=2
+# Short timers: tests should not wait for production-sized grace periods.
+KillWait=5
+MessageTimeout=10
+InactiveLimit=0
+MinJobAge=300
+# Default /usr/bin/mail is usually absent; slurmctld logs an error otherwise.
+MailProg=/bin/true
+NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+EOF
+    : >"$ETC/plugstack.conf"
+}
+
+# ---------------------------------------------------------------- start
+
+start_munged() {
+    # munged demands: socket dir world-searchable, key owned by us and 0600,
+    # log dir not writable by others. Hence a dedicated 0755 directory.
+    mkdir -p "$MUNGE_DIR"
+    chmod 0755 "$STATE_DIR" "$MUNGE_DIR"
+    if [[ ! -s $MUNGE_DIR/munge.key ]]; then
+        log "creating munge key"
+        dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1024 count=1 status=none
+    fi
+    chmod 0600 "$MUNGE_DIR/munge.key"
+    rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock" "$MUNGE_PID"
+    log "starting munged"
+    # munged forks itself and closes stdio (important for callers that capture
+    # our output through a pipe: no daemon may keep that pipe open).
+    munged --socket="$MUNGE_SOCK" --key-file="$MUNGE_DIR/munge.key" \
+        --pid-file="$MUNGE_PID" --log-file="$MUNGE_LOG" \
+        --seed-file="$MUNGE_DIR/munged.seed" </dev/null >>"$MUNGE_LOG" 2>&1 ||
+        die "munged failed to start" "$MUNGE_LOG"
+    wait_until "$START_TIMEOUT" munge_works || die "munged not answering on $MUNGE_SOCK" "$MUNGE_LOG"
+}
+
+munge_works() { munge -n -S "$MUNGE_SOCK" 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/dev/null 2>&1; }
+
+ctld_up() {
+    local pid
+    # Fail fast (exit) if the daemon died instead of waiting for the timeout.
+    if [[ -s $CTLD_PID ]] && ! pid=$(ctld_pid); then
+        die "slurmctld exited during startup" "$CTLD_LOG"
+    fi
+    scontrol ping 2>/dev/null | grep -q 'is UP'
+}
+
+node_idle() {
+    local state
+    if [[ -s $SLURMD_PID ]] && ! slurmd_pid >/dev/null; then
+        die "slurmd exited during startup" "$SLURMD_LOG"
+    fi
+    state=$(sinfo -h -N -n "$NODE" -o %T 2>/dev/null || true)
+    [[ $state == idle ]] && return 0
+    # A node that comes up DOWN/DRAINED (e.g. after an unclean stop) is
+    # resumed; harmless if the request is refused because it is already up.
+    if [[ $state == down* || $state == drain* ]]; then
+        scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
+    fi
+    return 1
+}
+
+start() {
+    local b
+    for b in munged munge slurmctld slurmd scontrol sinfo sbatch srun; do
+        command -v "$b" >/dev/null || die "'$b' not found; run: $0 install"
+    done
+    # Unix socket paths are limited to 108 bytes; slurmd puts
+    # "<node>_<jobid>.<stepid>" sockets into its spool dir as well.
+    ((${#STATE_DIR} <= 70)) || die "DSI_SLURM_DIR too long (${#STATE_DIR} > 70 chars): $STATE_DIR"
+
+    if status >/dev/null 2>&1; then
+        log "already running"
+        if wait_until "$START_TIMEOUT" node_idle; then
+            print_env
+            return 0
+        fi
+        die "running, but node $NODE is not idle: $(sinfo -h -N -o '%T %E' 2>&1)" "$SLURMD_LOG"
+    fi
+    # Partial or crashed previous run: clean slate.
+    stop
+    local p
+    for p in "$CTLD_PORT" "$SLURMD_PORT"; do
+        ! port_busy "$p" || die "port $p is in use (another Slurm? set DSI_SLURM_CTLD_PORT/DSI_SLURM_SLURMD_PORT)"
+    done
+
+    write_config
+    # Fresh cluster on every start: drop old job/node state and step sockets.
+    rm -rf "${SPOOL:?}/ctld/"* "${SPOOL:?}/d/"*
+    for p in "$CTLD_LOG" "$SLURMD_LOG"; do
+        [[ -f $p ]] && mv -f "$p" "$p.prev"
+    done
+    rm -f "$CTLD_PID" "$SLURMD_PID"
+
+    local t0=$SECONDS
+    start_munged
+
+    log "starting slurmctld"
+    # -c: clear saved state. Both daemons daemonise themselves (no -D).
+    slurmctld -f "$CONF" -c </dev/null >>"$CTLD_LOG" 2>&1 || die "slurmctld failed to start" "$CTLD_LOG"
+    wait_until "$START_TIMEOUT" ctld_up || die "slurmctld not UP after ${START_TIMEOUT}s" "$CTLD_LOG"
+
+    log "starting slurmd (node $NODE, $CPUS CPUs)"
+    # -N: our node name regardless of what the hostname resolves to.
+    slurmd -f "$CONF" -N "$NODE" </dev/null >>"$SLURMD_LOG" 2>&1 || die "slurmd failed to start" "$SLURMD_LOG"
+    wait_until "$START_TIMEOUT" node_idle ||
+        die "node $NODE not idle after ${START_TIMEOUT}s: $(sinfo -h -N -o '%T %E' 2>&1)" "$SLURMD_LOG" "$CTLD_LOG"
+
+    log "up in $((SECONDS - t0))s; state in $STATE_DIR"
+    print_env
+}
+
+print_env() { echo "export SLURM_CONF=$CONF"; }
+
+# ---------------------------------------------------------------- stop
+
+stop() {
+    local pid ids
+    if pid=$(ctld_pid); then
+        # Cancel jobs first so slurmstepd/job processes get cleaned up by Slurm.
+        ids=$(squeue -h -o %A 2>/dev/null || true)
+        if [[ -n $ids ]]; then
+            log "cancelling jobs: ${ids//$'\n'/ }"
+            # shellcheck disable=SC2086
+            scancel $ids 2>/dev/null || true
+            wait_until "$STOP_TIMEOUT" no_jobs || log "jobs still listed after ${STOP_TIMEOUT}s; killing anyway"
+        fi
+    fi
+    local daemons=()
+    if pid=$(slurmd_pid); then daemons+=("slurmd:$pid"); fi
+    if pid=$(ctld_pid); then daemons+=("slurmctld:$pid"); fi
+    for pid in $(our_stepds); do daemons+=("orphan-slurmstepd:$pid"); done
+    ((${#daemons[@]} == 0)) || terminate "${daemons[@]}"
+    # munged last: the Slurm daemons may still authenticate while shutting down.
+    if pid=$(munged_pid); then terminate "munged:$pid"; fi
+    rm -f "$CTLD_PID" "$SLURMD_PID" "$MUNGE_PID"
+    return 0
+}
+
+no_jobs() { [[ -z $(squeue -h -o %A 2>/dev/null) ]]; }
+
+# ---------------------------------------------------------------- status
+
+status() {
+    local up=0 pid
+    if pid=$(munged_pid); then echo "munged: running (pid $pid)"; up=$((up + 1)); else echo "munged: stopped"; fi
+    if pid=$(ctld_pid); then echo "slurmctld: running (pid $pid)"; up=$((up + 1)); else echo "slurmctld: stopped"; fi
+    if pid=$(slurmd_pid); then echo "slurmd: running (pid $pid)"; up=$((up + 1)); else echo "slurmd: stopped"; fi
+    if ((up == 3)); then
+        sinfo -N -o '%N %P %T %c %m' 2>&1 || true
+        print_env
+        return 0
+    fi
+    ((up == 0)) && return 3
+    return 1
+}
+
+# ---------------------------------------------------------------- wait-job
+
+job_state() { scontrol show job -o "$1" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2; }
+
+job_done() {
+    case $(job_state "$1") in
+    PENDING | CONFIGURING | RUNNING | COMPLETING | SUSPENDED | "") return 1 ;;
+    *) return 0 ;;
+    esac
+}
+
+wait_job() {
+    local id=${1:?usage: wait-job JOBID [TIMEOUT]} timeout=${2:-300} state
+    wait_until "$timeout" job_done "$id" || die "job $id not finished after ${timeout}s (state: $(job_state "$id"))"
+    state=$(job_state "$id")
+    log "job $id: $state"
+    [[ $state == COMPLETED ]]
+}
+
+# ---------------------------------------------------------------- main
+
+case ${1:-} in
+install) install ;;
+start) start ;;
+stop) stop; log "stopped" ;;
+restart) stop; start ;;
+status) status ;;
+env) print_env ;;
+wait-job) shift; wait_job "$@" ;;
+*)
+    echo "usage: $0 {install|start|stop|restart|status|env|wait-job JOBID [TIMEOUT]}" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,88 @@
+"""Bad input is a clear error naming the problem, raised before any weights are loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsi_mpi.config import ConfigError, RunConfig
+from dsi_mpi.preflight import preflight
+
+T = "emulated:tpot_ms=1"
+D = "emulated:tpot_ms=1,acceptance=0.5"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lookahead": 0}, "--lookahead must be >= 1"),
+        ({"max_new_tokens": 0}, "--max-new-tokens must be >= 1"),
+        ({"mode": "turbo"}, "--mode must be one of"),
+        ({"drafter": None}, "needs --drafter"),
+        ({"drafter": "emulated:tpot_ms=1"}, "needs acceptance"),
+        ({"target": "emulated:tpot_ms=1,acceptance=0.3"}, "belongs in the drafter"),
+        ({"drafter": "emulated:tpot_ms=1,acceptance=0.5,vocab=10"}, "share vocab and seed"),
+        ({"drafter": "emulated:tpot_ms=x,acceptance=0.5"}, "--drafter: malformed emulated spec"),
+        ({"verify": "rejection"}, "emulated backends support --verify exact only"),
+        ({"mode": "si", "sp": 3}, "uses one target server"),
+        ({"sp": 0}, "--sp must be >= 1"),
+        ({"drafter": "/some/model"}, "both be emulated"),
+    ],
+)
+def test_config_errors(kwargs: dict, message: str) -> None:
+    args = {"target": T, "drafter": D} | kwargs
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**args)
+
+
+def test_nonsi_needs_no_drafter_and_ignores_lookahead() -> None:
+    config = RunConfig(target=T, mode="nonsi", lookahead=0)
+    assert not config.uses_drafter
+
+
+def test_temperature_and_top_p_errors_name_the_fix() -> None:
+    from dsi_mpi.verify import SamplingParams
+
+    with pytest.raises(ValueError, match="use 0 for greedy"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="use 1.0 to disable"):
+        SamplingParams(top_p=1.01)
+
+
+def test_missing_model_path(tmp_path) -> None:  # noqa: ANN001
+    config = RunConfig(target=str(tmp_path / "missing"), drafter=str(tmp_path / "missing2"))
+    with pytest.raises(ConfigError, match="--target: model path .* does not exist"):
+        preflight(config, prompt="hello")
+
+
+def test_mismatched_vocabularies(tiny_suite: dict[str, str], tmp_path) -> None:  # noqa: ANN001
+    from dsi_mpi.tiny import build_tiny_model, build_tokenizer
+
+    other = build_tiny_model(tmp_path / "other", tokenizer=build_tokenizer(tmp_path / "tok", vocab_size=300))
+    config = RunConfig(target=tiny_suite["llama"], drafter=other)
+    with pytest.raises(ConfigError, match="vocabularies differ"):
+        preflight(config, prompt="hello")
+
+
+def test_prompt_longer_than_context(tiny_suite: dict[str, str]) -> None:
+    config = RunConfig(target=tiny_suite["llama"], drafter=tiny_suite["llama/perturbed"], max_new_tokens=10)
+    with pytest.raises(ConfigError, match="the model's context is 256"):
+        preflight(config, prompt_ids=",".join(["5"] * 250))
+    prompts, tokenizer = preflight(config, prompt_ids="5,6,7")
+    assert prompts == [[5, 6, 7]] and tokenizer is not None
+
+
+def test_prompt_sources(tiny_suite: dict[str, str], tmp_path) -> None:  # noqa: ANN001
+    config = RunConfig(target=tiny_suite["gpt2"], drafter=tiny_suite["gpt2/identical"])
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Once upon a time"}\n\n{"prompt_ids": [3, 4, 5]}\nplain text line\n')
+    prompts, tokenizer = preflight(config, prompt_file=str(path))
+    assert prompts[1] == [3, 4, 5] and len(prompts) == 3
+    assert tokenizer.decode(prompts[0]) == "Once upon a time"
+    with pytest.raises(ConfigError, match="exactly one of"):
+        preflight(config, prompt="a", prompt_ids="1")
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        preflight(config, prompt_ids="1,99999")
+    with pytest.raises(ConfigError, match="does not exist"):
+        preflight(config, prompt_file=str(tmp_path / "nope.txt"))
+    with pytest.raises(ConfigError, match="need a tokenizer"):
+        preflight(RunConfig(target=T, drafter=D), prompt="hello")

@@ -1,0 +1,91 @@
+"""The HF backend on tiny float64 models loaded through the real loading path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsi_mpi.backends import Cancelled, load_backend
+from dsi_mpi.backends.base import ContextRunner
+from dsi_mpi.backends.hf import load_config, resolve_dtype
+from dsi_mpi.verify import SamplingParams
+
+GREEDY = SamplingParams()
+PROMPT = [5, 17, 42, 8, 99, 3, 250]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str) -> None:
+    backend = load_backend(tiny_suite[arch], dtype="float64")
+    assert backend.model.dtype == torch.float64
+    full = backend.forward(PROMPT, GREEDY).tokens.tolist()
+    backend.reset()
+    pieces = backend.forward(PROMPT[:3], GREEDY).tokens.tolist()
+    pieces += backend.forward(PROMPT[3:4], GREEDY).tokens.tolist()
+    pieces += backend.forward(PROMPT[4:], GREEDY).tokens.tolist()
+    assert pieces == full
+    # Rollback then a different continuation equals a fresh run of that sequence.
+    backend.crop(2)
+    rolled = backend.forward([7, 7, 7], GREEDY).tokens.tolist()
+    backend.reset()
+    assert backend.forward(PROMPT[:2] + [7, 7, 7], GREEDY).tokens[2:].tolist() == rolled
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str) -> None:
+    backend = load_backend(tiny_suite[arch], dtype="float64")
+    runner = ContextRunner(backend)
+    runner.run(PROMPT, GREEDY)
+    assert backend.cached_length() == len(PROMPT)
+    polls = []
+
+    def cancel_at_second_layer() -> bool:
+        polls.append(1)
+        return len(polls) >= 3  # before the forward, before layer 0, before layer 1
+
+    with pytest.raises(Cancelled):
+        backend.forward([11, 12, 13], GREEDY, should_cancel=cancel_at_second_layer)
+    assert len(polls) == 3  # it stopped inside the forward, between decoder layers
+    # Every layer is back at the previous length: the next result equals a fresh model's.
+    assert {layer.get_seq_length() for layer in backend.cache.layers} == {len(PROMPT)}
+    after = backend.forward([20, 21], GREEDY).tokens.tolist()
+    fresh = load_backend(tiny_suite[arch], dtype="float64")
+    assert fresh.forward(PROMPT + [20, 21], GREEDY).tokens[-2:].tolist() == after
+
+
+def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str]) -> None:
+    backend = load_backend(tiny_suite["llama"], dtype="float64")
+    runner = ContextRunner(backend)
+    a = runner.run(PROMPT, GREEDY, num_outputs=2)
+    assert (a.first_position, len(a.tokens)) == (len(PROMPT) - 1, 2)
+    fed = []
+    forward = backend.forward
+    backend.forward = lambda tokens, *args, **kwargs: fed.append(list(tokens)) or forward(tokens, *args, **kwargs)
+    b = runner.run(PROMPT[:5] + [1, 2], GREEDY, num_outputs=3)
+    # Five positions agree, three outputs are needed: keep 4, feed only the last three tokens.
+    assert fed == [[PROMPT[4], 1, 2]]
+    assert backend.cached_length() == 7
+    fresh = load_backend(tiny_suite["llama"], dtype="float64")
+    assert fresh.forward(PROMPT[:5] + [1, 2], GREEDY).tokens[-3:].tolist() == b.tokens.tolist()
+
+
+def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str]) -> None:
+    backend = load_backend(tiny_suite["gpt2"], dtype="float64")
+    params = SamplingParams(temperature=0.8, top_k=20, seed=1)
+    out = backend.forward(PROMPT, params, num_outputs=2, want_probs=True)
+    assert out.probs.shape == (2, backend.vocab_size)
+    assert abs(out.probs.sum(axis=1) - 1).max() < 1e-9
+    assert ((out.probs > 0).sum(axis=1) == 20).all()
+    assert all(out.probs[i, t] > 0 for i, t in enumerate(out.tokens))
+
+
+def test_bad_path_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(tmp_path / "no-such-model"))
+
+
+def test_dtype_resolution() -> None:
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", "cpu")
