@@ -34,6 +34,7 @@ class RunConfig:
     device: str = "cpu"  # cpu, cuda, or cuda:N for model ranks
     num_drafters: int = 1  # drafter ranks; ranks 1..num_drafters
     max_run_ahead: int | None = None  # drafts beyond the committed prefix; None: lookahead * (sp + 1)
+    reuse_cache: bool = False  # keep KV caches across prompts (off: every prompt pays its prefill)
     timeout_s: float = 600.0  # longest wait for any message before the job is aborted
     poll_max_s: float = 0.0005  # longest sleep between polls of an idle rank
 

@@ -48,16 +48,22 @@ def check_vocabularies(target: ModelInfo, drafter: ModelInfo, config: RunConfig)
         )
 
 
-def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | None, tokenizer: object | None) -> list[list[int]]:
-    """Token ids of every prompt, from exactly one of the three sources."""
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    seed: int | None = None  # a JSONL line's own sampling seed; None: --seed
+
+
+def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | None, tokenizer: object | None) -> list[Prompt]:
+    """Every prompt, from exactly one of the three sources."""
     given = [x is not None for x in (prompt, prompt_file, prompt_ids)]
     if sum(given) != 1:
         raise ConfigError("give exactly one of --prompt TEXT, --prompt-file FILE, --prompt-ids 1,2,3")
     if prompt_ids is not None:
-        return [_parse_ids(prompt_ids, "--prompt-ids")]
-    texts: list[str | list[int]]
+        return [Prompt(_parse_ids(prompt_ids, "--prompt-ids"))]
+    texts: list[tuple[str | list[int], int | None]]
     if prompt is not None:
-        texts = [prompt]
+        texts = [(prompt, None)]
     else:
         assert prompt_file is not None
         if not os.path.isfile(prompt_file):
@@ -72,24 +78,27 @@ def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | 
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise ConfigError(f"{prompt_file}:{number}: not valid JSON ({exc.msg})") from None
+                    seed = record.get("seed")
+                    if seed is not None and (not isinstance(seed, int) or seed < 0):
+                        raise ConfigError(f"{prompt_file}:{number}: seed must be an integer >= 0")
                     if "prompt_ids" in record:
-                        texts.append([int(x) for x in record["prompt_ids"]])
+                        texts.append(([int(x) for x in record["prompt_ids"]], seed))
                     elif "prompt" in record:
-                        texts.append(str(record["prompt"]))
+                        texts.append((str(record["prompt"]), seed))
                     else:
                         raise ConfigError(f"{prompt_file}:{number}: a JSON line needs 'prompt' or 'prompt_ids'")
                 else:
-                    texts.append(line.rstrip("\n"))
+                    texts.append((line.rstrip("\n"), None))
         if not texts:
             raise ConfigError(f"--prompt-file {prompt_file!r} holds no prompt")
     out = []
-    for text in texts:
+    for text, seed in texts:
         if isinstance(text, list):
-            out.append(text)
+            out.append(Prompt(text, seed))
         elif tokenizer is None:
             raise ConfigError("text prompts need a tokenizer; this target has none: use --prompt-ids or prompt_ids")
         else:
-            out.append(list(tokenizer(text)["input_ids"]))
+            out.append(Prompt(list(tokenizer(text)["input_ids"]), seed))
     return out
 
 
@@ -103,10 +112,10 @@ def _parse_ids(text: str, flag: str) -> list[int]:
     return ids
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], config: RunConfig, infos: Sequence[ModelInfo]) -> None:
+def check_prompts(prompts: Sequence[Prompt], config: RunConfig, infos: Sequence[ModelInfo]) -> None:
     vocab = min(info.vocab_size for info in infos)
     limits = [info.max_positions for info in infos if info.max_positions]
-    for index, ids in enumerate(prompts):
+    for index, ids in enumerate(p.ids for p in prompts):
         if not ids:
             raise ConfigError(f"prompt {index} is empty")
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -123,7 +132,8 @@ def check_prompts(prompts: Sequence[Sequence[int]], config: RunConfig, infos: Se
                 )
 
 
-def preflight(config: RunConfig, prompt: str | None = None, prompt_file: str | None = None, prompt_ids: str | None = None) -> tuple[list[list[int]], object | None]:
+def preflight(config: RunConfig, prompt: str | None = None, prompt_file: str | None = None,
+              prompt_ids: str | None = None) -> tuple[list[Prompt], object | None]:
     """Everything rank 0 checks before any rank loads weights; returns prompts and tokenizer."""
     target = inspect_model(config.target, "--target")
     infos = [target]

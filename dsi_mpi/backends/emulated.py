@@ -162,6 +162,8 @@ class EmulatedBackend(Backend):
         delay_ms = self.spec.ttft_ms if start == 0 else self.spec.tpot_ms
         if self.sleep:
             self._sleep(delay_ms / 1000.0, should_cancel)
+        elif should_cancel is not None and should_cancel():
+            raise Cancelled()
         n = len(tokens) if num_outputs is None else min(num_outputs, len(tokens))
         out = np.empty(n, dtype=np.int64)
         state = self._states[-1]

@@ -6,17 +6,19 @@
 # Usage: local_slurm.sh {install|start|stop|restart|status|env|wait-job}
 #
 #   install  apt-get install slurmctld slurmd slurm-client munge (only if
-#            missing; with DSI_SLURM_WITH_PMIX=1 also libpmix2 for --mpi=pmix)
+#            missing; with DSI_SLURM_WITH_PMIX=1 also libpmix for --mpi=pmix)
 #   start    write config, start munged + slurmctld + slurmd, wait until the
-#            node is idle; prints "export SLURM_CONF=..." on stdout (all
-#            progress goes to stderr), so  eval "$(local_slurm.sh start)"  works
+#            node is idle and the scheduler runs; prints "export SLURM_CONF=..."
+#            on stdout (progress goes to stderr), so
+#            eval "$(local_slurm.sh start)"  works. If already running: only
+#            prints the line (use restart to apply changed DSI_SLURM_* settings)
 #   stop     cancel jobs, stop the daemons, leave no process of ours behind
 #   status   exit 0 if all daemons run, 3 if none, 1 if only some
 #   restart  stop + start
 #   env      print the export line only
 #   wait-job JOBID [TIMEOUT]
-#            poll until the job ends (0.5 s steps; sbatch --wait polls far
-#            more coarsely, ~10 s for a 1 s job); exit 0 iff COMPLETED
+#            poll until the job ends (0.5 s steps; sbatch --wait polls in
+#            steps of 2 s and more); exit 0 iff it ended COMPLETED
 #
 # Settings (environment):
 #   DSI_SLURM_DIR            state dir              [/tmp/dsi-slurm]
@@ -26,7 +28,10 @@
 #   DSI_SLURM_SLURMD_PORT    slurmd port            [6818]
 #   DSI_SLURM_START_TIMEOUT  seconds per start wait [60]
 #   DSI_SLURM_STOP_TIMEOUT   seconds per stop wait  [30]
-#   DSI_SLURM_WITH_PMIX      install: add libpmix2  [0]
+#   DSI_SLURM_MPI_DEFAULT    MpiDefault             [none] (pmi2: bare srun works)
+#   DSI_SLURM_WITH_PMIX      install: add libpmix   [0]
+#   DSI_SLURM_KEEP_ON_FAILURE  1: a failed start leaves its daemons running
+#                              (for debugging); default: it stops them
 set -euo pipefail
 
 # Absolute paths matter: they end up in slurm.conf and in munge's socket path.
@@ -37,6 +42,7 @@ SLURMD_PORT=${DSI_SLURM_SLURMD_PORT:-6818}
 START_TIMEOUT=${DSI_SLURM_START_TIMEOUT:-60}
 STOP_TIMEOUT=${DSI_SLURM_STOP_TIMEOUT:-30}
 WITH_PMIX=${DSI_SLURM_WITH_PMIX:-0}
+MPI_DEFAULT=${DSI_SLURM_MPI_DEFAULT:-none}
 
 ETC=$STATE_DIR/etc
 LOG=$STATE_DIR/log
@@ -74,8 +80,15 @@ die() {
             echo "-----" >&2
         fi
     done
+    # A failed start must not leak half a cluster into the caller's machine.
+    if [[ $CLEANUP_ON_FAILURE == 1 ]]; then
+        CLEANUP_ON_FAILURE=0
+        log "stopping what was started (DSI_SLURM_KEEP_ON_FAILURE=1 to keep it)"
+        stop || true
+    fi
     exit 1
 }
+CLEANUP_ON_FAILURE=0
 
 # ---------------------------------------------------------------- processes
 
@@ -103,10 +116,47 @@ our_stepds() {
     for d in /proc/[0-9]*; do
         { read -r comm <"$d/comm"; } 2>/dev/null || continue
         [[ $comm == slurmstepd ]] || continue
-        if tr '\0' '\n' <"$d/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"; then
+        alive "${d#/proc/}" || continue  # zombies have no environ
+        if { tr '\0' '\n' <"$d/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"; then
             echo "${d#/proc/}"
         fi
     done
+}
+
+# descendants PID... -- all (transitive) children of the given pids.
+descendants() {
+    local d stat ppid pid
+    local -A kids=()
+    for d in /proc/[0-9]*; do
+        { read -r stat <"$d/stat"; } 2>/dev/null || continue
+        stat=${stat##*) }
+        read -r _ ppid _ <<<"$stat"
+        kids[$ppid]+=" ${d#/proc/}"
+    done
+    local queue=("$@")
+    while ((${#queue[@]})); do
+        pid=${queue[0]}
+        queue=("${queue[@]:1}")
+        for d in ${kids[$pid]:-}; do
+            echo "$d"
+            queue+=("$d")
+        done
+    done
+}
+
+# After an unclean end (daemons killed, or jobs not cancellable) slurmstepd
+# processes and the job processes under them survive. slurmstepd ignores
+# SIGTERM, so SIGKILL the whole tree; collect it first, since children of a
+# dead stepd get reparented to PID 1 and could no longer be found.
+kill_leftover_steps() {
+    local stepds pids
+    mapfile -t stepds < <(our_stepds)
+    ((${#stepds[@]})) || return 0
+    mapfile -t pids < <(descendants "${stepds[@]}")
+    pids=("${stepds[@]}" "${pids[@]}")
+    log "killing leftover job steps and their processes: ${pids[*]}"
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    wait_until 5 all_dead "${pids[@]}" || log "WARNING: could not kill all of: ${pids[*]}"
 }
 
 # wait_until TIMEOUT CMD... -- poll CMD every 0.5 s; 1 if it never succeeded.
@@ -214,8 +264,12 @@ JobCompType=jobcomp/none
 SwitchType=switch/none
 # Keep system-wide SPANK plugins (/etc/slurm/plugstack.conf) out.
 PlugStackConfig=$ETC/plugstack.conf
-MpiDefault=none
+# none, like many sites: jobs must say srun --mpi=pmi2 (else MPICH ranks
+# silently come up as N singletons of size 1).
+MpiDefault=$MPI_DEFAULT
 SchedulerType=sched/builtin
+# Default batch_sched_delay=3 s makes every sbatch job wait ~3 s to start.
+SchedulerParameters=batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # Let the node claim more CPUs/memory than the machine has.
@@ -283,9 +337,20 @@ node_idle() {
     return 1
 }
 
+# Running jobs make the node mixed/allocated, which is fine for reuse.
+node_usable() {
+    [[ $(sinfo -h -N -n "$NODE" -o %T 2>/dev/null) =~ ^(idle|mixed|allocated|completing)$ ]]
+}
+
+scheduler_ran() {
+    local n
+    n=$(sdiag 2>/dev/null | awk '/Main schedule statistics/ {m = 1} m && /Total cycles:/ {print $3; exit}')
+    ((${n:-0} > 0))
+}
+
 start() {
     local b
-    for b in munged munge slurmctld slurmd scontrol sinfo sbatch srun; do
+    for b in munged munge slurmctld slurmd scontrol sinfo sdiag sbatch srun; do
         command -v "$b" >/dev/null || die "'$b' not found; run: $0 install"
     done
     # Unix socket paths are limited to 108 bytes; slurmd puts
@@ -294,11 +359,11 @@ start() {
 
     if status >/dev/null 2>&1; then
         log "already running"
-        if wait_until "$START_TIMEOUT" node_idle; then
+        if wait_until "$START_TIMEOUT" node_usable; then
             print_env
             return 0
         fi
-        die "running, but node $NODE is not idle: $(sinfo -h -N -o '%T %E' 2>&1)" "$SLURMD_LOG"
+        die "running, but node $NODE is not usable: $(sinfo -h -N -o '%T %E' 2>&1)" "$SLURMD_LOG"
     fi
     # Partial or crashed previous run: clean slate.
     stop
@@ -316,6 +381,7 @@ start() {
     rm -f "$CTLD_PID" "$SLURMD_PID"
 
     local t0=$SECONDS
+    [[ ${DSI_SLURM_KEEP_ON_FAILURE:-0} == 1 ]] || CLEANUP_ON_FAILURE=1
     start_munged
 
     log "starting slurmctld"
@@ -329,6 +395,12 @@ start() {
     wait_until "$START_TIMEOUT" node_idle ||
         die "node $NODE not idle after ${START_TIMEOUT}s: $(sinfo -h -N -o '%T %E' 2>&1)" "$SLURMD_LOG" "$CTLD_LOG"
 
+    # slurmctld runs its first scheduling cycle ~3 s after it starts; a job
+    # submitted before that sits PENDING until then. Wait, so that the
+    # first job of a test starts as promptly as all later ones.
+    wait_until "$START_TIMEOUT" scheduler_ran || die "slurmctld scheduler never ran" "$CTLD_LOG"
+
+    CLEANUP_ON_FAILURE=0
     log "up in $((SECONDS - t0))s; state in $STATE_DIR"
     print_env
 }
@@ -352,8 +424,8 @@ stop() {
     local daemons=()
     if pid=$(slurmd_pid); then daemons+=("slurmd:$pid"); fi
     if pid=$(ctld_pid); then daemons+=("slurmctld:$pid"); fi
-    for pid in $(our_stepds); do daemons+=("orphan-slurmstepd:$pid"); done
     ((${#daemons[@]} == 0)) || terminate "${daemons[@]}"
+    kill_leftover_steps
     # munged last: the Slurm daemons may still authenticate while shutting down.
     if pid=$(munged_pid); then terminate "munged:$pid"; fi
     rm -f "$CTLD_PID" "$SLURMD_PID" "$MUNGE_PID"
@@ -384,7 +456,8 @@ job_state() { scontrol show job -o "$1" 2>/dev/null | grep -o 'JobState=[A-Z_]*'
 
 job_done() {
     case $(job_state "$1") in
-    PENDING | CONFIGURING | RUNNING | COMPLETING | SUSPENDED | "") return 1 ;;
+    PENDING | CONFIGURING | RUNNING | COMPLETING | SUSPENDED | STAGE_OUT | SIGNALING | \
+        REQUEUED | RESIZING | STOPPED | "") return 1 ;;
     *) return 0 ;;
     esac
 }

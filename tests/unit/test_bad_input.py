@@ -68,16 +68,16 @@ def test_prompt_longer_than_context(tiny_suite: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="the model's context is 256"):
         preflight(config, prompt_ids=",".join(["5"] * 250))
     prompts, tokenizer = preflight(config, prompt_ids="5,6,7")
-    assert prompts == [[5, 6, 7]] and tokenizer is not None
+    assert [p.ids for p in prompts] == [[5, 6, 7]] and tokenizer is not None
 
 
 def test_prompt_sources(tiny_suite: dict[str, str], tmp_path) -> None:  # noqa: ANN001
     config = RunConfig(target=tiny_suite["gpt2"], drafter=tiny_suite["gpt2/identical"])
     path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "Once upon a time"}\n\n{"prompt_ids": [3, 4, 5]}\nplain text line\n')
+    path.write_text('{"prompt": "Once upon a time"}\n\n{"prompt_ids": [3, 4, 5], "seed": 9}\nplain text line\n')
     prompts, tokenizer = preflight(config, prompt_file=str(path))
-    assert prompts[1] == [3, 4, 5] and len(prompts) == 3
-    assert tokenizer.decode(prompts[0]) == "Once upon a time"
+    assert (prompts[1].ids, prompts[1].seed, prompts[0].seed) == ([3, 4, 5], 9, None) and len(prompts) == 3
+    assert tokenizer.decode(prompts[0].ids) == "Once upon a time"
     with pytest.raises(ConfigError, match="exactly one of"):
         preflight(config, prompt="a", prompt_ids="1")
     with pytest.raises(ConfigError, match="outside the vocabulary"):

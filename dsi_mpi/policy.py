@@ -1,0 +1,391 @@
+"""The coordinator's decisions as a pure state machine (design note, sections 3 and 6).
+
+Events in (a draft arrived, a verification result arrived, a task was cancelled), actions out
+(send a task, cancel one, start / roll back / advance / stop the drafter). No MPI, no clock:
+the MPI runtime drives it with real messages, the simulator with a virtual clock, unit tests
+with scripted events. One class serves the three modes:
+
+- ``dsi``: the drafter never waits (bounded run-ahead). A task is created for every
+  ``lookahead`` new drafts; whenever the next position to commit is covered by no task, a task
+  with all available drafts (possibly none: the non-SI step) goes out at once, so a free
+  target server never idles on it. A rejection bumps the epoch, cancels every outstanding
+  task and rolls the drafter back.
+- ``si``: the drafter drafts ``lookahead`` tokens and waits; one task verifies them; the
+  verdict rolls the drafter back. Drafting and verifying never overlap.
+- ``nonsi``: no drafter; one zero-draft task per token.
+
+Positions are absolute indices into the sequence (prompt + output). A task whose context is
+the first ``L`` tokens returns the target's token for positions ``first_position .. L``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dsi_mpi.backends.base import common_prefix
+from dsi_mpi.metrics import Counters
+from dsi_mpi.verify import rejection_step, sample_from
+
+
+@dataclass(frozen=True)
+class SendTask:
+    server: int
+    task_id: int
+    epoch: int
+    keep: int  # cached positions the server keeps
+    tokens: tuple[int, ...]  # context[keep:], what the server appends
+    first_position: int  # first position whose target token is returned
+    want_probs: bool = False
+    seed: int = 0  # the prompt's sampling seed
+
+
+@dataclass(frozen=True)
+class CancelTask:
+    server: int
+    task_id: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class StartDrafter:
+    epoch: int
+    prompt: tuple[int, ...]
+    limit: int  # the drafter may draft positions < limit
+    max_position: int  # ... and <= max_position
+    want_probs: bool = False  # send q with each draft (rejection sampling)
+    seed: int = 0  # the prompt's sampling seed
+    reset_cache: bool = True  # start from an empty KV cache (else reuse a shared prefix)
+
+
+@dataclass(frozen=True)
+class RollbackDrafter:
+    epoch: int
+    keep: int  # keep the first ``keep`` tokens
+    forced: tuple[int, ...]  # then append these (the target's tokens)
+    limit: int
+
+
+@dataclass(frozen=True)
+class AdvanceDrafter:
+    epoch: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class StopDrafter:
+    epoch: int
+
+
+Action = SendTask | CancelTask | StartDrafter | RollbackDrafter | AdvanceDrafter | StopDrafter
+
+
+class ProtocolError(RuntimeError):
+    """A message that cannot happen under the protocol: a bug, never bad input."""
+
+
+@dataclass
+class _Task:
+    task_id: int
+    epoch: int
+    length: int  # context length L; the task covers positions first_position .. L
+    first_position: int
+    server: int | None = None
+    context: tuple[int, ...] = ()  # snapshot at dispatch: what the server will hold
+    keep: int = 0
+    cancelled: bool = False  # a cancel was sent; the reply is still to come
+
+
+@dataclass
+class _ServerState:
+    tokens: tuple[int, ...] = ()  # what the server's KV cache holds, as far as we know
+    task_id: int | None = None  # the one outstanding request, if any
+
+
+@dataclass
+class Policy:
+    mode: str
+    servers: Sequence[int]  # target server ids (MPI ranks in the runtime)
+    lookahead: int
+    run_ahead: int  # drafts the drafter may hold beyond the committed prefix
+    max_new_tokens: int
+    eos_ids: frozenset[int] = frozenset()
+    verify: str = "exact"
+    seed: int = 0
+    has_drafter: bool = True
+    reuse_cache: bool = False  # keep KV caches across prompts and reuse shared prefixes
+
+    epoch: int = 0
+    counters: Counters = field(default_factory=Counters)
+    output: list[int] = field(default_factory=list)
+    finished: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dsi", "si", "nonsi"):
+            raise ValueError(f"unknown mode {self.mode!r}")
+        if self.mode != "nonsi" and not self.has_drafter:
+            raise ValueError(f"mode {self.mode} needs a drafter")
+        if self.mode != "dsi" and len(self.servers) != 1:
+            raise ValueError(f"mode {self.mode} uses exactly one target server")
+        self._servers = {s: _ServerState() for s in self.servers}
+        self._tasks: dict[int, _Task] = {}
+        self._queue: deque[_Task] = deque()
+        self._next_task = 0
+
+    # ----------------------------------------------------------------- events in
+
+    def begin(self, prompt: Sequence[int], seed: int | None = None) -> list[Action]:
+        """Start a prompt (with its own sampling seed, default the policy's); servers must be idle."""
+        if not self.idle:
+            raise ProtocolError("begin() while tasks are outstanding")
+        if not prompt:
+            raise ValueError("empty prompt")
+        self._seed = self.seed if seed is None else seed
+        if not self.reuse_cache:
+            # Forget what the servers hold: the first task of each keeps nothing, so every
+            # prompt pays its full prefill, as a benchmark should.
+            for state in self._servers.values():
+                state.tokens = ()
+        self.epoch += 1
+        self.counters = Counters()
+        self.output = []
+        self.finished = False
+        self._proposed = list(prompt)  # committed tokens, then the drafts
+        self._n = len(prompt)  # committed length; position n is the next to commit
+        self._last_position = len(prompt) + self.max_new_tokens - 1
+        self._covered_end = self._n - 1  # highest position some live task covers
+        self._target: dict[int, int] = {}  # position -> the target's token (this epoch)
+        self._p: dict[int, np.ndarray] = {}  # position -> target distribution (rejection)
+        self._q: dict[int, np.ndarray] = {}  # position -> drafter distribution (rejection)
+        self._drafter_eos = False
+        self._limit = self._n + self.run_ahead
+        actions: list[Action] = []
+        if self.has_drafter and self.mode != "nonsi":
+            # Drafting position last_position is wasted work: the target's token there is
+            # committed whatever the draft says.
+            actions.append(StartDrafter(self.epoch, tuple(prompt), self._limit, self._last_position - 1,
+                                        want_probs=self.verify == "rejection", seed=self._seed,
+                                        reset_cache=not self.reuse_cache))
+        if self.mode != "si":
+            # Prefill on every server at once: TTFT is paid once, in parallel, and the first
+            # result gives the first token.
+            servers = self.servers if self.mode == "dsi" else self.servers[:1]
+            for server in servers:
+                task = self._new_task(self._n, self._n)
+                task.server = server
+                actions.append(self._send(task))
+        actions += self._dispatch()
+        return actions
+
+    def on_draft(self, epoch: int, position: int, token: int, q: np.ndarray | None = None) -> list[Action]:
+        """The drafter proposed ``token`` for ``position`` (with distribution ``q``)."""
+        self.counters.drafter_forwards += 1
+        if epoch != self.epoch or self.finished:
+            return []  # built on a prefix that was rolled back, or the prompt is done
+        if position != len(self._proposed):
+            raise ProtocolError(f"draft for position {position}, expected {len(self._proposed)}")
+        self._proposed.append(int(token))
+        if q is not None:
+            self._q[position] = q
+        if int(token) in self.eos_ids:
+            self._drafter_eos = True  # the drafter stops after EOS
+        return self._dispatch()
+
+    def on_result(self, server: int, task_id: int, epoch: int, first_position: int,
+                  tokens: Sequence[int], probs: np.ndarray | None = None) -> list[Action]:
+        """A target server returned its tokens (and distributions) for a task."""
+        task = self._release(server, task_id)
+        self._servers[server].tokens = task.context
+        self.counters.target_forwards += 1
+        if first_position != task.first_position or len(tokens) != task.length - task.first_position + 1:
+            raise ProtocolError(f"task {task_id}: result for positions {first_position}+{len(tokens)}, "
+                                f"asked {task.first_position}..{task.length}")
+        actions: list[Action] = []
+        if epoch == self.epoch and task.epoch == self.epoch and not self.finished:
+            for i, token in enumerate(tokens):
+                self._target.setdefault(first_position + i, int(token))
+                if probs is not None:
+                    self._p.setdefault(first_position + i, probs[i])
+            actions += self._verify_in_order()
+        return actions + self._dispatch()
+
+    def on_cancelled(self, server: int, task_id: int) -> list[Action]:
+        """A server abandoned a task; its cache holds the task's first ``keep`` positions."""
+        task = self._release(server, task_id)
+        self._servers[server].tokens = task.context[: task.keep]
+        self.counters.verifications_aborted += 1
+        return self._dispatch()
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def idle(self) -> bool:
+        """No request is outstanding on any server."""
+        return not self._tasks
+
+    @property
+    def busy_servers(self) -> list[int]:
+        return [s for s, st in self._servers.items() if st.task_id is not None]
+
+    @property
+    def committed_length(self) -> int:
+        return self._n
+
+    # ----------------------------------------------------------------- internals
+
+    def _new_task(self, length: int, first_position: int) -> _Task:
+        task = _Task(self._next_task, self.epoch, length, first_position)
+        self._next_task += 1
+        self._covered_end = max(self._covered_end, length)
+        return task
+
+    def _send(self, task: _Task) -> SendTask:
+        assert task.server is not None
+        state = self._servers[task.server]
+        task.context = tuple(self._proposed[: task.length])
+        task.keep = min(common_prefix(state.tokens, task.context), task.first_position - 1)
+        state.task_id = task.task_id
+        self._tasks[task.task_id] = task
+        self.counters.verifications_sent += 1
+        return SendTask(task.server, task.task_id, task.epoch, task.keep, task.context[task.keep:],
+                        task.first_position, want_probs=self.verify == "rejection", seed=self._seed)
+
+    def _release(self, server: int, task_id: int) -> _Task:
+        task = self._tasks.pop(task_id, None)
+        if task is None or task.server != server or self._servers[server].task_id != task_id:
+            raise ProtocolError(f"reply for task {task_id} from server {server}, which does not hold it")
+        self._servers[server].task_id = None
+        return task
+
+    def _drafter_stopped(self) -> bool:
+        """The drafter will propose nothing more in this epoch without a message from us."""
+        if not self.has_drafter or self.mode == "nonsi":
+            return True
+        return self._drafter_eos or len(self._proposed) >= self._last_position
+
+    def _next_task_length(self) -> int | None:
+        """Context length of the next task to create, or None (the mode's dispatch rule)."""
+        avail = len(self._proposed)
+        covered = self._covered_end
+        if self.mode == "si":
+            if self._tasks or self._queue:
+                return None  # the drafter waits for the verdict of the one task
+            exhausted = self._drafter_stopped() or avail >= self._limit
+            if avail - self._n >= self.lookahead or exhausted:
+                return min(avail, self._n + self.lookahead)
+            return None
+        if self._n > covered:
+            return avail  # the next position has no verifier: send what we have, now
+        if avail - covered >= self.lookahead:
+            return covered + self.lookahead
+        if self._drafter_stopped() and avail > covered:
+            return avail  # no more drafts are coming: verify the tail
+        return None
+
+    def _dispatch(self) -> list[Action]:
+        """Create the tasks the mode's rule asks for, then hand queued tasks to free servers."""
+        actions: list[Action] = []
+        if self.finished:
+            return actions
+        while True:
+            length = self._next_task_length()
+            if length is None:
+                break
+            length = min(length, self._last_position)
+            if length <= self._covered_end:
+                break
+            self._queue.append(self._new_task(length, self._covered_end + 1))
+        free = [s for s, st in self._servers.items() if st.task_id is None]
+        while self._queue and free:
+            task = self._queue.popleft()
+            # The free server whose cache shares the longest prefix has the least to recompute.
+            best = max(free, key=lambda s: common_prefix(self._servers[s].tokens, self._proposed[: task.length]))
+            free.remove(best)
+            task.server = best
+            actions.append(self._send(task))
+        return actions
+
+    def _target_choice(self, j: int) -> tuple[bool | None, int]:
+        """Verify position ``j``: (accepted, token); accepted is None when there is no draft."""
+        has_draft = len(self._proposed) > j
+        if self.verify == "exact":
+            t = self._target[j]
+            if not has_draft:
+                return None, t
+            return self._proposed[j] == t, t
+        p = self._p[j]
+        if not has_draft:
+            return None, sample_from(p, self._seed, j)
+        accepted, token = rejection_step(self._proposed[j], self._q[j], p, self._seed, j)
+        return accepted, token
+
+    def _verify_in_order(self) -> list[Action]:
+        """Consume target tokens position by position, from the first uncommitted one."""
+        actions: list[Action] = []
+        limit_before = self._limit
+        while not self.finished and self._n in self._target:
+            j = self._n
+            accepted, token = self._target_choice(j)
+            if accepted:
+                self.counters.accepted += 1
+                self._n += 1
+                self._commit(token)
+                continue
+            # A rejection, or a position the drafter had not reached: commit the target's
+            # token and restart from the next position with a new epoch.
+            if accepted is None:
+                self.counters.forced += 1
+            else:
+                self.counters.rejected += 1
+            del self._proposed[j:]
+            self._proposed.append(token)
+            self._n = j + 1
+            self._commit(token)
+            if not self.finished:
+                actions += self._restart(j, token)
+        if self.finished:
+            actions += self._finish()
+        elif self.mode == "dsi" and self.has_drafter:
+            # Accepted drafts let the drafter run further ahead (at most one message a result).
+            self._limit = max(self._limit, self._n + self.run_ahead)
+            if self._limit > limit_before:
+                actions.append(AdvanceDrafter(self.epoch, self._limit))
+        return actions
+
+    def _commit(self, token: int) -> None:
+        self.output.append(int(token))
+        if int(token) in self.eos_ids or len(self.output) >= self.max_new_tokens:
+            self.finished = True
+
+    def _cancel_outstanding(self) -> list[Action]:
+        self._queue.clear()
+        actions: list[Action] = []
+        for task in self._tasks.values():
+            if not task.cancelled:
+                task.cancelled = True
+                actions.append(CancelTask(task.server, task.task_id, task.epoch))
+                self.counters.verifications_cancelled += 1
+        return actions
+
+    def _restart(self, j: int, token: int) -> list[Action]:
+        self.epoch += 1
+        actions = self._cancel_outstanding()
+        self._target.clear()
+        self._p.clear()
+        self._q = {pos: q for pos, q in self._q.items() if pos < j}
+        self._covered_end = self._n - 1
+        self._drafter_eos = False
+        self._limit = self._n + self.run_ahead
+        if self.has_drafter and self.mode != "nonsi":
+            actions.append(RollbackDrafter(self.epoch, j, (int(token),), self._limit))
+        return actions
+
+    def _finish(self) -> list[Action]:
+        self.epoch += 1
+        actions = self._cancel_outstanding()
+        if self.has_drafter and self.mode != "nonsi":
+            actions.append(StopDrafter(self.epoch))
+        return actions

@@ -1,0 +1,70 @@
+"""A target server: verifies tasks on its own KV cache, abandons them when cancelled.
+
+Messages (rank 0 is the coordinator)::
+
+    coordinator -> VERIFY(epoch, task, keep, first_position, want_probs, seed, tokens)
+    target      -> RESULT(epoch, task, first_position, has_probs, tokens) [PROBS]
+                 | CANCELLED(epoch, task)              exactly one reply per VERIFY
+    coordinator -> CANCEL(epoch, task)                 may arrive before, during or after it
+    coordinator -> SHUTDOWN ;  target -> BYE
+
+Before each forward and between decoder layers the server probes for a CANCEL of the task
+it is running; an abandoned forward is rolled back to ``keep`` positions, which is what the
+coordinator then assumes the cache holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from dsi_mpi.backends.base import Backend, Cancelled, ContextRunner
+from dsi_mpi.policy import ProtocolError
+from dsi_mpi.protocol import Tag
+from dsi_mpi.transport import Transport
+from dsi_mpi.verify import SamplingParams
+
+COORDINATOR = 0
+
+
+def serve_target(transport: Transport, backend: Backend, params: SamplingParams) -> None:
+    runner = ContextRunner(backend)
+    cancelled: set[int] = set()  # cancels that overtook their VERIFY (tags are matched apart)
+    current = -1
+
+    def should_cancel() -> bool:
+        while True:
+            msg = transport.poll(source=COORDINATOR, tag=Tag.CANCEL)
+            if msg is None:
+                return False
+            if msg.ident == current:
+                return True
+            if msg.ident > current:
+                cancelled.add(msg.ident)
+
+    while True:
+        msg = transport.wait(source=COORDINATOR, what="a request from the coordinator")
+        if msg.kind == Tag.SHUTDOWN:
+            return
+        if msg.kind == Tag.CANCEL:
+            if msg.ident > current:
+                cancelled.add(msg.ident)
+            continue
+        if msg.kind != Tag.VERIFY:
+            raise ProtocolError(f"target got unexpected {msg.kind.name}")
+        current, keep, first = msg.ident, msg.f0, msg.f1
+        cancelled = {i for i in cancelled if i >= current}
+        if len(runner.tokens) < keep:
+            raise ProtocolError(f"task {current}: keep {keep} but the cache holds {len(runner.tokens)}")
+        context = runner.tokens[:keep] + msg.tokens.tolist()
+        backend.crop(keep)
+        runner.tokens = runner.tokens[:keep]
+        try:
+            if current in cancelled:
+                raise Cancelled()
+            out = runner.run(context, replace(params, seed=msg.f3), num_outputs=len(context) - first + 1,
+                             want_probs=bool(msg.f2), should_cancel=should_cancel, keep=keep)
+        except Cancelled:
+            transport.send(COORDINATOR, Tag.CANCELLED, msg.epoch, current)
+            continue
+        transport.send(COORDINATOR, Tag.RESULT, msg.epoch, current, out.first_position,
+                       int(out.probs is not None), tokens=out.tokens.tolist(), probs=out.probs)

@@ -1,0 +1,153 @@
+"""Point-to-point messaging over one duplicated communicator, with every request tracked.
+
+Sends are nonblocking (``Isend`` on numpy buffers: mpi4py's buffer interface, no pickle);
+receives poll with ``Iprobe`` and an exponential backoff capped at ``poll_max_s``, so idle
+ranks sleep instead of spinning (9 ranks on 2 cores stay fair), and every wait has a
+deadline. ``close`` completes or cancels what is left and frees the communicator, and
+reports how many requests were still open, which tests assert to be zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from dsi_mpi.protocol import Message, Tag, decode, encode
+
+
+class WaitTimeout(TimeoutError):
+    """No message came within the configured bound: the job is aborted, never left hanging."""
+
+
+class RemoteError(RuntimeError):
+    """Another rank reported a failure."""
+
+
+class Transport:
+    def __init__(self, comm: MPI.Comm, timeout_s: float = 600.0, poll_max_s: float = 0.0005) -> None:
+        self.comm = comm.Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.timeout_s = timeout_s
+        self.poll_max_s = poll_max_s
+        self._sends: list[tuple[MPI.Request, np.ndarray | bytes]] = []
+        self.closed = False
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, dest: int, kind: Tag, epoch: int = 0, ident: int = 0, f0: int = 0, f1: int = 0, f2: int = 0,
+             f3: int = 0, tokens: Sequence[int] = (), probs: np.ndarray | None = None) -> None:
+        """Nonblocking send of one block (and its distributions, which follow as PROBS)."""
+        block = encode(kind, epoch, ident, f0, f1, f2, f3, tokens)
+        self._isend(block, MPI.INT64_T, dest, kind)
+        if probs is not None:
+            self._isend(np.ascontiguousarray(probs, dtype=np.float64), MPI.DOUBLE, dest, Tag.PROBS)
+        self.progress()
+
+    def send_error(self, dest: int, text: str) -> None:
+        data = text.encode("utf-8")[:65536]
+        self._isend(data, MPI.BYTE, dest, Tag.ERROR)
+
+    def _isend(self, buf: np.ndarray | bytes, datatype: MPI.Datatype, dest: int, tag: int) -> None:
+        request = self.comm.Isend([buf, datatype], dest=dest, tag=int(tag))
+        self._sends.append((request, buf))  # the buffer must live until the send completes
+
+    def progress(self) -> None:
+        """Forget the sends that have completed."""
+        if self._sends:
+            self._sends = [(r, b) for r, b in self._sends if not r.Test()]
+
+    @property
+    def pending(self) -> int:
+        self.progress()
+        return len(self._sends)
+
+    # ------------------------------------------------------------------ receiving
+
+    def poll(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Message | None:
+        """The next matching message, or None if none has arrived."""
+        status = MPI.Status()
+        if not self.comm.Iprobe(source=source, tag=tag, status=status):
+            return None
+        src, kind = status.Get_source(), status.Get_tag()
+        if kind == Tag.ERROR:
+            data = bytearray(status.Get_count(MPI.BYTE))
+            self.comm.Recv([data, MPI.BYTE], source=src, tag=kind)
+            return Message(Tag.ERROR, src, text=data.decode("utf-8", "replace"))
+        block = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+        self.comm.Recv([block, MPI.INT64_T], source=src, tag=kind)
+        msg = decode(block, src)
+        if (msg.kind == Tag.RESULT and msg.f1) or (msg.kind == Tag.DRAFT and msg.f1):
+            msg.probs = self._recv_probs(src, rows=len(msg.tokens))
+        return msg
+
+    def _recv_probs(self, source: int, rows: int) -> np.ndarray:
+        """The PROBS message that the sender sent right after the header just received."""
+        status = MPI.Status()
+        deadline = time.monotonic() + self.timeout_s
+        while not self.comm.Iprobe(source=source, tag=Tag.PROBS, status=status):
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"rank {self.rank}: distributions from rank {source} never came")
+            time.sleep(1e-5)
+        count = status.Get_count(MPI.DOUBLE)
+        probs = np.empty(count, dtype=np.float64)
+        self.comm.Recv([probs, MPI.DOUBLE], source=source, tag=Tag.PROBS)
+        return probs.reshape(rows, count // rows)  # [rows, vocab]
+
+    def wait(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, what: str = "a message",
+             timeout_s: float | None = None) -> Message:
+        """Poll with exponential backoff until a message comes or the deadline passes."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        delay = 0.0
+        while True:
+            msg = self.poll(source, tag)
+            if msg is not None:
+                if msg.kind == Tag.ERROR:
+                    raise RemoteError(msg.text)
+                return msg
+            self.progress()
+            if time.monotonic() > deadline:
+                raise WaitTimeout(
+                    f"rank {self.rank} waited {self.timeout_s if timeout_s is None else timeout_s:.0f} s "
+                    f"for {what}; aborting (raise --timeout if forwards are this slow)"
+                )
+            delay = min(max(delay * 2, 1e-5), self.poll_max_s)
+            time.sleep(delay)
+
+    # ------------------------------------------------------------------ collective helpers
+
+    def barrier(self, what: str = "the other ranks") -> None:
+        """A barrier with a deadline (a plain Barrier would wait forever on a dead rank)."""
+        request = self.comm.Ibarrier()
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.0
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s for {what}")
+            delay = min(max(delay * 2, 1e-5), 0.01)
+            time.sleep(delay)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def flush(self, timeout_s: float = 10.0) -> int:
+        """Wait (bounded) for outstanding sends; returns how many are still open."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(1e-4)
+        return self.pending
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        """Complete or cancel every request, free the communicator; returns requests left open."""
+        if self.closed:
+            return 0
+        left = self.flush(timeout_s)
+        for request, _ in self._sends:
+            request.Cancel()
+            request.Free()
+        self._sends.clear()
+        self.comm.Free()
+        self.closed = True
+        return left

@@ -1,0 +1,63 @@
+"""Helpers for tests run under ``mpiexec -n 5 python -m pytest --with-mpi tests/mpi``.
+
+Each test runs the real runtime on a sub-communicator of the ranks it needs (the others wait
+at the verdict), and every rank agrees on pass/fail with an allreduce before asserting, so a
+failure on one rank never leaves another waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+
+import pytest
+
+TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="session")
+def mpi_tiny_suite() -> dict[str, str]:
+    from mpi4py import MPI
+
+    from dsi_mpi.tiny import build_suite
+
+    comm = MPI.COMM_WORLD
+    root = None
+    if comm.Get_rank() == 0:
+        root = os.environ.get("DSI_TINY_DIR") or tempfile.mkdtemp(prefix="dsi-mpi-tiny-")
+        build_suite(root)
+    root = comm.bcast(root, root=0)
+    return build_suite(root)  # reads the index rank 0 wrote
+
+
+def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: object | None = None, **kwargs):  # noqa: ANN201
+    """Run the runtime on the first ``ranks`` ranks; returns (records on rank 0, error, pending)."""
+    from mpi4py import MPI
+
+    from dsi_mpi.runtime import run
+
+    world = MPI.COMM_WORLD
+    assert world.Get_size() >= ranks, f"launch the MPI tests with mpiexec -n {ranks} or more"
+    color = 0 if world.Get_rank() < ranks else MPI.UNDEFINED
+    sub = world.Split(color, world.Get_rank())
+    records, error, pending = [], None, 0
+    if sub != MPI.COMM_NULL:
+        try:
+            outcome = run(sub, configs, prompts if world.Get_rank() == 0 else (), tokenizer, **kwargs)
+            records, pending = outcome.records, outcome.pending_requests
+        except Exception as exc:  # noqa: BLE001 - reported through the verdict
+            error = f"rank {world.Get_rank()}: {type(exc).__name__}: {exc}"
+        finally:
+            sub.Free()
+    return records, error, pending
+
+
+def agree(ok: bool, message: str = "") -> None:
+    """Every rank learns whether every rank passed; then each asserts (rank 0 says why)."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    messages = world.allgather(None if ok else message)
+    failures = [m for m in messages if m is not None]
+    assert not failures, "; ".join(failures)

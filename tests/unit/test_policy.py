@@ -1,0 +1,220 @@
+"""The coordinator policy under scripted and randomised event orders, without MPI.
+
+``_RandomDriver`` delivers every message after an arbitrary delay, in the order a random
+generator picks (per-channel FIFO, as MPI guarantees between two ranks), lets servers either
+finish or abandon a cancelled task, and checks the output against the target's own decoding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+
+from dsi_mpi.backends import load_backend
+from dsi_mpi.backends.base import Backend, Cancelled, ContextRunner
+from dsi_mpi.policy import (
+    AdvanceDrafter,
+    CancelTask,
+    Policy,
+    RollbackDrafter,
+    SendTask,
+    StartDrafter,
+    StopDrafter,
+)
+from dsi_mpi.reference import generate_nonsi
+from dsi_mpi.verify import SamplingParams
+
+GREEDY = SamplingParams()
+
+
+class _RandomDriver:
+    def __init__(self, policy: Policy, targets: dict[int, Backend], drafter: Backend | None,
+                 params: SamplingParams, rng: random.Random) -> None:
+        self.policy, self.params, self.rng = policy, params, rng
+        self.servers = {s: ContextRunner(b) for s, b in targets.items()}
+        self.drafter = ContextRunner(drafter) if drafter is not None else None
+        self.to_server: dict[int, deque] = {s: deque() for s in targets}
+        self.from_server: dict[int, deque] = {s: deque() for s in targets}
+        self.to_drafter: deque = deque()
+        self.from_drafter: deque = deque()
+        self.cancelled_ids: set[int] = set()
+        self.d_epoch, self.d_limit, self.d_max, self.d_active, self.d_eos = 0, 0, -1, False, False
+
+    def run(self, prompt: list[int]) -> list[int]:
+        self._route(self.policy.begin(prompt))
+        steps = 0
+        while not (self.policy.finished and self.policy.idle):
+            steps += 1
+            assert steps < 100_000, "no progress: the policy stalled"
+            choices = [("server", s) for s, q in self.to_server.items() if q]
+            choices += [("reply", s) for s, q in self.from_server.items() if q]
+            choices += [("drafter_in", None)] if self.to_drafter else []
+            choices += [("draft_out", None)] if self.from_drafter else []
+            if self.drafter is not None and self._can_draft():
+                choices.append(("draft", None))
+            assert choices, "deadlock: nothing can happen but the policy is not done"
+            kind, arg = self.rng.choice(choices)
+            getattr(self, "_" + kind)(arg)
+        return list(self.policy.output)
+
+    def _route(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, SendTask | CancelTask):
+                if isinstance(action, CancelTask):
+                    self.cancelled_ids.add(action.task_id)
+                self.to_server[action.server].append(action)
+            else:
+                self.to_drafter.append(action)
+
+    def _server(self, s: int) -> None:
+        msg = self.to_server[s].popleft()
+        if isinstance(msg, CancelTask):
+            return  # a cancel for a task already answered: ignored, as the real server does
+        runner = self.servers[s]
+        assert len(runner.tokens) >= msg.keep, "the coordinator overestimated a server's cache"
+        context = runner.tokens[: msg.keep] + list(msg.tokens)
+        runner.backend.crop(msg.keep)
+        runner.tokens = runner.tokens[: msg.keep]
+        # A cancel already queued behind this request may abandon it (the between-layer check).
+        cancel_waiting = any(isinstance(m, CancelTask) and m.task_id == msg.task_id for m in self.to_server[s])
+        if cancel_waiting and self.rng.random() < 0.7:
+            try:
+                runner.run(context, self.params, num_outputs=len(context) - msg.first_position + 1,
+                           should_cancel=lambda: True)
+            except Cancelled:
+                pass
+            assert runner.backend.cached_length() == msg.keep
+            self.from_server[s].append(("cancelled", msg.task_id))
+            return
+        out = runner.run(context, self.params, num_outputs=len(context) - msg.first_position + 1, keep=msg.keep)
+        self.from_server[s].append(("result", msg, out))
+
+    def _reply(self, s: int) -> None:
+        item = self.from_server[s].popleft()
+        if item[0] == "cancelled":
+            self._route(self.policy.on_cancelled(s, item[1]))
+        else:
+            _, msg, out = item
+            self._route(self.policy.on_result(s, msg.task_id, msg.epoch, out.first_position, out.tokens.tolist()))
+
+    def _can_draft(self) -> bool:
+        n = len(self.drafter.tokens)
+        return self.d_active and not self.d_eos and n < self.d_limit and n <= self.d_max
+
+    def _draft(self, _: None) -> None:
+        out = self.drafter.run(self.drafter.tokens, self.params)
+        token = int(out.tokens[0])
+        self.from_drafter.append((self.d_epoch, len(self.drafter.tokens), token))
+        self.drafter.tokens = self.drafter.tokens + [token]
+        self.d_eos = token in self.policy.eos_ids
+
+    def _drafter_in(self, _: None) -> None:
+        msg = self.to_drafter.popleft()
+        if isinstance(msg, StartDrafter):
+            if msg.reset_cache:
+                self.drafter.reset()
+            self.drafter.tokens = list(msg.prompt)
+            self.d_active, self.d_eos = True, False
+            self.d_limit, self.d_max = msg.limit, msg.max_position
+        elif isinstance(msg, RollbackDrafter):
+            assert len(self.drafter.tokens) >= msg.keep
+            self.drafter.tokens = self.drafter.tokens[: msg.keep] + list(msg.forced)
+            self.d_limit, self.d_eos = msg.limit, False
+        elif isinstance(msg, AdvanceDrafter):
+            if msg.epoch == self.d_epoch or msg.epoch > self.d_epoch:
+                self.d_limit = max(self.d_limit, msg.limit)
+        elif isinstance(msg, StopDrafter):
+            self.d_active = False
+        self.d_epoch = msg.epoch
+
+    def _draft_out(self, _: None) -> None:
+        epoch, position, token = self.from_drafter.popleft()
+        self._route(self.policy.on_draft(epoch, position, token))
+
+
+def _emulated(acceptance: float | None = None) -> Backend:
+    spec = "emulated:tpot_ms=0,vocab=50" + (f",acceptance={acceptance}" if acceptance is not None else "")
+    return load_backend(spec, sleep=False)
+
+
+def _policy(mode: str, sp: int, lookahead: int, max_new: int, eos: frozenset[int] = frozenset(),
+            reuse_cache: bool = True) -> Policy:
+    servers = list(range(sp))
+    run_ahead = lookahead if mode == "si" else lookahead * (sp + 1)
+    return Policy(mode, servers, lookahead, run_ahead, max_new, eos, has_drafter=mode != "nonsi",
+                  reuse_cache=reuse_cache)
+
+
+@pytest.mark.parametrize("mode", ["dsi", "si", "nonsi"])
+@pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.9, 1.0])
+def test_random_interleavings_are_lossless(mode: str, acceptance: float) -> None:
+    prompt = [3, 1, 4, 1, 5]
+    expected = generate_nonsi(_emulated(), prompt, 40, GREEDY).tokens
+    for trial in range(12):
+        rng = random.Random(trial)
+        sp = 1 if mode != "dsi" else rng.choice([1, 2, 3, 5])
+        lookahead = rng.choice([1, 2, 3, 5, 8])
+        policy = _policy(mode, sp, lookahead, 40, reuse_cache=trial % 2 == 0)
+        driver = _RandomDriver(policy, {s: _emulated() for s in range(sp)},
+                               None if mode == "nonsi" else _emulated(acceptance), GREEDY, rng)
+        assert driver.run(prompt) == expected, (trial, sp, lookahead)
+        c = policy.counters
+        assert c.accepted + c.rejected + c.forced == len(expected)
+        assert c.verifications_aborted <= c.verifications_cancelled <= c.verifications_sent
+        # A second prompt on the same servers reuses their caches and stays exact.
+        prompt2 = prompt[:3] + [9, 9]
+        assert driver.run(prompt2) == generate_nonsi(_emulated(), prompt2, 40, GREEDY).tokens
+
+
+def test_rejections_preempt_outstanding_tasks() -> None:
+    policy = _policy("dsi", 4, 2, 60)
+    driver = _RandomDriver(policy, {s: _emulated() for s in range(4)}, _emulated(0.6), GREEDY, random.Random(5))
+    driver.run([1, 2, 3])
+    assert policy.counters.rejected > 0
+    assert policy.counters.verifications_cancelled > 0
+
+
+def test_eos_stops_generation(tiny_suite: dict[str, str]) -> None:
+    from transformers import AutoTokenizer
+
+    from dsi_mpi.tiny import EOS_PROBE_PROMPT
+
+    target = load_backend(tiny_suite["llama"], dtype="float64")
+    ids = AutoTokenizer.from_pretrained(tiny_suite["llama"])(EOS_PROBE_PROMPT)["input_ids"]
+    expected = generate_nonsi(target, ids, 30, GREEDY).tokens
+    assert expected[-1] in target.eos_token_ids and len(expected) < 30
+    for kind in ("identical", "perturbed"):
+        policy = _policy("dsi", 2, 3, 30, target.eos_token_ids)
+        targets = {s: load_backend(tiny_suite["llama"], dtype="float64") for s in range(2)}
+        drafter = load_backend(tiny_suite[f"llama/{kind}"], dtype="float64")
+        assert _RandomDriver(policy, targets, drafter, GREEDY, random.Random(1)).run(ids) == expected
+
+
+def test_scripted_dsi_sequence() -> None:
+    """Step by step: prefill everywhere, a task per lookahead drafts, a rejection preempts."""
+    policy = Policy("dsi", [10, 11], lookahead=2, run_ahead=6, max_new_tokens=8)
+    actions = policy.begin([7, 8])
+    assert isinstance(actions[0], StartDrafter) and actions[0].limit == 8
+    prefill = [a for a in actions if isinstance(a, SendTask)]
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in prefill] == [(10, 0, (7, 8), 2), (11, 0, (7, 8), 2)]
+    assert policy.on_draft(policy.epoch, 2, 100) == []
+    queued = policy.on_draft(policy.epoch, 3, 101)  # two drafts: a task is created and queued
+    assert queued == []  # both servers are busy with the prefill
+    epoch = policy.epoch
+    out = policy.on_result(10, prefill[0].task_id, epoch, 2, [100])  # t_2 == d_2: accepted
+    assert policy.output == [100]
+    send = [a for a in out if isinstance(a, SendTask)]
+    # The server holds [7, 8]: it keeps both and appends only the two drafts.
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in send] == [(10, 2, (100, 101), 3)]
+    out = policy.on_result(10, send[0].task_id, epoch, 3, [101, 55])  # d_3 ok, t_4 = 55: no draft
+    assert policy.output == [100, 101, 55]
+    assert any(isinstance(a, RollbackDrafter) and a.keep == 4 and a.forced == (55,) for a in out)
+    assert any(isinstance(a, CancelTask) and a.server == 11 for a in out)  # stale prefill preempted
+    zero = [a for a in out if isinstance(a, SendTask)]
+    assert [(a.server, a.first_position, a.tokens) for a in zero] == [(10, 5, (55,))]  # zero-draft task
+    assert policy.epoch == epoch + 1
+    assert policy.on_draft(epoch, 4, 999) == []  # a stale draft is dropped
+    policy.on_cancelled(11, prefill[1].task_id)
+    assert policy.counters.verifications_aborted == 1
