@@ -136,10 +136,123 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_latency_flags(p: argparse.ArgumentParser, drafter_required: bool = False) -> None:
+    p.add_argument("--target-tpot-ms", type=float, required=True)
+    p.add_argument("--target-ttft-ms", type=float, help="default: the target's TPOT")
+    p.add_argument("--drafter-tpot-ms", type=float, required=drafter_required)
+    p.add_argument("--drafter-ttft-ms", type=float, help="default: the drafter's TPOT")
+    p.add_argument("--acceptance", type=float, required=drafter_required, help="i.i.d. per token, in [0, 1]")
+
+
+def _add_offline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="ideal latency of dsi, si or nonsi on a virtual clock (no MPI)")
+    p.add_argument("--mode", choices=("dsi", "si", "nonsi"), required=True)
+    _add_latency_flags(p)
+    p.add_argument("--lookahead", default="5", help="an integer, or auto (the planner's choice)")
+    p.add_argument("--sp", type=int, default=7, help="target servers (dsi)")
+    p.add_argument("--tokens", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("plan", help="recommended lookahead and SP for a target/drafter pair")
+    _add_latency_flags(p, drafter_required=True)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs for model ranks: one drafter, the rest targets")
+    p.add_argument("--tokens", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("heatmap", help="the paper's Figure 2 panels as PNG and CSV")
+    p.add_argument("--out", required=True, help="path prefix: writes PREFIX.png and PREFIX.csv")
+    p.add_argument("--grid", type=int, default=101, help="cells per axis")
+    p.add_argument("--sp", type=int, default=7)
+    p.add_argument("--tokens", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--lookaheads", default="1,2,3,5,8", help="the sweep each algorithm takes its best from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, help="processes (default: every core)")
+
+
+def _latencies(args: argparse.Namespace, need_drafter: bool):  # noqa: ANN202 - a simulate.Latencies
+    from dsi_mpi.simulate import Latencies
+
+    if need_drafter and (args.drafter_tpot_ms is None or args.acceptance is None):
+        raise ConfigError("--drafter-tpot-ms and --acceptance are required for dsi and si")
+    if need_drafter and not 0.0 <= args.acceptance <= 1.0:
+        raise ConfigError(f"--acceptance must be in [0, 1], got {args.acceptance}")
+    values = [args.target_tpot_ms, args.target_ttft_ms, args.drafter_tpot_ms, args.drafter_ttft_ms]
+    if any(v is not None and v < 0 for v in values) or args.target_tpot_ms <= 0:
+        raise ConfigError("latencies must be >= 0 ms and the target's TPOT > 0")
+    return Latencies(args.target_tpot_ms, args.drafter_tpot_ms or 0.0, args.target_ttft_ms, args.drafter_ttft_ms)
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    from dsi_mpi.plan import DEFAULT_LOOKAHEADS, best
+    from dsi_mpi.simulate import min_lookahead, simulate
+
+    _positive(args, "sp", "tokens", "repeats")
+    lat = _latencies(args, need_drafter=args.mode != "nonsi")
+    acceptance = args.acceptance if args.acceptance is not None else 0.0
+    if args.mode == "nonsi":
+        summary = simulate("nonsi", lat, acceptance, 1, 1, args.tokens, args.repeats, args.seed)
+    elif args.lookahead == "auto":
+        sweep = set(DEFAULT_LOOKAHEADS) | ({min_lookahead(lat, args.sp)} if args.mode == "dsi" else set())
+        summary = best(args.mode, lat, acceptance, sweep, args.sp, args.tokens, args.repeats, args.seed)
+    else:
+        try:
+            lookahead = int(args.lookahead)
+        except ValueError:
+            raise ConfigError(f"--lookahead must be an integer or auto, got {args.lookahead!r}") from None
+        _positive(argparse.Namespace(lookahead=lookahead), "lookahead")
+        summary = simulate(args.mode, lat, acceptance, lookahead, args.sp, args.tokens, args.repeats, args.seed)
+    print(json.dumps(summary.as_dict()))
+    return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from dsi_mpi.plan import make_plan
+
+    _positive(args, "tokens", "repeats")
+    if args.gpus < 2:
+        raise ConfigError(f"--gpus must be >= 2 (one drafter and at least one target), got {args.gpus}")
+    plan = make_plan(_latencies(args, need_drafter=True), args.acceptance, args.gpus, args.tokens, args.repeats, args.seed)
+    d = plan.as_dict()
+    print(f"recommended: --mode dsi --lookahead {d['lookahead']} --sp {d['sp']} "
+          f"(mpiexec -n {d['ranks']}: coordinator, drafter, {d['sp']} targets)")
+    print(f"Eq. 1 lookahead with {args.gpus - 1} target servers: {d['eq1_lookahead']}; SI's best lookahead: {d['si_lookahead']}")
+    print(f"expected latency for {args.tokens} tokens: DSI {d['dsi_ms']:.1f} ms, SI {d['si_ms']:.1f} ms, "
+          f"non-SI {d['nonsi_ms']:.1f} ms")
+    print(f"expected speedup: {d['speedup_over_si']:.2f}x over SI, {d['speedup_over_nonsi']:.2f}x over non-SI")
+    print(json.dumps(d))
+    return 0
+
+
+def heatmap_command(args: argparse.Namespace) -> int:
+    from dsi_mpi import heatmap
+
+    _positive(args, "grid", "sp", "tokens", "repeats")
+    try:
+        lookaheads = tuple(int(x) for x in args.lookaheads.split(","))
+    except ValueError:
+        raise ConfigError(f"--lookaheads must be comma-separated integers, got {args.lookaheads!r}") from None
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"--out: directory {out_dir!r} does not exist")
+    result = heatmap.run(args.out, args.grid, args.sp, args.tokens, args.repeats, args.seed, lookaheads, args.workers)
+    print(json.dumps(result))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsi-mpi", description="Distributed Speculative Inference over MPI")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
+    _add_offline(sub)
     return parser
 
 
@@ -155,9 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = make_parser().parse_args(argv)
-        if args.command == "run":
-            return run_command(args)
-        return 0
+        commands = {"run": run_command, "simulate": simulate_command, "plan": plan_command,
+                    "heatmap": heatmap_command}
+        return commands[args.command](args)
     except ConfigError as exc:
         if _rank() == 0:
             print(f"dsi-mpi: error: {exc}", file=sys.stderr, flush=True)

@@ -231,6 +231,11 @@ class Policy:
         return [s for s, st in self._servers.items() if st.task_id is not None]
 
     @property
+    def queued(self) -> int:
+        """Tasks waiting for a free server."""
+        return len(self._queue)
+
+    @property
     def committed_length(self) -> int:
         return self._n
 
@@ -301,6 +306,14 @@ class Policy:
         free = [s for s, st in self._servers.items() if st.task_id is None]
         while self._queue and free:
             task = self._queue.popleft()
+            if self.mode == "dsi":
+                # Tasks queue only when every server is busy (fewer servers than Eq. 1 asks
+                # for). A forward costs about the same for a few more tokens, so the task that
+                # gets the free server covers everything queued and every draft there is now.
+                length = min(max(len(self._proposed), task.length), self._last_position)
+                self._queue.clear()
+                task.length = length
+                self._covered_end = max(self._covered_end, length)
             # The free server whose cache shares the longest prefix has the least to recompute.
             best = max(free, key=lambda s: common_prefix(self._servers[s].tokens, self._proposed[: task.length]))
             free.remove(best)

@@ -218,3 +218,16 @@ def test_scripted_dsi_sequence() -> None:
     assert policy.on_draft(epoch, 4, 999) == []  # a stale draft is dropped
     policy.on_cancelled(11, prefill[1].task_id)
     assert policy.counters.verifications_aborted == 1
+
+
+def test_common_prefix() -> None:
+    from dsi_mpi.backends.base import common_prefix
+
+    assert common_prefix([1, 2, 3], (1, 2, 3, 4)) == 3
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([5, 2], [1, 2]) == 0
+    for n in range(1, 40):
+        a = list(range(n))
+        for i in range(n):
+            b = a[:i] + [-1] + a[i + 1:]
+            assert common_prefix(a, b) == i

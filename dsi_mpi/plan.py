@@ -1,0 +1,69 @@
+"""The planner: lookahead and SP degree for a target/drafter pair before cluster hours are spent.
+
+Eq. 1 of the paper gives the smallest lookahead for which no verification task waits for a
+server; the simulator then checks a sweep of lookaheads around it (the policy it simulates is
+the runtime's own) and reports the expected latency of DSI, SI and non-SI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from dsi_mpi.simulate import Latencies, SimSummary, min_lookahead, servers_needed, simulate
+
+DEFAULT_LOOKAHEADS = (1, 2, 3, 4, 5, 6, 7, 8, 10)
+
+
+@dataclass
+class Plan:
+    lookahead: int  # recommended for DSI
+    sp: int  # recommended target servers
+    eq1_lookahead: int  # the paper's Eq. 1 at the available SP
+    si_lookahead: int  # SI's best lookahead
+    dsi: SimSummary
+    si: SimSummary
+    nonsi: SimSummary
+
+    def as_dict(self) -> dict:
+        return {
+            "lookahead": self.lookahead,
+            "sp": self.sp,
+            "eq1_lookahead": self.eq1_lookahead,
+            "si_lookahead": self.si_lookahead,
+            "dsi_ms": self.dsi.mean_ms,
+            "si_ms": self.si.mean_ms,
+            "nonsi_ms": self.nonsi.mean_ms,
+            "speedup_over_si": self.si.mean_ms / self.dsi.mean_ms,
+            "speedup_over_nonsi": self.nonsi.mean_ms / self.dsi.mean_ms,
+            "ranks": self.sp + 2,
+        }
+
+
+def best(mode: str, lat: Latencies, acceptance: float, lookaheads: Iterable[int], sp: int, tokens: int,
+         repeats: int, seed: int) -> SimSummary:
+    """The lookahead with the lowest mean latency (the smallest on ties)."""
+    runs = [simulate(mode, lat, acceptance, k, sp, tokens, repeats, seed) for k in sorted(set(lookaheads))]
+    return min(runs, key=lambda s: (round(s.mean_ms, 9), s.lookahead))
+
+
+def make_plan(lat: Latencies, acceptance: float, gpus: int, tokens: int = 50, repeats: int = 20, seed: int = 0,
+              lookaheads: Iterable[int] = DEFAULT_LOOKAHEADS) -> Plan:
+    """One GPU for the drafter, the rest for target servers (the coordinator needs none)."""
+    if gpus < 2:
+        raise ValueError(f"DSI needs at least 2 GPUs (one drafter, one target), got {gpus}")
+    available = gpus - 1
+    eq1 = min_lookahead(lat, available)
+    dsi = best("dsi", lat, acceptance, set(lookaheads) | {eq1}, available, tokens, repeats, seed)
+    # The fewest servers that keep the chosen lookahead within 1% of every server's latency
+    # (the paper's "more than ceil(t_target / t_drafter) servers cannot help" holds in steady
+    # state; prefill and restarts make the simulator the judge). Spare GPUs can serve others.
+    sp = available
+    for candidate in range(min(servers_needed(lat, dsi.lookahead), available), available):
+        smaller = simulate("dsi", lat, acceptance, dsi.lookahead, candidate, tokens, repeats, seed)
+        if smaller.mean_ms <= dsi.mean_ms * 1.01:
+            dsi, sp = smaller, candidate
+            break
+    si = best("si", lat, acceptance, lookaheads, 1, tokens, repeats, seed)
+    nonsi = simulate("nonsi", lat, acceptance, 1, 1, tokens, repeats, seed)
+    return Plan(dsi.lookahead, sp, eq1, si.lookahead, dsi, si, nonsi)

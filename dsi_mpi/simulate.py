@@ -1,0 +1,291 @@
+"""Discrete-event simulator: the MPI runtime's policy on a virtual clock with free messages.
+
+It drives the very same :class:`~dsi_mpi.policy.Policy` as the coordinator, with emulated
+models (the synthetic language of ``backends/emulated.py``, acceptance i.i.d. per token) whose
+forwards take TTFT on an empty cache and TPOT otherwise. Messages cost nothing and a cancelled
+forward stops at once, so the result is the *ideal* time of the policy: the yardstick for the
+runtime's overhead, and what the planner and the heatmaps use.
+
+Model of each role, matching the runtime:
+- drafter: one forward per draft; messages that arrive during a forward apply after it;
+- target server: one forward per task (whatever its number of tokens), abandoned at once
+  when cancelled, its cache cropped back to the task's ``keep``;
+- coordinator: reacts instantly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dsi_mpi.backends.base import ContextRunner, StepOutput
+from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
+from dsi_mpi.metrics import Counters
+from dsi_mpi.policy import (
+    Action,
+    AdvanceDrafter,
+    CancelTask,
+    Policy,
+    RollbackDrafter,
+    SendTask,
+    StartDrafter,
+    StopDrafter,
+)
+from dsi_mpi.verify import SamplingParams
+
+GREEDY = SamplingParams()
+PROMPT = (1, 2, 3, 4)
+MODES = ("dsi", "si", "nonsi")
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """Forward latencies in milliseconds; TTFT is the first forward of a prompt."""
+
+    target_tpot_ms: float
+    drafter_tpot_ms: float
+    target_ttft_ms: float | None = None  # default: target_tpot_ms
+    drafter_ttft_ms: float | None = None  # default: drafter_tpot_ms
+
+    @property
+    def target_ttft(self) -> float:
+        return self.target_tpot_ms if self.target_ttft_ms is None else self.target_ttft_ms
+
+    @property
+    def drafter_ttft(self) -> float:
+        return self.drafter_tpot_ms if self.drafter_ttft_ms is None else self.drafter_ttft_ms
+
+
+@dataclass
+class SimRun:
+    """One simulated generation."""
+
+    latency_ms: float
+    counters: Counters
+    queued_ms: float  # virtual time during which some task waited for a free server
+    max_busy_servers: int
+    queued_after_prefill_ms: float = 0.0  # the same, from the first target result on
+    tokens: list[int] = field(default_factory=list)  # the committed output
+
+
+@dataclass
+class SimSummary:
+    mode: str
+    lookahead: int
+    sp: int
+    tokens: int
+    runs: list[SimRun] = field(default_factory=list)
+
+    @property
+    def latencies(self) -> list[float]:
+        return [r.latency_ms for r in self.runs]
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.latencies)
+
+    @property
+    def std_ms(self) -> float:
+        return statistics.pstdev(self.latencies) if len(self.runs) > 1 else 0.0
+
+    def as_dict(self) -> dict:
+        accepted = sum(r.counters.accepted for r in self.runs)
+        verified = sum(r.counters.verified for r in self.runs)
+        return {
+            "mode": self.mode,
+            "mean_ms": self.mean_ms,
+            "std_ms": self.std_ms,
+            "median_ms": statistics.median(self.latencies),
+            "lookahead": self.lookahead,
+            "sp": self.sp,
+            "tokens": self.tokens,
+            "repeats": len(self.runs),
+            "observed_acceptance": accepted / verified if verified else 0.0,
+            "queued_ms": statistics.fmean(r.queued_ms for r in self.runs),
+            "queued_after_prefill_ms": statistics.fmean(r.queued_after_prefill_ms for r in self.runs),
+        }
+
+
+class _Simulation:
+    def __init__(self, mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
+                 tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT) -> None:
+        self.prompt = tuple(prompt)
+        target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
+        drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
+        servers = list(range(sp if mode == "dsi" else 1))
+        run_ahead = lookahead if mode == "si" else lookahead * (len(servers) + 1)
+        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, has_drafter=mode != "nonsi")
+        self.lat = lat
+        self.now = 0.0
+        self._events: list[tuple[float, int, str, tuple]] = []
+        self._seq = 0
+        self._pending: deque[tuple[str, tuple]] = deque()  # replies to deliver at `now`
+        self.servers = {s: ContextRunner(EmulatedBackend(target, sleep=False)) for s in servers}
+        self._running: dict[int, tuple[SendTask, int]] = {}  # server -> (task, version)
+        self._outputs: dict[int, StepOutput] = {}  # server -> what its running task returns
+        self._version = 0
+        self.queued_ms = 0.0
+        self.queued_after_prefill_ms = 0.0
+        self._queued_since: float | None = None
+        self._prefill_done: float | None = None
+        self.max_busy = 0
+        self.drafter = ContextRunner(EmulatedBackend(drafter, sleep=False))
+        self._d_busy = False
+        self._d_inbox: deque[Action] = deque()
+        self._d = {"seq": [], "epoch": 0, "limit": 0, "max": -1, "active": False, "eos": False}
+
+    def _push(self, delay: float, kind: str, payload: tuple) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (self.now + delay, self._seq, kind, payload))
+
+    def run(self) -> SimRun:
+        self._apply(self.policy.begin(self.prompt))
+        while not self.policy.finished:
+            if self._pending:
+                kind, payload = self._pending.popleft()
+            else:
+                self.now, _, kind, payload = heapq.heappop(self._events)
+            self._apply(self._deliver(kind, payload))
+            self._track_queue()
+        return SimRun(self.now, self.policy.counters, self.queued_ms, self.max_busy, self.queued_after_prefill_ms,
+                      list(self.policy.output))
+
+    def _track_queue(self) -> None:
+        if self._prefill_done is None and self.policy.counters.target_forwards:
+            self._prefill_done = self.now
+            if self._queued_since is not None:  # count the wait from here on
+                self.queued_ms += self.now - self._queued_since
+                self._queued_since = self.now
+        if self.policy.queued and self._queued_since is None:
+            self._queued_since = self.now
+        elif not self.policy.queued and self._queued_since is not None:
+            waited = self.now - self._queued_since
+            self.queued_ms += waited
+            if self._prefill_done is not None:
+                self.queued_after_prefill_ms += waited
+            self._queued_since = None
+
+    # ----------------------------------------------------------------- events
+
+    def _deliver(self, kind: str, payload: tuple) -> list[Action]:
+        if kind == "result":
+            server, version = payload
+            running = self._running.get(server)
+            if running is None or running[1] != version:
+                return []  # abandoned by a cancel
+            task, _ = running
+            del self._running[server]
+            out = self._outputs.pop(server)
+            return self.policy.on_result(server, task.task_id, task.epoch, out.first_position, out.tokens.tolist())
+        if kind == "cancelled":
+            return self.policy.on_cancelled(*payload)
+        if kind == "draft":
+            epoch, position, token = payload
+            actions = self.policy.on_draft(epoch, position, token)
+            self._d_busy = False
+            while self._d_inbox:
+                self._drafter_apply(self._d_inbox.popleft())
+            self._drafter_maybe_start()
+            return actions
+        raise AssertionError(kind)
+
+    def _apply(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendTask):
+                self._start_task(action)
+            elif isinstance(action, CancelTask):
+                running = self._running.get(action.server)
+                if running is not None and running[0].task_id == action.task_id:
+                    task = running[0]
+                    del self._running[action.server]
+                    runner = self.servers[action.server]
+                    runner.backend.crop(task.keep)
+                    runner.tokens = runner.tokens[: task.keep]
+                    self._pending.append(("cancelled", (action.server, action.task_id)))
+            elif self._d_busy:
+                self._d_inbox.append(action)
+            else:
+                self._drafter_apply(action)
+                self._drafter_maybe_start()
+
+    def _start_task(self, task: SendTask) -> None:
+        runner = self.servers[task.server]
+        context = runner.tokens[: task.keep] + list(task.tokens)
+        runner.backend.crop(task.keep)
+        runner.tokens = runner.tokens[: task.keep]
+        cost = self.lat.target_ttft if task.keep == 0 else self.lat.target_tpot_ms
+        out = runner.run(context, GREEDY, num_outputs=len(context) - task.first_position + 1, keep=task.keep)
+        self._outputs[task.server] = out
+        self._version += 1
+        self._running[task.server] = (task, self._version)
+        self.max_busy = max(self.max_busy, len(self._running))
+        self._push(cost, "result", (task.server, self._version))
+
+    # ----------------------------------------------------------------- drafter
+
+    def _drafter_apply(self, action: Action) -> None:
+        d = self._d
+        if isinstance(action, StartDrafter):
+            if action.reset_cache:
+                self.drafter.reset()
+            d.update(seq=list(action.prompt), limit=action.limit, max=action.max_position, active=True, eos=False)
+        elif isinstance(action, RollbackDrafter):
+            d.update(seq=d["seq"][: action.keep] + list(action.forced), limit=action.limit, eos=False)
+        elif isinstance(action, AdvanceDrafter):
+            d["limit"] = max(d["limit"], action.limit)
+        elif isinstance(action, StopDrafter):
+            d["active"] = False
+        d["epoch"] = action.epoch
+
+    def _drafter_maybe_start(self) -> None:
+        d = self._d
+        n = len(d["seq"])
+        if self._d_busy or not d["active"] or d["eos"] or n >= d["limit"] or n > d["max"]:
+            return
+        cost = self.lat.drafter_ttft if self.drafter.backend.cached_length() == 0 else self.lat.drafter_tpot_ms
+        token = int(self.drafter.run(d["seq"], GREEDY).tokens[0])
+        d["seq"].append(token)
+        self._d_busy = True
+        self._push(cost, "draft", (d["epoch"], n, token))
+
+
+def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
+                  seed: int = 0, prompt: Sequence[int] = PROMPT) -> SimRun:
+    """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
+    acceptances (the same as an emulated MPI run with that seed and prompt)."""
+    return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt).run()
+
+
+def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
+             repeats: int = 1, seed: int = 0) -> SimSummary:
+    """``repeats`` generations with seeds ``seed .. seed + repeats - 1`` (the same acceptance
+    draws for every mode and lookahead: common random numbers make ratios precise)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if lookahead < 1 or sp < 1 or tokens < 1 or repeats < 1:
+        raise ValueError("lookahead, sp, tokens and repeats must be >= 1")
+    if not 0.0 <= acceptance <= 1.0:
+        raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
+    summary = SimSummary(mode, lookahead if mode != "nonsi" else 0, sp if mode == "dsi" else 1, tokens)
+    for r in range(repeats):
+        summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r))
+    return summary
+
+
+def min_lookahead(lat: Latencies, sp: int) -> int:
+    """The paper's Eq. 1: the smallest k with ceil(t_target / (k * t_drafter)) <= SP, i.e. the
+    smallest lookahead for which no verification task waits for a target server."""
+    if lat.drafter_tpot_ms <= 0:
+        return 1
+    return max(1, math.ceil(lat.target_tpot_ms / (sp * lat.drafter_tpot_ms) - 1e-12))
+
+
+def servers_needed(lat: Latencies, lookahead: int) -> int:
+    """ceil(t_target / (k * t_drafter)): SP at which no task waits for a server (design note, §2)."""
+    if lat.drafter_tpot_ms <= 0:
+        return 1
+    return max(1, math.ceil(lat.target_tpot_ms / (lookahead * lat.drafter_tpot_ms) - 1e-12))

@@ -1,0 +1,111 @@
+"""The simulator (the runtime's policy on a virtual clock), the planner, and the paper's theory."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from dsi_mpi.backends import load_backend
+from dsi_mpi.cli import main
+from dsi_mpi.plan import make_plan
+from dsi_mpi.reference import generate_nonsi
+from dsi_mpi.simulate import PROMPT, Latencies, min_lookahead, servers_needed, simulate, simulate_once
+from dsi_mpi.verify import SamplingParams
+
+LAT = Latencies(target_tpot_ms=20.6, drafter_tpot_ms=6.8, target_ttft_ms=27.8, drafter_ttft_ms=8.1)
+
+
+@pytest.mark.parametrize("mode", ["dsi", "si", "nonsi"])
+def test_simulated_output_is_the_targets(mode: str) -> None:
+    for seed in (0, 1):
+        run = simulate_once(mode, LAT, 0.7, 3, 4, 30, seed)
+        target = load_backend(f"emulated:tpot_ms=0,seed={seed}", sleep=False)
+        assert run.tokens == generate_nonsi(target, PROMPT, 30, SamplingParams()).tokens
+        c = run.counters
+        assert c.accepted + c.rejected + c.forced == 30
+
+
+def test_nonsi_time_is_exact() -> None:
+    assert simulate("nonsi", LAT, 0.5, 1, 1, 50).mean_ms == pytest.approx(27.8 + 49 * 20.6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_si_time_with_nothing_accepted_is_exact(k: int) -> None:
+    """Every iteration drafts min(k, remaining - 1) tokens, verifies them in one target forward
+    and commits one correction; the first forwards of both models cost their TTFT."""
+    n = 20
+    drafts = [min(k, remaining - 1) for remaining in range(n, 0, -1)]
+    expected = 8.1 + (drafts[0] - 1) * 6.8 + 27.8 + sum(d * 6.8 + 20.6 for d in drafts[1:])
+    assert simulate("si", LAT, 0.0, k, 1, n).mean_ms == pytest.approx(expected)
+
+
+def test_dsi_with_nothing_accepted_is_exactly_nonsi() -> None:
+    """The zero-draft task at every restart: DSI is never slower than non-SI (Theorem 2)."""
+    for k, sp in [(1, 4), (3, 2), (5, 7)]:
+        assert simulate("dsi", LAT, 0.0, k, sp, 40).mean_ms == pytest.approx(27.8 + 39 * 20.6)
+
+
+def test_eq1_lookahead_is_the_smallest_that_needs_no_more_servers() -> None:
+    for t_drafter, sp in itertools.product((0.5, 1.7, 3.0, 6.8, 15.0), (1, 2, 3, 7)):
+        lat = Latencies(20.6, t_drafter)
+        k = min_lookahead(lat, sp)
+        assert servers_needed(lat, k) <= sp
+        assert k == 1 or servers_needed(lat, k - 1) > sp
+
+
+def test_dsi_is_never_slower_than_si_or_nonsi_with_enough_servers() -> None:
+    """Theorems 1-2 on a grid: with SP >= ceil(t_target / (k t_drafter)) (Eq. 1), DSI's expected
+    latency is at most SI's and non-SI's for the same lookahead (paired seeds, 8 repeats)."""
+    checked = 0
+    for fraction, acceptance, k in itertools.product((0.05, 0.2, 0.5, 1.0), (0.0, 0.4, 0.8, 0.95), (1, 3, 5)):
+        lat = Latencies(1.0, fraction, 1.5, fraction * 1.1)
+        sp = servers_needed(lat, k)
+        dsi = simulate("dsi", lat, acceptance, k, sp, 30, 8).mean_ms
+        si = simulate("si", lat, acceptance, k, 1, 30, 8).mean_ms
+        nonsi = simulate("nonsi", lat, acceptance, k, 1, 30, 8).mean_ms
+        assert dsi <= si * (1 + 1e-9), (fraction, acceptance, k, sp, dsi, si)
+        assert dsi <= nonsi * (1 + 1e-9), (fraction, acceptance, k, sp, dsi, nonsi)
+        checked += 1
+    assert checked == 48
+
+
+def test_si_can_be_slower_than_nonsi_but_dsi_is_not() -> None:
+    """The gap DSI closes: a slow, inaccurate drafter makes SI slower than non-SI."""
+    lat = Latencies(1.0, 0.6)
+    si = simulate("si", lat, 0.2, 3, 1, 30, 8).mean_ms
+    nonsi = simulate("nonsi", lat, 0.2, 3, 1, 30, 8).mean_ms
+    dsi = simulate("dsi", lat, 0.2, 3, servers_needed(lat, 3), 30, 8).mean_ms
+    assert si > 1.5 * nonsi
+    assert dsi <= nonsi
+
+
+def test_planner_recommends_eq1_or_better() -> None:
+    plan = make_plan(LAT, 0.93, gpus=8, tokens=50, repeats=10)
+    d = plan.as_dict()
+    assert 1 <= d["sp"] <= 7 and d["lookahead"] >= 1
+    assert d["speedup_over_si"] > 1.0 and d["speedup_over_nonsi"] > 1.0
+    # The recommendation is no worse than Eq. 1's lookahead with every server.
+    eq1 = simulate("dsi", LAT, 0.93, d["eq1_lookahead"], 7, 50, 10).mean_ms
+    assert plan.dsi.mean_ms <= eq1 * 1.01
+    with pytest.raises(ValueError, match="at least 2 GPUs"):
+        make_plan(LAT, 0.9, gpus=1)
+
+
+def test_simulate_plan_and_heatmap_commands(capsys: pytest.CaptureFixture, tmp_path) -> None:  # noqa: ANN001
+    common = ["--target-tpot-ms", "20.6", "--target-ttft-ms", "27.8", "--drafter-tpot-ms", "6.8", "--acceptance", "0.9"]
+    for mode in ("dsi", "si", "nonsi"):
+        assert main(["simulate", "--mode", mode, *common, "--lookahead", "auto", "--sp", "7", "--tokens", "20",
+                     "--repeats", "3", "--seed", "1"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert {"mode", "mean_ms", "std_ms", "lookahead", "sp", "tokens"} <= set(out) and out["mode"] == mode
+    assert main(["simulate", "--mode", "si", "--target-tpot-ms", "5"]) == 2  # a drafter is needed
+    assert "required for dsi and si" in capsys.readouterr().err
+    assert main(["simulate", "--mode", "dsi", *common, "--lookahead", "0"]) == 2
+    assert main(["plan", *common, "--gpus", "8", "--repeats", "3"]) == 0
+    assert "recommended: --mode dsi" in capsys.readouterr().out
+    assert main(["heatmap", "--out", str(tmp_path / "hm"), "--grid", "3", "--repeats", "1", "--workers", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cells"] == 9 and (tmp_path / "hm.png").stat().st_size > 0
+    assert len((tmp_path / "hm.csv").read_text().splitlines()) == 10
