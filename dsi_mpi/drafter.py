@@ -21,7 +21,7 @@ from dataclasses import replace
 from dsi_mpi.backends.base import Backend, ContextRunner
 from dsi_mpi.policy import ProtocolError
 from dsi_mpi.protocol import START_RESET_CACHE, START_WANT_PROBS, Message, Tag
-from dsi_mpi.transport import Transport
+from dsi_mpi.transport import IDLE, Transport
 from dsi_mpi.verify import SamplingParams
 
 COORDINATOR = 0
@@ -77,7 +77,7 @@ def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams
         if state.shutdown:
             return
         if not state.can_draft():
-            state.apply(transport.wait(source=COORDINATOR, what="a message from the coordinator"))
+            state.apply(transport.wait(source=COORDINATOR, what="a message from the coordinator", timeout_s=IDLE))
             continue
         if state.reset_cache:
             runner.reset()

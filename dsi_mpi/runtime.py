@@ -25,7 +25,7 @@ from dsi_mpi.preflight import Prompt
 from dsi_mpi.protocol import Tag
 from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
-from dsi_mpi.transport import Transport
+from dsi_mpi.transport import IDLE, Transport
 
 
 @dataclass
@@ -108,7 +108,7 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
             elif backend is not None:
                 serve_drafter(transport, backend, base.sampling)
             else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
-                transport.wait(source=0, tag=Tag.SHUTDOWN, what="shutdown")
+                transport.wait(source=0, tag=Tag.SHUTDOWN, what="shutdown", timeout_s=IDLE)
             transport.flush()
             transport.send(0, Tag.BYE)
     except BaseException as exc:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from dsi_mpi.backends.base import Backend, Cancelled, ContextRunner
 from dsi_mpi.policy import ProtocolError
 from dsi_mpi.protocol import Tag
-from dsi_mpi.transport import Transport
+from dsi_mpi.transport import IDLE, Transport
 from dsi_mpi.verify import SamplingParams
 
 COORDINATOR = 0
@@ -42,7 +42,7 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams)
                 cancelled.add(msg.ident)
 
     while True:
-        msg = transport.wait(source=COORDINATOR, what="a request from the coordinator")
+        msg = transport.wait(source=COORDINATOR, what="a request from the coordinator", timeout_s=IDLE)
         if msg.kind == Tag.SHUTDOWN:
             return
         if msg.kind == Tag.CANCEL:

@@ -17,6 +17,8 @@ from mpi4py import MPI
 
 from dsi_mpi.protocol import Message, Tag, decode, encode
 
+IDLE = float("inf")  # a worker waiting for its next request from the coordinator (see wait)
+
 
 class WaitTimeout(TimeoutError):
     """No message came within the configured bound: the job is aborted, never left hanging."""
@@ -99,7 +101,13 @@ class Transport:
 
     def wait(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, what: str = "a message",
              timeout_s: float | None = None) -> Message:
-        """Poll with exponential backoff until a message comes or the deadline passes."""
+        """Poll with exponential backoff until a message comes or the deadline passes.
+
+        Workers idle between requests wait with ``timeout_s=IDLE``: a long phase that does not
+        use them (another mode, fewer servers) must not abort the job. The coordinator's waits
+        are always bounded, and a failing coordinator aborts the job (CLI) or sends SHUTDOWN
+        (library use), so an idle worker is never left waiting on a dead run.
+        """
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         delay = 0.0
         while True:

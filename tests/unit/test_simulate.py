@@ -11,7 +11,14 @@ from dsi_mpi.backends import load_backend
 from dsi_mpi.cli import main
 from dsi_mpi.plan import make_plan
 from dsi_mpi.reference import generate_nonsi
-from dsi_mpi.simulate import PROMPT, Latencies, min_lookahead, servers_needed, simulate, simulate_once
+from dsi_mpi.simulate import (
+    PROMPT,
+    Latencies,
+    min_lookahead,
+    servers_needed,
+    simulate,
+    simulate_once,
+)
 from dsi_mpi.verify import SamplingParams
 
 LAT = Latencies(target_tpot_ms=20.6, drafter_tpot_ms=6.8, target_ttft_ms=27.8, drafter_ttft_ms=8.1)
