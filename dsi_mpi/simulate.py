@@ -112,12 +112,14 @@ class SimSummary:
 
 class _Simulation:
     def __init__(self, mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
-                 tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT) -> None:
+                 tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT,
+                 run_ahead: int | None = None) -> None:
         self.prompt = tuple(prompt)
         target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
         servers = list(range(sp if mode == "dsi" else 1))
-        run_ahead = lookahead if mode == "si" else lookahead * (len(servers) + 1)
+        if mode == "si" or run_ahead is None:  # the runtime's defaults (RunConfig.run_ahead)
+            run_ahead = lookahead if mode == "si" else lookahead * (len(servers) + 1)
         self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, has_drafter=mode != "nonsi")
         self.lat = lat
         self.now = 0.0
@@ -254,14 +256,15 @@ class _Simulation:
 
 
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
-                  seed: int = 0, prompt: Sequence[int] = PROMPT) -> SimRun:
+                  seed: int = 0, prompt: Sequence[int] = PROMPT, run_ahead: int | None = None) -> SimRun:
     """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
-    acceptances (the same as an emulated MPI run with that seed and prompt)."""
-    return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt).run()
+    acceptances (the same as an emulated MPI run with that seed and prompt). ``run_ahead``
+    overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime)."""
+    return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt, run_ahead=run_ahead).run()
 
 
 def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
-             repeats: int = 1, seed: int = 0) -> SimSummary:
+             repeats: int = 1, seed: int = 0, run_ahead: int | None = None) -> SimSummary:
     """``repeats`` generations with seeds ``seed .. seed + repeats - 1`` (the same acceptance
     draws for every mode and lookahead: common random numbers make ratios precise)."""
     if mode not in MODES:
@@ -272,7 +275,7 @@ def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: i
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
     summary = SimSummary(mode, lookahead if mode != "nonsi" else 0, sp if mode == "dsi" else 1, tokens)
     for r in range(repeats):
-        summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r))
+        summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r, run_ahead=run_ahead))
     return summary
 
 

@@ -116,3 +116,20 @@ def test_simulate_plan_and_heatmap_commands(capsys: pytest.CaptureFixture, tmp_p
     result = json.loads(capsys.readouterr().out)
     assert result["cells"] == 9 and (tmp_path / "hm.png").stat().st_size > 0
     assert len((tmp_path / "hm.csv").read_text().splitlines()) == 10
+
+
+def test_more_than_ceil_target_over_drafter_servers_cannot_help() -> None:
+    """The bound on useful SP (design note, section 2): beyond ceil(t_target / t_drafter) target
+    servers the drafter cannot feed more, so extra servers leave DSI's latency unchanged.
+
+    The drafter's run-ahead is held fixed (the runtime scales it with SP by default), and the
+    latency ratios are not integers: at an exact integer ratio the bound has no slack and the
+    zero-draft task of a restart can make one more server worth up to a few percent."""
+    import math
+
+    for fraction, acceptance, k in itertools.product((0.13, 0.23, 0.37, 0.45, 0.8), (0.0, 0.5, 0.9, 1.0), (1, 2, 4)):
+        lat = Latencies(1.0, fraction)
+        cap = math.ceil(1.0 / fraction)
+        at_cap = simulate("dsi", lat, acceptance, k, cap, 40, 4, run_ahead=200).mean_ms
+        beyond = simulate("dsi", lat, acceptance, k, 3 * cap + 2, 40, 4, run_ahead=200).mean_ms
+        assert at_cap <= beyond * (1 + 1e-9), (fraction, acceptance, k, cap, at_cap, beyond)
