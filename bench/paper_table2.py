@@ -85,7 +85,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=50)
     parser.add_argument("--sim-repeats", type=int, default=200, help="simulated runs per mode")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "paper_table2.jsonl"))
+    parser.add_argument("--markdown", metavar="JSONL", help="print a JSONL of an earlier run as a Markdown table")
     args = parser.parse_args()
+    if args.markdown:
+        with open(args.markdown) as fh:
+            print(markdown_table([json.loads(line) for line in fh if line.strip()]))
+        return 0
     comm = MPI.COMM_WORLD
     if comm.Get_size() != 2 + SP:
         if comm.Get_rank() == 0:
@@ -162,6 +167,22 @@ def print_table(results: list[dict]) -> None:
               f"{str(r['lookahead_dsi']) + '/' + str(r['lookahead_si']):>8} {r['paper_dsi_over_si']:>6.2f} "
               f"{r['sim_si_over_dsi']:>6.2f} {r['mpi_si_over_dsi']:>6.2f} {r['sim_nonsi_over_dsi']:>6.2f} "
               f"{r['mpi_nonsi_over_dsi']:>6.2f} {ratio['dsi']:>8.3f},{ratio['si']:.3f},{ratio['nonsi']:.3f}")
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = [
+        "| target / drafter | dataset | k DSI / SI | paper DSI/SI | sim DSI/SI | MPI DSI/SI | sim DSI/non-SI "
+        "| MPI DSI/non-SI | MPI / ideal (DSI, SI, non-SI) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = r["runtime_over_ideal"]
+        lines.append(
+            f"| {r['target']} / {r['drafter']} | {r['dataset']} | {r['lookahead_dsi']} / {r['lookahead_si']} "
+            f"| {r['paper_dsi_over_si']:.2f} | {r['sim_si_over_dsi']:.2f} | {r['mpi_si_over_dsi']:.2f} "
+            f"| {r['sim_nonsi_over_dsi']:.2f} | {r['mpi_nonsi_over_dsi']:.2f} "
+            f"| {ratio['dsi']:.3f}, {ratio['si']:.3f}, {ratio['nonsi']:.3f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ from dsi_mpi.metrics import Counters
 from dsi_mpi.verify import rejection_step, sample_from
 
 
+class ProtocolError(RuntimeError):
+    """A message that cannot happen under the protocol: a bug, never bad input."""
+
+
 @dataclass(frozen=True)
 class SendTask:
     server: int
@@ -81,10 +85,56 @@ class StopDrafter:
 
 
 Action = SendTask | CancelTask | StartDrafter | RollbackDrafter | AdvanceDrafter | StopDrafter
+DrafterAction = StartDrafter | RollbackDrafter | AdvanceDrafter | StopDrafter
 
 
-class ProtocolError(RuntimeError):
-    """A message that cannot happen under the protocol: a bug, never bad input."""
+class DrafterState:
+    """The drafter's side of the protocol (pure): what it holds and whether it may draft.
+
+    The MPI drafter decodes its messages into these actions; the simulator applies the
+    policy's actions directly, so both model the drafter the same way. It drafts position
+    ``p = len(seq)`` only while ``p < limit``, ``p <= max_position`` and no EOS was drafted.
+    """
+
+    def __init__(self) -> None:
+        self.seq: list[int] = []  # prompt + drafts, as the drafter believes them
+        self.epoch = 0
+        self.limit = 0
+        self.max_position = -1
+        self.want_probs = False
+        self.seed = 0
+        self.reset_cache = False  # the next forward starts from an empty cache
+        self.active = False
+        self.eos = False
+
+    def apply(self, action: DrafterAction) -> None:
+        if isinstance(action, StartDrafter):
+            self.seq = list(action.prompt)
+            self.limit, self.max_position, self.seed = action.limit, action.max_position, action.seed
+            self.want_probs, self.reset_cache = action.want_probs, action.reset_cache
+            self.active, self.eos = True, False
+        elif isinstance(action, RollbackDrafter):
+            if len(self.seq) < action.keep:
+                raise ProtocolError(f"rollback to {action.keep} but the drafter holds {len(self.seq)} tokens")
+            self.seq = self.seq[: action.keep] + list(action.forced)
+            self.limit, self.eos = action.limit, False
+        elif isinstance(action, AdvanceDrafter):
+            self.limit = max(self.limit, action.limit)
+        elif isinstance(action, StopDrafter):
+            self.active = False
+        else:
+            raise ProtocolError(f"not a drafter action: {action!r}")
+        self.epoch = action.epoch
+
+    def can_draft(self) -> bool:
+        n = len(self.seq)
+        return self.active and not self.eos and n < self.limit and n <= self.max_position
+
+    def drafted(self, token: int, eos_ids: frozenset[int]) -> int:
+        """Record a draft; returns its position."""
+        self.seq.append(int(token))
+        self.eos = int(token) in eos_ids
+        return len(self.seq) - 1
 
 
 @dataclass

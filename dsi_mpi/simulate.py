@@ -25,16 +25,7 @@ from dataclasses import dataclass, field
 from dsi_mpi.backends.base import ContextRunner, StepOutput
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.metrics import Counters
-from dsi_mpi.policy import (
-    Action,
-    AdvanceDrafter,
-    CancelTask,
-    Policy,
-    RollbackDrafter,
-    SendTask,
-    StartDrafter,
-    StopDrafter,
-)
+from dsi_mpi.policy import Action, CancelTask, DrafterState, Policy, SendTask
 from dsi_mpi.verify import SamplingParams
 
 GREEDY = SamplingParams()
@@ -138,7 +129,7 @@ class _Simulation:
         self.drafter = ContextRunner(EmulatedBackend(drafter, sleep=False))
         self._d_busy = False
         self._d_inbox: deque[Action] = deque()
-        self._d = {"seq": [], "epoch": 0, "limit": 0, "max": -1, "active": False, "eos": False}
+        self._d = DrafterState()
 
     def _push(self, delay: float, kind: str, payload: tuple) -> None:
         self._seq += 1
@@ -230,29 +221,19 @@ class _Simulation:
     # ----------------------------------------------------------------- drafter
 
     def _drafter_apply(self, action: Action) -> None:
-        d = self._d
-        if isinstance(action, StartDrafter):
-            if action.reset_cache:
-                self.drafter.reset()
-            d.update(seq=list(action.prompt), limit=action.limit, max=action.max_position, active=True, eos=False)
-        elif isinstance(action, RollbackDrafter):
-            d.update(seq=d["seq"][: action.keep] + list(action.forced), limit=action.limit, eos=False)
-        elif isinstance(action, AdvanceDrafter):
-            d["limit"] = max(d["limit"], action.limit)
-        elif isinstance(action, StopDrafter):
-            d["active"] = False
-        d["epoch"] = action.epoch
+        self._d.apply(action)
+        if self._d.reset_cache:
+            self.drafter.reset()
+            self._d.reset_cache = False
 
     def _drafter_maybe_start(self) -> None:
-        d = self._d
-        n = len(d["seq"])
-        if self._d_busy or not d["active"] or d["eos"] or n >= d["limit"] or n > d["max"]:
+        if self._d_busy or not self._d.can_draft():
             return
         cost = self.lat.drafter_ttft if self.drafter.backend.cached_length() == 0 else self.lat.drafter_tpot_ms
-        token = int(self.drafter.run(d["seq"], GREEDY).tokens[0])
-        d["seq"].append(token)
+        token = int(self.drafter.run(self._d.seq, GREEDY).tokens[0])
+        position = self._d.drafted(token, frozenset())
         self._d_busy = True
-        self._push(cost, "draft", (d["epoch"], n, token))
+        self._push(cost, "draft", (self._d.epoch, position, token))
 
 
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,

@@ -15,13 +15,12 @@ import pytest
 from dsi_mpi.backends import load_backend
 from dsi_mpi.backends.base import Backend, Cancelled, ContextRunner
 from dsi_mpi.policy import (
-    AdvanceDrafter,
     CancelTask,
+    DrafterState,
     Policy,
     RollbackDrafter,
     SendTask,
     StartDrafter,
-    StopDrafter,
 )
 from dsi_mpi.reference import generate_nonsi
 from dsi_mpi.verify import SamplingParams
@@ -40,7 +39,7 @@ class _RandomDriver:
         self.to_drafter: deque = deque()
         self.from_drafter: deque = deque()
         self.cancelled_ids: set[int] = set()
-        self.d_epoch, self.d_limit, self.d_max, self.d_active, self.d_eos = 0, 0, -1, False, False
+        self.d = DrafterState()
 
     def run(self, prompt: list[int]) -> list[int]:
         self._route(self.policy.begin(prompt))
@@ -52,7 +51,7 @@ class _RandomDriver:
             choices += [("reply", s) for s, q in self.from_server.items() if q]
             choices += [("drafter_in", None)] if self.to_drafter else []
             choices += [("draft_out", None)] if self.from_drafter else []
-            if self.drafter is not None and self._can_draft():
+            if self.drafter is not None and self.d.can_draft():
                 choices.append(("draft", None))
             assert choices, "deadlock: nothing can happen but the policy is not done"
             kind, arg = self.rng.choice(choices)
@@ -99,35 +98,16 @@ class _RandomDriver:
             _, msg, out = item
             self._route(self.policy.on_result(s, msg.task_id, msg.epoch, out.first_position, out.tokens.tolist()))
 
-    def _can_draft(self) -> bool:
-        n = len(self.drafter.tokens)
-        return self.d_active and not self.d_eos and n < self.d_limit and n <= self.d_max
-
     def _draft(self, _: None) -> None:
-        out = self.drafter.run(self.drafter.tokens, self.params)
-        token = int(out.tokens[0])
-        self.from_drafter.append((self.d_epoch, len(self.drafter.tokens), token))
-        self.drafter.tokens = self.drafter.tokens + [token]
-        self.d_eos = token in self.policy.eos_ids
+        out = self.drafter.run(self.d.seq, self.params)
+        position = self.d.drafted(int(out.tokens[0]), self.policy.eos_ids)
+        self.from_drafter.append((self.d.epoch, position, self.d.seq[-1]))
 
     def _drafter_in(self, _: None) -> None:
-        msg = self.to_drafter.popleft()
-        if isinstance(msg, StartDrafter):
-            if msg.reset_cache:
-                self.drafter.reset()
-            self.drafter.tokens = list(msg.prompt)
-            self.d_active, self.d_eos = True, False
-            self.d_limit, self.d_max = msg.limit, msg.max_position
-        elif isinstance(msg, RollbackDrafter):
-            assert len(self.drafter.tokens) >= msg.keep
-            self.drafter.tokens = self.drafter.tokens[: msg.keep] + list(msg.forced)
-            self.d_limit, self.d_eos = msg.limit, False
-        elif isinstance(msg, AdvanceDrafter):
-            if msg.epoch == self.d_epoch or msg.epoch > self.d_epoch:
-                self.d_limit = max(self.d_limit, msg.limit)
-        elif isinstance(msg, StopDrafter):
-            self.d_active = False
-        self.d_epoch = msg.epoch
+        self.d.apply(self.to_drafter.popleft())
+        if self.d.reset_cache:
+            self.drafter.reset()
+            self.d.reset_cache = False
 
     def _draft_out(self, _: None) -> None:
         epoch, position, token = self.from_drafter.popleft()
