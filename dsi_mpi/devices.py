@@ -1,27 +1,176 @@
-"""Which device each model rank uses: one GPU per model rank of a node, none for rank 0."""
+"""Which GPU each model rank uses: one per model rank of a node, none for the coordinator.
+
+A node's model ranks (every rank but rank 0) are numbered in rank order from 0 on each node
+(the node: the host name, and Slurm's node name under ``srun``). Local model rank ``j``
+takes the ``j``-th GPU it can see, so ``CUDA_VISIBLE_DEVICES`` is honoured as CUDA honours it:
+``cuda:j`` is the ``j``-th entry of that list. Ranks that see different lists (a launcher
+that binds GPUs per task, such as ``srun --gpus-per-task=1``) are numbered apart, one count
+per distinct list, so each takes its own first GPU.
+
+A node with fewer GPUs than model ranks is an error on every rank, unless sharing is asked
+for with ``DSI_MPI_SHARE_GPUS=1``: then local model rank ``j`` takes GPU ``j mod count``.
+
+The mapping is pure (:func:`visible_gpus`, :func:`gpu_for`); :func:`model_device` gathers
+what it needs over MPI. ``python -m mpi4py -m dsi_mpi.devices`` under ``srun`` or ``mpiexec``
+prints the binding each rank would get, without loading a model (a dry run for job scripts).
+"""
 
 from __future__ import annotations
 
-from mpi4py import MPI
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from dsi_mpi.roles import Layout
+from dsi_mpi.config import ConfigError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from dsi_mpi.roles import Layout
+
+SHARE_ENV = "DSI_MPI_SHARE_GPUS"
+
+
+class DeviceError(ConfigError):
+    """The GPUs of a node do not fit its model ranks; raised on every rank alike."""
+
+
+def share_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(SHARE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def visible_gpus(cuda_visible_devices: str | None, count: int) -> tuple[str, ...]:
+    """The GPUs a process sees, named as ``CUDA_VISIBLE_DEVICES`` names them (indices, UUIDs
+    or MIG ids), or ``"0".."count-1"`` when it is unset. ``count`` is how many CUDA reports:
+    CUDA stops reading the list at its first invalid entry, so only the first ``count`` count."""
+    if cuda_visible_devices is None:
+        return tuple(str(i) for i in range(count))
+    names = [name.strip() for name in cuda_visible_devices.split(",")]
+    return tuple(names[:count])
+
+
+def gpu_for(local_index: int, node_views: Sequence[Sequence[str]], share: bool = False,
+            node: str = "this node") -> str:
+    """The device of model rank ``local_index`` of a node, given the GPUs each model rank of
+    that node sees (``node_views``, in rank order); raises :class:`DeviceError`."""
+    views = [tuple(v) for v in node_views]
+    # Ranks that see the same list share out its GPUs in rank order: slot = index among them.
+    slots = [views[:i].count(v) for i, v in enumerate(views)]
+    view, slot = views[local_index], slots[local_index]
+    if not view:
+        raise DeviceError(f"{node}: model ranks see no GPU (no device, or CUDA_VISIBLE_DEVICES empty): "
+                          "request GPUs for the job (e.g. sbatch --gpus-per-node=N) or use --device cpu")
+    if slot >= len(view) and not share:
+        raise DeviceError(
+            f"{node}: {views.count(view)} model ranks but {len(view)} GPU(s) visible to them "
+            f"({','.join(view)}): launch one model rank per GPU (the coordinator, rank 0, needs "
+            f"none), request more GPUs, or set {SHARE_ENV}=1 to let model ranks share GPUs")
+    name = view[slot % len(view)]
+    # Ranks that see different but overlapping lists must not pick the same GPU either.
+    clash = [i for i, (v, s) in enumerate(zip(views, slots, strict=True))
+             if v != view and s < len(v) and v[s] == name]
+    if clash and not share:
+        raise DeviceError(
+            f"{node}: model ranks {local_index} and {clash[0]} would both use GPU {name} (their "
+            f"CUDA_VISIBLE_DEVICES overlap): give each its own GPUs, or set {SHARE_ENV}=1 to share")
+    return f"cuda:{slot % len(view)}"
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def node_of_this_process() -> str:
+    """The node this process runs on, as far as GPUs go: its host name, and under Slurm also
+    the Slurm node (several slurmds can share a host, each with its own GPUs)."""
+    slurm_node = os.environ.get("SLURMD_NODENAME")
+    host = socket.gethostname()
+    return f"{host} (slurm node {slurm_node})" if slurm_node and slurm_node != host else host
+
+
+def _bind(comm: MPI.Comm, is_model: bool, count: int | None) -> tuple[str, str]:
+    """(device, node) of this rank; collective over ``comm``. ``count``: GPUs this rank
+    sees (None for the coordinator, which takes none).
+
+    Ranks are grouped by :func:`node_of_this_process`, not by a shared-memory split: an MPI
+    knows which ranks share a node only as well as its launcher tells it, and the pip MPICH
+    under ``srun --distribution=arbitrary`` (the multi-node job script) puts every rank on a
+    node of its own, which would give every model rank GPU 0."""
+    rank, node = comm.Get_rank(), node_of_this_process()
+    view = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), count) if is_model else None
+    everyone = comm.allgather((node, view))
+    device, error = "cpu", None
+    if is_model:
+        mine = [r for r, (n, v) in enumerate(everyone) if n == node and v is not None]
+        try:
+            device = gpu_for(mine.index(rank), [everyone[r][1] for r in mine], share_requested(), node)
+        except DeviceError as exc:
+            error = str(exc)
+    # Every rank learns every error, so that all fail alike instead of some waiting forever.
+    errors = list(dict.fromkeys(e for e in comm.allgather(error) if e is not None))
+    if errors:
+        raise DeviceError("; ".join(errors))
+    return device, node
 
 
 def model_device(comm: MPI.Comm, layout: Layout, device: str) -> str:
-    """``cuda`` becomes ``cuda:i`` with ``i`` this rank's index among the model ranks of its
-    node (a shared-memory split), so each model rank gets its own GPU."""
+    """The device this rank loads its model on; collective over ``comm`` when ``device`` is
+    ``cuda`` (every rank, the coordinator included, must call it then).
+
+    ``cuda`` becomes ``cuda:j`` by the rules of this module; ``cpu`` and an explicit
+    ``cuda:N`` are returned as they are. The coordinator gets ``cpu``.
+    """
     if device != "cuda":
         return device
+    is_model = layout.role(comm.Get_rank()) != "coordinator"
+    return _bind(comm, is_model, _cuda_count() if is_model else None)[0]
+
+
+def binding_report(comm: MPI.Comm) -> list[str] | None:
+    """A dry run of :func:`model_device`: one line per rank (on rank 0; None elsewhere) saying
+    where it runs and which device it would take. Collective. Without CUDA (a login or CPU
+    node) each rank assumes the GPUs ``CUDA_VISIBLE_DEVICES`` names exist."""
     import torch
 
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    role = "coordinator" if rank == 0 else ("drafter" if rank == 1 and size > 2 else "target")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.cuda.is_available():
+        count, source = torch.cuda.device_count(), "cuda"
+    else:
+        count, source = len(visible.split(",")) if visible else 0, "assumed"
     try:
-        local_ranks = node.allgather(comm.Get_rank())
-    finally:
-        node.Free()
-    model_ranks = [r for r in local_ranks if r != 0]
-    index = model_ranks.index(comm.Get_rank())
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise RuntimeError(f"rank {comm.Get_rank()}: node has {count} GPU(s) for {len(model_ranks)} model ranks")
-    return f"cuda:{index}"
+        device, node = _bind(comm, role != "coordinator", count if role != "coordinator" else None)
+        line = (f"rank {rank} {role} on {node}: CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'} "
+                f"({source}: {count}) -> {device}")
+        error = None
+    except DeviceError as exc:
+        line, error = f"rank {rank} {role}: error", str(exc)
+    lines = comm.gather(line, root=0)
+    if error is not None:
+        raise DeviceError(error)
+    return lines
+
+
+def main() -> int:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        lines = binding_report(comm)
+    except DeviceError as exc:
+        if comm.Get_rank() == 0:
+            print(f"dsi-mpi: device binding: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if comm.Get_rank() == 0:
+        for line in lines or []:
+            print(f"dsi-mpi: device binding: {line}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from dsi_mpi.backends import Backend, load_backend
-from dsi_mpi.config import RunConfig
+from dsi_mpi.config import ConfigError, RunConfig
 from dsi_mpi.coordinator import Coordinator, PromptResult
 from dsi_mpi.devices import model_device
 from dsi_mpi.drafter import serve_drafter
@@ -111,6 +111,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
                 transport.wait(source=0, tag=Tag.SHUTDOWN, what="shutdown", timeout_s=IDLE)
             transport.flush()
             transport.send(0, Tag.BYE)
+    except ConfigError:
+        raise  # bad input (e.g. too few GPUs) is found alike on every rank: rank 0 reports it
     except BaseException as exc:
         _report_failure(transport, rank, role, exc)
         raise

@@ -1,0 +1,109 @@
+"""GPU binding rules (pure): which GPU a model rank takes, and when it is an error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dsi_mpi.devices import (
+    SHARE_ENV,
+    DeviceError,
+    gpu_for,
+    model_device,
+    share_requested,
+    visible_gpus,
+)
+
+FOUR = ("0", "1", "2", "3")
+
+
+@pytest.mark.parametrize(
+    ("cvd", "count", "expected"),
+    [
+        (None, 0, ()),
+        (None, 3, ("0", "1", "2")),
+        ("2,3", 2, ("2", "3")),
+        (" 4 , 5 ", 2, ("4", "5")),
+        ("GPU-aaa,GPU-bbb", 2, ("GPU-aaa", "GPU-bbb")),
+        ("MIG-1c3f/1/0", 1, ("MIG-1c3f/1/0",)),
+        ("0,1,7", 2, ("0", "1")),  # CUDA stops at the first invalid entry: it reports 2
+        ("", 0, ()),
+        ("-1", 0, ()),
+        ("0,1", 4, ("0", "1")),  # a dry run without CUDA may pass a larger count
+    ],
+)
+def test_visible_gpus_follow_cuda_visible_devices(cvd: str | None, count: int, expected: tuple[str, ...]) -> None:
+    assert visible_gpus(cvd, count) == expected
+
+
+@pytest.mark.parametrize(
+    ("views", "expected"),
+    [
+        ([FOUR], ["cuda:0"]),  # a lone model rank
+        ([FOUR] * 3, ["cuda:0", "cuda:1", "cuda:2"]),  # drafter + 2 targets on 4 GPUs
+        ([FOUR] * 4, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]),  # exactly one each
+        ([("2", "3")] * 2, ["cuda:0", "cuda:1"]),  # indices into CUDA_VISIBLE_DEVICES, not physical ids
+        ([("0",), ("1",), ("2",)], ["cuda:0"] * 3),  # srun --gpus-per-task=1: each its own first GPU
+        ([("GPU-a", "GPU-b"), ("GPU-a", "GPU-b")], ["cuda:0", "cuda:1"]),
+        ([("0", "1"), ("0", "1"), ("2", "3"), ("2", "3")], ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]),
+    ],
+)
+def test_each_model_rank_of_a_node_gets_its_own_gpu(views: list[tuple[str, ...]], expected: list[str]) -> None:
+    assert [gpu_for(i, views) for i in range(len(views))] == expected
+
+
+def test_more_model_ranks_than_gpus_is_a_clear_error() -> None:
+    views = [("0", "1")] * 3
+    assert gpu_for(1, views) == "cuda:1"
+    with pytest.raises(DeviceError) as info:
+        gpu_for(2, views, node="node of rank 0 (gpu17)")
+    message = str(info.value)
+    assert "node of rank 0 (gpu17): 3 model ranks but 2 GPU(s)" in message
+    assert "coordinator" in message and f"{SHARE_ENV}=1" in message
+
+
+def test_sharing_wraps_around_when_asked_for() -> None:
+    views = [("0", "1")] * 5
+    assert [gpu_for(i, views, share=True) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+
+
+def test_no_visible_gpu_is_an_error_even_when_sharing() -> None:
+    for share in (False, True):
+        with pytest.raises(DeviceError, match="see no GPU"):
+            gpu_for(0, [()], share=share)
+
+
+def test_overlapping_lists_must_not_pick_the_same_gpu() -> None:
+    views = [("1", "0"), ("1",)]  # both would take GPU 1
+    with pytest.raises(DeviceError, match="would both use GPU 1"):
+        gpu_for(0, views)
+    assert gpu_for(0, views, share=True) == "cuda:0"
+    assert [gpu_for(i, [("0", "1"), ("1",)]) for i in range(2)] == ["cuda:0", "cuda:0"]
+
+
+def test_device_error_is_bad_input() -> None:
+    from dsi_mpi.config import ConfigError
+
+    assert issubclass(DeviceError, ConfigError)  # the CLI exits 2 with the message, no abort
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("true", True), ("YES", True), ("0", False), ("", False)])
+def test_share_flag(value: str, expected: bool) -> None:
+    assert share_requested({SHARE_ENV: value}) is expected
+    assert share_requested({}) is False
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:1"])
+def test_cpu_and_explicit_devices_pass_through_without_mpi(device: str) -> None:
+    assert model_device(None, None, device) == device  # type: ignore[arg-type]
+
+
+def test_the_pure_mapping_imports_without_mpi4py() -> None:
+    code = ("import sys; sys.modules['mpi4py'] = None\n"
+            "from dsi_mpi.devices import gpu_for\n"
+            "assert gpu_for(0, [('0',)]) == 'cuda:0'\n"
+            "assert 'mpi4py.MPI' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
