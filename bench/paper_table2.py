@@ -102,7 +102,7 @@ def main() -> int:
     for row in rows:
         lat, a = row["latencies"], row["acceptance"]
         # Rank 0 plans; everyone runs the same configs.
-        plan = choose_lookaheads(lat, a, args.tokens, 50) if rank == 0 else None
+        plan = choose_lookaheads(lat, a, args.tokens, args.sim_repeats) if rank == 0 else None
         k_dsi, k_si = comm.bcast(plan, root=0)
         target = f"emulated:tpot_ms={lat.target_tpot_ms},ttft_ms={lat.target_ttft}"
         drafter = f"emulated:tpot_ms={lat.drafter_tpot_ms},ttft_ms={lat.drafter_ttft},acceptance={a}"

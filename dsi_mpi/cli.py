@@ -53,7 +53,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-run-ahead", type=int, help="drafts the drafter may hold beyond the committed text")
     p.add_argument("--reuse-cache", action="store_true",
                    help="keep KV caches across prompts and reuse shared prefixes (off: each prompt pays its prefill)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds any rank waits for a message before aborting")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds the coordinator waits for a reply before aborting the job")
 
 
 def build_configs(args: argparse.Namespace) -> list[RunConfig]:

@@ -10,7 +10,7 @@ Messages (rank 0 is the coordinator)::
                  | SHUTDOWN ;  drafter -> BYE
 
 It drafts position ``p`` only while ``p < limit`` and ``p <= max_position`` and it has not
-drafted EOS; between tokens it applies every message that has arrived, so a rollback costs
+drafted the target's EOS; between tokens it applies every message that has arrived, so a rollback costs
 at most the forward in progress.
 """
 
@@ -50,7 +50,9 @@ def _action(msg: Message) -> DrafterAction:
     raise ProtocolError(f"drafter got unexpected {msg.kind.name}")
 
 
-def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams) -> None:
+def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams, eos_ids: frozenset[int]) -> None:
+    """Draft until SHUTDOWN; ``eos_ids`` are the target's (the drafter stops where the target
+    would end, not where its own tokenizer would)."""
     runner = ContextRunner(backend)
     state = DrafterState()
     while True:
@@ -66,6 +68,6 @@ def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams
             runner.reset()
             state.reset_cache = False
         out = runner.run(state.seq, replace(params, seed=state.seed), want_probs=state.want_probs)
-        position = state.drafted(int(out.tokens[0]), backend.eos_token_ids)
+        position = state.drafted(int(out.tokens[0]), eos_ids)
         transport.send(COORDINATOR, Tag.DRAFT, state.epoch, 0, position, int(out.probs is not None),
                        tokens=[state.seq[-1]], probs=out.probs)

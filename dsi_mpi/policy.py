@@ -277,17 +277,9 @@ class Policy:
         return not self._tasks
 
     @property
-    def busy_servers(self) -> list[int]:
-        return [s for s, st in self._servers.items() if st.task_id is not None]
-
-    @property
     def queued(self) -> int:
         """Tasks waiting for a free server."""
         return len(self._queue)
-
-    @property
-    def committed_length(self) -> int:
-        return self._n
 
     # ----------------------------------------------------------------- internals
 
@@ -372,18 +364,20 @@ class Policy:
         return actions
 
     def _target_choice(self, j: int) -> tuple[bool | None, int]:
-        """Verify position ``j``: (accepted, token); accepted is None when there is no draft."""
+        """Verify position ``j``: (accepted, token); accepted is None when there is no draft.
+
+        Consumes what was kept for ``j``: position ``j`` is committed after this, and keeping
+        distributions (vocabulary-sized) for the whole prompt would grow without bound."""
         has_draft = len(self._proposed) > j
+        t = self._target.pop(j)
         if self.verify == "exact":
-            t = self._target[j]
             if not has_draft:
                 return None, t
             return self._proposed[j] == t, t
-        p = self._p[j]
+        p, q = self._p.pop(j), self._q.pop(j, None)
         if not has_draft:
             return None, sample_from(p, self._seed, j)
-        accepted, token = rejection_step(self._proposed[j], self._q[j], p, self._seed, j)
-        return accepted, token
+        return rejection_step(self._proposed[j], q, p, self._seed, j)
 
     def _verify_in_order(self) -> list[Action]:
         """Consume target tokens position by position, from the first uncommitted one."""
@@ -409,6 +403,7 @@ class Policy:
             self._commit(token)
             if not self.finished:
                 actions += self._restart(j, token)
+                limit_before = self._limit  # the rollback carries the new limit
         if self.finished:
             actions += self._finish()
         elif self.mode == "dsi" and self.has_drafter:
@@ -423,10 +418,16 @@ class Policy:
         if int(token) in self.eos_ids or len(self.output) >= self.max_new_tokens:
             self.finished = True
 
-    def _cancel_outstanding(self) -> list[Action]:
+    def _cancel_outstanding(self, committed_upto: int | None = None) -> list[Action]:
+        """Cancel every outstanding task, except (at a restart) tasks whose whole context is
+        committed: their results are no longer needed, but the forward in flight leaves the
+        server's cache holding committed tokens (the parallel prompt prefills, typically), so
+        letting it finish spares that server a second prefill."""
         self._queue.clear()
         actions: list[Action] = []
         for task in self._tasks.values():
+            if committed_upto is not None and task.length <= committed_upto:
+                continue
             if not task.cancelled:
                 task.cancelled = True
                 actions.append(CancelTask(task.server, task.task_id, task.epoch))
@@ -435,10 +436,10 @@ class Policy:
 
     def _restart(self, j: int, token: int) -> list[Action]:
         self.epoch += 1
-        actions = self._cancel_outstanding()
+        actions = self._cancel_outstanding(committed_upto=j)
         self._target.clear()
         self._p.clear()
-        self._q = {pos: q for pos, q in self._q.items() if pos < j}
+        self._q.clear()
         self._covered_end = self._n - 1
         self._drafter_eos = False
         self._limit = self._n + self.run_ahead

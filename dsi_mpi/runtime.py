@@ -88,6 +88,7 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
     layout = make_layout(comm.Get_size(), [c.mode for c in configs], max((c.sp or 0) for c in configs) or None)
     rank = comm.Get_rank()
+    eos = _share_eos_ids(comm, base)
     role = layout.role(rank)
     transport = Transport(comm, timeout_s=base.timeout_s, poll_max_s=base.poll_max_s)
     outcome = RunOutcome(role=role)
@@ -101,12 +102,12 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
             model_device(comm, layout, base.device)  # the split is collective over the node
         transport.barrier("every rank to load its model")
         if role == "coordinator":
-            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats, warmup)
+            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats, warmup, eos)
         else:
             if role == "target":
                 serve_target(transport, backend, base.sampling)
             elif backend is not None:
-                serve_drafter(transport, backend, base.sampling)
+                serve_drafter(transport, backend, base.sampling, eos)
             else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
                 transport.wait(source=0, tag=Tag.SHUTDOWN, what="shutdown", timeout_s=IDLE)
             transport.flush()
@@ -121,9 +122,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     return outcome
 
 
-def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
-                prompts: Sequence[Prompt], tokenizer: object | None, repeats: int, warmup: int) -> list[dict]:
-    eos = _eos_ids(configs[0], tokenizer)
+def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfig], prompts: Sequence[Prompt],
+                tokenizer: object | None, repeats: int, warmup: int, eos: frozenset[int]) -> list[dict]:
     coordinator = Coordinator(transport, layout, eos)
     records = []
     try:
@@ -146,13 +146,27 @@ def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfi
     return records
 
 
-def _eos_ids(config: RunConfig, tokenizer: object | None) -> frozenset[int]:
-    """EOS ids as the target's ``generate`` uses them (generation config first)."""
-    if config.emulated:
-        return frozenset()
-    from dsi_mpi.backends.hf import eos_ids, load_config
+def _share_eos_ids(comm: MPI.Comm, config: RunConfig) -> frozenset[int]:
+    """The target's EOS ids (generation config first, as ``generate``), read on rank 0 and given
+    to every rank: generation stops on the target's EOS, and so must the drafter, whose own
+    EOS ids may differ (a base target with an instruct drafter). Before any transport exists,
+    so a failure here is raised on every rank alike."""
+    verdict: tuple[bool, object] | None = None
+    if comm.Get_rank() == 0:
+        try:
+            if config.emulated:
+                ids: frozenset[int] = frozenset()
+            else:
+                from dsi_mpi.backends.hf import eos_ids, load_config
 
-    return eos_ids(load_config(config.target))
+                ids = eos_ids(load_config(config.target))
+            verdict = (True, sorted(ids))
+        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+            verdict = (False, f"{type(exc).__name__}: {exc}")
+    ok, value = comm.bcast(verdict, root=0)
+    if not ok:
+        raise RuntimeError(f"rank 0 could not read the target's end-of-sequence ids: {value}")
+    return frozenset(value)
 
 
 def _report_failure(transport: Transport, rank: int, role: str, exc: BaseException) -> None:

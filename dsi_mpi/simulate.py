@@ -58,7 +58,6 @@ class SimRun:
     latency_ms: float
     counters: Counters
     queued_ms: float  # virtual time during which some task waited for a free server
-    max_busy_servers: int
     queued_after_prefill_ms: float = 0.0  # the same, from the first target result on
     tokens: list[int] = field(default_factory=list)  # the committed output
 
@@ -125,7 +124,6 @@ class _Simulation:
         self.queued_after_prefill_ms = 0.0
         self._queued_since: float | None = None
         self._prefill_done: float | None = None
-        self.max_busy = 0
         self.drafter = ContextRunner(EmulatedBackend(drafter, sleep=False))
         self._d_busy = False
         self._d_inbox: deque[Action] = deque()
@@ -144,7 +142,7 @@ class _Simulation:
                 self.now, _, kind, payload = heapq.heappop(self._events)
             self._apply(self._deliver(kind, payload))
             self._track_queue()
-        return SimRun(self.now, self.policy.counters, self.queued_ms, self.max_busy, self.queued_after_prefill_ms,
+        return SimRun(self.now, self.policy.counters, self.queued_ms, self.queued_after_prefill_ms,
                       list(self.policy.output))
 
     def _track_queue(self) -> None:
@@ -215,7 +213,6 @@ class _Simulation:
         self._outputs[task.server] = out
         self._version += 1
         self._running[task.server] = (task, self._version)
-        self.max_busy = max(self.max_busy, len(self._running))
         self._push(cost, "result", (task.server, self._version))
 
     # ----------------------------------------------------------------- drafter

@@ -28,39 +28,32 @@ COORDINATOR = 0
 
 def serve_target(transport: Transport, backend: Backend, params: SamplingParams) -> None:
     runner = ContextRunner(backend)
-    cancelled: set[int] = set()  # cancels that overtook their VERIFY (tags are matched apart)
     current = -1
 
     def should_cancel() -> bool:
-        while True:
-            msg = transport.poll(source=COORDINATOR, tag=Tag.CANCEL)
-            if msg is None:
-                return False
+        # A CANCEL names the running task or an older one already answered (sent before our
+        # reply reached the coordinator): never a later one, since the coordinator sends a
+        # VERIFY only to a server with no request outstanding.
+        while (msg := transport.poll(source=COORDINATOR, tag=Tag.CANCEL)) is not None:
             if msg.ident == current:
                 return True
-            if msg.ident > current:
-                cancelled.add(msg.ident)
+        return False
 
     while True:
         msg = transport.wait(source=COORDINATOR, what="a request from the coordinator", timeout_s=IDLE)
         if msg.kind == Tag.SHUTDOWN:
             return
         if msg.kind == Tag.CANCEL:
-            if msg.ident > current:
-                cancelled.add(msg.ident)
-            continue
+            continue  # for a task already answered
         if msg.kind != Tag.VERIFY:
             raise ProtocolError(f"target got unexpected {msg.kind.name}")
         current, keep, first = msg.ident, msg.f0, msg.f1
-        cancelled = {i for i in cancelled if i >= current}
         if len(runner.tokens) < keep:
             raise ProtocolError(f"task {current}: keep {keep} but the cache holds {len(runner.tokens)}")
         context = runner.tokens[:keep] + msg.tokens.tolist()
         backend.crop(keep)
         runner.tokens = runner.tokens[:keep]
         try:
-            if current in cancelled:
-                raise Cancelled()
             out = runner.run(context, replace(params, seed=msg.f3), num_outputs=len(context) - first + 1,
                              want_probs=bool(msg.f2), should_cancel=should_cancel, keep=keep)
         except Cancelled:

@@ -128,11 +128,15 @@ class Transport:
     # ------------------------------------------------------------------ collective helpers
 
     def barrier(self, what: str = "the other ranks") -> None:
-        """A barrier with a deadline (a plain Barrier would wait forever on a dead rank)."""
+        """A barrier with a deadline (a plain Barrier would wait forever on a dead rank), that
+        also raises the ERROR a failing rank sends (say, a model that does not load)."""
         request = self.comm.Ibarrier()
         deadline = time.monotonic() + self.timeout_s
         delay = 0.0
         while not request.Test():
+            failure = self.poll(tag=Tag.ERROR)
+            if failure is not None:
+                raise RemoteError(failure.text)
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s for {what}")
             delay = min(max(delay * 2, 1e-5), 0.01)

@@ -31,6 +31,24 @@ def mpi_tiny_suite() -> dict[str, str]:
     return build_suite(root)  # reads the index rank 0 wrote
 
 
+@pytest.fixture(scope="session")
+def tiny_broken_model(mpi_tiny_suite: dict[str, str]) -> str:
+    """A model directory whose config loads but whose weights are missing (built on rank 0)."""
+    import shutil
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    path = os.path.join(os.path.dirname(mpi_tiny_suite["llama"]), "broken")
+    if comm.Get_rank() == 0 and not os.path.isdir(path):
+        shutil.copytree(mpi_tiny_suite["llama"], path)
+        for name in os.listdir(path):
+            if name.endswith(".safetensors"):
+                os.remove(os.path.join(path, name))
+    comm.Barrier()
+    return path
+
+
 def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: object | None = None, **kwargs):  # noqa: ANN201
     """Run the runtime on the first ``ranks`` ranks; returns (records on rank 0, error, pending)."""
     from mpi4py import MPI

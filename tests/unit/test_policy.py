@@ -188,16 +188,39 @@ def test_scripted_dsi_sequence() -> None:
     send = [a for a in out if isinstance(a, SendTask)]
     # The server holds [7, 8]: it keeps both and appends only the two drafts.
     assert [(a.server, a.keep, a.tokens, a.first_position) for a in send] == [(10, 2, (100, 101), 3)]
-    out = policy.on_result(10, send[0].task_id, epoch, 3, [101, 55])  # d_3 ok, t_4 = 55: no draft
+    assert policy.on_draft(epoch, 4, 102) == []
+    assert policy.on_draft(epoch, 5, 103) == []  # a task for positions 5..6, queued
+    out = policy.on_result(11, prefill[1].task_id, epoch, 2, [100])  # a duplicate frees server 11
+    spec = [a for a in out if isinstance(a, SendTask)]
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in spec] == [(11, 2, (100, 101, 102, 103), 5)]
+    out = policy.on_result(10, send[0].task_id, epoch, 3, [101, 55])  # d_3 ok, t_4 = 55 != d_4
     assert policy.output == [100, 101, 55]
+    assert policy.counters.accepted == 2 and policy.counters.rejected == 1
     assert any(isinstance(a, RollbackDrafter) and a.keep == 4 and a.forced == (55,) for a in out)
-    assert any(isinstance(a, CancelTask) and a.server == 11 for a in out)  # stale prefill preempted
+    assert [(a.server, a.task_id) for a in out if isinstance(a, CancelTask)] == [(11, spec[0].task_id)]
     zero = [a for a in out if isinstance(a, SendTask)]
     assert [(a.server, a.first_position, a.tokens) for a in zero] == [(10, 5, (55,))]  # zero-draft task
     assert policy.epoch == epoch + 1
-    assert policy.on_draft(epoch, 4, 999) == []  # a stale draft is dropped
-    policy.on_cancelled(11, prefill[1].task_id)
+    assert policy.on_draft(epoch, 6, 999) == []  # a stale draft is dropped
+    policy.on_cancelled(11, spec[0].task_id)
     assert policy.counters.verifications_aborted == 1
+
+
+def test_a_restart_lets_committed_prefills_finish() -> None:
+    """A task whose whole context is committed is not cancelled: it only warms a cache."""
+    policy = Policy("dsi", [10, 11], lookahead=2, run_ahead=6, max_new_tokens=8)
+    prefill = [a for a in policy.begin([7, 8]) if isinstance(a, SendTask)]
+    policy.on_draft(policy.epoch, 2, 100)
+    out = policy.on_result(10, prefill[0].task_id, policy.epoch, 2, [55])  # d_2 rejected at once
+    assert policy.output == [55]
+    assert not [a for a in out if isinstance(a, CancelTask)]  # server 11's prefill runs on
+    epoch = policy.epoch
+    policy.on_result(11, prefill[1].task_id, epoch - 1, 2, [55])  # stale, but server 11 is warm
+    out = policy.on_draft(epoch, 3, 101)
+    out += policy.on_draft(epoch, 4, 102)
+    # Server 11 holds the prompt, so the task sent to it keeps both prompt tokens.
+    to_11 = [(a.keep, a.tokens, a.first_position) for a in out if isinstance(a, SendTask) and a.server == 11]
+    assert to_11 == [(2, (55, 101, 102), 4)]
 
 
 def test_common_prefix() -> None:
