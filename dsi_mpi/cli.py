@@ -193,7 +193,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def simulate_command(args: argparse.Namespace) -> int:
     from dsi_mpi.plan import DEFAULT_LOOKAHEADS, best
-    from dsi_mpi.simulate import min_lookahead, simulate
+    from dsi_mpi.simulate import dsi_lookaheads, simulate
 
     _positive(args, "sp", "tokens", "repeats")
     lat = _latencies(args, need_drafter=args.mode != "nonsi")
@@ -201,7 +201,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.mode == "nonsi":
         summary = simulate("nonsi", lat, acceptance, 1, 1, args.tokens, args.repeats, args.seed)
     elif args.lookahead == "auto":
-        sweep = set(DEFAULT_LOOKAHEADS) | ({min_lookahead(lat, args.sp)} if args.mode == "dsi" else set())
+        sweep = dsi_lookaheads(lat, args.sp, DEFAULT_LOOKAHEADS) if args.mode == "dsi" else DEFAULT_LOOKAHEADS
         summary = best(args.mode, lat, acceptance, sweep, args.sp, args.tokens, args.repeats, args.seed)
     else:
         try:

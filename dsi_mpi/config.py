@@ -95,6 +95,8 @@ class RunConfig:
 
     def run_ahead(self, sp: int) -> int:
         """How far the drafter may run beyond the committed prefix."""
-        if self.mode == "si":
-            return self.lookahead
-        return self.max_run_ahead if self.max_run_ahead is not None else self.lookahead * (sp + 1)
+        from dsi_mpi.policy import default_run_ahead
+
+        if self.mode == "si" or self.max_run_ahead is None:
+            return default_run_ahead(self.mode, self.lookahead, sp)
+        return self.max_run_ahead

@@ -52,11 +52,11 @@ class Coordinator:
             mode=config.mode, servers=list(servers), lookahead=config.lookahead,
             run_ahead=config.run_ahead(len(servers)), max_new_tokens=config.max_new_tokens,
             eos_ids=self.eos_ids, verify=config.verify, seed=config.sampling.seed,
-            has_drafter=config.uses_drafter, epoch=self._epoch, reuse_cache=config.reuse_cache,
+            has_drafter=config.uses_drafter, reuse_cache=config.reuse_cache,
+            # Epochs and task ids keep growing across policies, so no stale message is ever
+            # mistaken for a current one by a server or the drafter.
+            epoch=self._epoch, next_task_id=self._next_task,
         )
-        # Task ids and epochs keep growing across policies, so no stale message is ever
-        # mistaken for a current one by a server or the drafter.
-        policy._next_task = self._next_task
         return policy
 
     def generate(self, policy: Policy, prompt: Sequence[int], seed: int | None = None) -> PromptResult:
@@ -70,7 +70,7 @@ class Coordinator:
         end = time.perf_counter()
         while not policy.idle:  # replies to cancelled tasks; stale drafts are dropped
             self._execute(self._handle(policy, self.transport.wait(what="replies to cancelled tasks")))
-        self._epoch, self._next_task = policy.epoch, policy._next_task
+        self._epoch, self._next_task = policy.epoch, policy.next_task_id
         return PromptResult(policy.mode, list(policy.output), end - start, (first_token or end) - start, policy)
 
     def _handle(self, policy: Policy, msg: Message) -> list[Action]:

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from dsi_mpi.plan import best
-from dsi_mpi.simulate import Latencies, min_lookahead, simulate
+from dsi_mpi.simulate import Latencies, dsi_lookaheads, simulate
 
 PANELS = (
     ("nonsi_over_si", "non-SI / SI"),
@@ -35,7 +35,7 @@ def _row(args: tuple) -> list[dict]:
         nonsi = simulate("nonsi", lat, a, 1, 1, tokens, repeats, seed).mean_ms
         si = best("si", lat, a, lookaheads, 1, tokens, repeats, seed)
         # DSI's sweep includes Eq. 1's lookahead, the smallest for which SP servers suffice.
-        dsi = best("dsi", lat, a, set(lookaheads) | {min_lookahead(lat, sp)}, sp, tokens, repeats, seed)
+        dsi = best("dsi", lat, a, dsi_lookaheads(lat, sp, lookaheads), sp, tokens, repeats, seed)
         out.append({
             "drafter_fraction": fraction, "acceptance": a, "nonsi_ms": nonsi,
             "si_ms": si.mean_ms, "si_lookahead": si.lookahead, "dsi_ms": dsi.mean_ms,

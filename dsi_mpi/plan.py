@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dsi_mpi.simulate import Latencies, SimSummary, min_lookahead, servers_needed, simulate
+from dsi_mpi.simulate import (
+    Latencies,
+    SimSummary,
+    dsi_lookaheads,
+    min_lookahead,
+    servers_needed,
+    simulate,
+)
 
 DEFAULT_LOOKAHEADS = (1, 2, 3, 4, 5, 6, 7, 8, 10)
 
@@ -54,7 +61,7 @@ def make_plan(lat: Latencies, acceptance: float, gpus: int, tokens: int = 50, re
         raise ValueError(f"DSI needs at least 2 GPUs (one drafter, one target), got {gpus}")
     available = gpus - 1
     eq1 = min_lookahead(lat, available)
-    dsi = best("dsi", lat, acceptance, set(lookaheads) | {eq1}, available, tokens, repeats, seed)
+    dsi = best("dsi", lat, acceptance, dsi_lookaheads(lat, available, lookaheads), available, tokens, repeats, seed)
     # The fewest servers that keep the chosen lookahead within 1% of every server's latency
     # (the paper's "more than ceil(t_target / t_drafter) servers cannot help" holds in steady
     # state; prefill and restarts make the simulator the judge). Spare GPUs can serve others.

@@ -31,6 +31,12 @@ from dsi_mpi.metrics import Counters
 from dsi_mpi.verify import rejection_step, sample_from
 
 
+def default_run_ahead(mode: str, lookahead: int, sp: int) -> int:
+    """Drafts the drafter may hold beyond the committed prefix: SI drafts one block and waits;
+    DSI may fill every server and queue one more block."""
+    return lookahead if mode == "si" else lookahead * (sp + 1)
+
+
 class ProtocolError(RuntimeError):
     """A message that cannot happen under the protocol: a bug, never bad input."""
 
@@ -168,7 +174,8 @@ class Policy:
     has_drafter: bool = True
     reuse_cache: bool = False  # keep KV caches across prompts and reuse shared prefixes
 
-    epoch: int = 0
+    epoch: int = 0  # start above any epoch a server or the drafter has seen
+    next_task_id: int = 0  # likewise for task ids
     counters: Counters = field(default_factory=Counters)
     output: list[int] = field(default_factory=list)
     finished: bool = True
@@ -183,7 +190,6 @@ class Policy:
         self._servers = {s: _ServerState() for s in self.servers}
         self._tasks: dict[int, _Task] = {}
         self._queue: deque[_Task] = deque()
-        self._next_task = 0
 
     # ----------------------------------------------------------------- events in
 
@@ -284,15 +290,15 @@ class Policy:
     # ----------------------------------------------------------------- internals
 
     def _new_task(self, length: int, first_position: int) -> _Task:
-        task = _Task(self._next_task, self.epoch, length, first_position)
-        self._next_task += 1
+        task = _Task(self.next_task_id, self.epoch, length, first_position)
+        self.next_task_id += 1
         self._covered_end = max(self._covered_end, length)
         return task
 
     def _send(self, task: _Task) -> SendTask:
         assert task.server is not None
         state = self._servers[task.server]
-        task.context = tuple(self._proposed[: task.length])
+        task.context = task.context or tuple(self._proposed[: task.length])
         task.keep = min(common_prefix(state.tokens, task.context), task.first_position - 1)
         state.task_id = task.task_id
         self._tasks[task.task_id] = task
@@ -357,7 +363,8 @@ class Policy:
                 task.length = length
                 self._covered_end = max(self._covered_end, length)
             # The free server whose cache shares the longest prefix has the least to recompute.
-            best = max(free, key=lambda s: common_prefix(self._servers[s].tokens, self._proposed[: task.length]))
+            task.context = tuple(self._proposed[: task.length])
+            best = max(free, key=lambda s: common_prefix(self._servers[s].tokens, task.context))
             free.remove(best)
             task.server = best
             actions.append(self._send(task))

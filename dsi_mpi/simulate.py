@@ -19,13 +19,13 @@ import heapq
 import math
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dsi_mpi.backends.base import ContextRunner, StepOutput
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.metrics import Counters
-from dsi_mpi.policy import Action, CancelTask, DrafterState, Policy, SendTask
+from dsi_mpi.policy import Action, CancelTask, DrafterState, Policy, SendTask, default_run_ahead
 from dsi_mpi.verify import SamplingParams
 
 GREEDY = SamplingParams()
@@ -108,8 +108,8 @@ class _Simulation:
         target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
         servers = list(range(sp if mode == "dsi" else 1))
-        if mode == "si" or run_ahead is None:  # the runtime's defaults (RunConfig.run_ahead)
-            run_ahead = lookahead if mode == "si" else lookahead * (len(servers) + 1)
+        if mode == "si" or run_ahead is None:
+            run_ahead = default_run_ahead(mode, lookahead, len(servers))
         self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, has_drafter=mode != "nonsi")
         self.lat = lat
         self.now = 0.0
@@ -191,11 +191,8 @@ class _Simulation:
             elif isinstance(action, CancelTask):
                 running = self._running.get(action.server)
                 if running is not None and running[0].task_id == action.task_id:
-                    task = running[0]
                     del self._running[action.server]
-                    runner = self.servers[action.server]
-                    runner.backend.crop(task.keep)
-                    runner.tokens = runner.tokens[: task.keep]
+                    self.servers[action.server].crop(running[0].keep)  # abandoned at once
                     self._pending.append(("cancelled", (action.server, action.task_id)))
             elif self._d_busy:
                 self._d_inbox.append(action)
@@ -204,12 +201,9 @@ class _Simulation:
                 self._drafter_maybe_start()
 
     def _start_task(self, task: SendTask) -> None:
-        runner = self.servers[task.server]
-        context = runner.tokens[: task.keep] + list(task.tokens)
-        runner.backend.crop(task.keep)
-        runner.tokens = runner.tokens[: task.keep]
         cost = self.lat.target_ttft if task.keep == 0 else self.lat.target_tpot_ms
-        out = runner.run(context, GREEDY, num_outputs=len(context) - task.first_position + 1, keep=task.keep)
+        out = self.servers[task.server].extend(task.keep, task.tokens, GREEDY,
+                                               num_outputs=task.keep + len(task.tokens) - task.first_position + 1)
         self._outputs[task.server] = out
         self._version += 1
         self._running[task.server] = (task, self._version)
@@ -255,6 +249,11 @@ def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: i
     for r in range(repeats):
         summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r, run_ahead=run_ahead))
     return summary
+
+
+def dsi_lookaheads(lat: Latencies, sp: int, sweep: Iterable[int]) -> set[int]:
+    """A sweep of DSI lookaheads, with Eq. 1's for ``sp`` servers added."""
+    return set(sweep) | {min_lookahead(lat, sp)}
 
 
 def min_lookahead(lat: Latencies, sp: int) -> int:

@@ -50,12 +50,10 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams)
         current, keep, first = msg.ident, msg.f0, msg.f1
         if len(runner.tokens) < keep:
             raise ProtocolError(f"task {current}: keep {keep} but the cache holds {len(runner.tokens)}")
-        context = runner.tokens[:keep] + msg.tokens.tolist()
-        backend.crop(keep)
-        runner.tokens = runner.tokens[:keep]
+        tokens = msg.tokens.tolist()
         try:
-            out = runner.run(context, replace(params, seed=msg.f3), num_outputs=len(context) - first + 1,
-                             want_probs=bool(msg.f2), should_cancel=should_cancel, keep=keep)
+            out = runner.extend(keep, tokens, replace(params, seed=msg.f3), num_outputs=keep + len(tokens) - first + 1,
+                                want_probs=bool(msg.f2), should_cancel=should_cancel)
         except Cancelled:
             transport.send(COORDINATOR, Tag.CANCELLED, msg.epoch, current)
             continue

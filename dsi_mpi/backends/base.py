@@ -80,7 +80,8 @@ class ContextRunner:
 
     ``run(context)`` keeps the longest cached prefix that agrees with ``context`` (at most
     ``len(context) - 1`` positions, since the last position must be fed to get its logits),
-    crops the rest and feeds only the missing tokens.
+    crops the rest and feeds only the missing tokens; ``extend(keep, tokens)`` does what a
+    coordinator that tracks the cache asks for.
     """
 
     def __init__(self, backend: Backend) -> None:
@@ -91,6 +92,31 @@ class ContextRunner:
         self.backend.reset()
         self.tokens = []
 
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` cached positions."""
+        self.backend.crop(length)
+        del self.tokens[length:]
+
+    def extend(
+        self,
+        keep: int,
+        tokens: Sequence[int],
+        params: SamplingParams,
+        num_outputs: int = 1,
+        want_probs: bool = False,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> StepOutput:
+        """Keep the first ``keep`` cached positions, append ``tokens``, and return the outputs
+        for the last ``num_outputs`` positions. If the forward is cancelled, the cache holds
+        the kept prefix (what a coordinator that tracks this cache then assumes)."""
+        if len(self.tokens) < keep:
+            raise ValueError(f"asked to keep {keep} positions, but the cache holds {len(self.tokens)}")
+        self.crop(keep)
+        out = self.backend.forward(tokens, params, num_outputs=num_outputs, want_probs=want_probs,
+                                   should_cancel=should_cancel)
+        self.tokens.extend(int(t) for t in tokens)
+        return out
+
     def run(
         self,
         context: Sequence[int],
@@ -98,18 +124,8 @@ class ContextRunner:
         num_outputs: int = 1,
         want_probs: bool = False,
         should_cancel: Callable[[], bool] | None = None,
-        keep: int | None = None,
     ) -> StepOutput:
-        """Outputs for the last ``num_outputs`` positions up to ``len(context)``.
-
-        ``keep`` caps the reused prefix (a coordinator that knows better says so).
-        """
-        limit = min(common_prefix(self.tokens, context), len(context) - 1, len(context) - num_outputs)
-        keep = limit if keep is None else min(keep, limit)
-        self.backend.crop(keep)
-        self.tokens = list(context[:keep])
-        out = self.backend.forward(
-            context[keep:], params, num_outputs=num_outputs, want_probs=want_probs, should_cancel=should_cancel
-        )
-        self.tokens = list(context)
-        return out
+        """Outputs for the last ``num_outputs`` positions up to ``len(context)``, reusing the
+        longest cached prefix that agrees with ``context``."""
+        keep = min(common_prefix(self.tokens, context), len(context) - 1, len(context) - num_outputs)
+        return self.extend(keep, context[keep:], params, num_outputs, want_probs, should_cancel)

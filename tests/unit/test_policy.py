@@ -21,6 +21,7 @@ from dsi_mpi.policy import (
     RollbackDrafter,
     SendTask,
     StartDrafter,
+    default_run_ahead,
 )
 from dsi_mpi.reference import generate_nonsi
 from dsi_mpi.verify import SamplingParams
@@ -73,21 +74,16 @@ class _RandomDriver:
             return  # a cancel for a task already answered: ignored, as the real server does
         runner = self.servers[s]
         assert len(runner.tokens) >= msg.keep, "the coordinator overestimated a server's cache"
-        context = runner.tokens[: msg.keep] + list(msg.tokens)
-        runner.backend.crop(msg.keep)
-        runner.tokens = runner.tokens[: msg.keep]
+        outputs = msg.keep + len(msg.tokens) - msg.first_position + 1
         # A cancel already queued behind this request may abandon it (the between-layer check).
         cancel_waiting = any(isinstance(m, CancelTask) and m.task_id == msg.task_id for m in self.to_server[s])
         if cancel_waiting and self.rng.random() < 0.7:
-            try:
-                runner.run(context, self.params, num_outputs=len(context) - msg.first_position + 1,
-                           should_cancel=lambda: True)
-            except Cancelled:
-                pass
-            assert runner.backend.cached_length() == msg.keep
+            with pytest.raises(Cancelled):
+                runner.extend(msg.keep, msg.tokens, self.params, num_outputs=outputs, should_cancel=lambda: True)
+            assert runner.backend.cached_length() == len(runner.tokens) == msg.keep
             self.from_server[s].append(("cancelled", msg.task_id))
             return
-        out = runner.run(context, self.params, num_outputs=len(context) - msg.first_position + 1, keep=msg.keep)
+        out = runner.extend(msg.keep, msg.tokens, self.params, num_outputs=outputs)
         self.from_server[s].append(("result", msg, out))
 
     def _reply(self, s: int) -> None:
@@ -122,8 +118,8 @@ def _emulated(acceptance: float | None = None) -> Backend:
 def _policy(mode: str, sp: int, lookahead: int, max_new: int, eos: frozenset[int] = frozenset(),
             reuse_cache: bool = True) -> Policy:
     servers = list(range(sp))
-    run_ahead = lookahead if mode == "si" else lookahead * (sp + 1)
-    return Policy(mode, servers, lookahead, run_ahead, max_new, eos, has_drafter=mode != "nonsi",
+    return Policy(mode, servers, lookahead, default_run_ahead(mode, lookahead, sp), max_new, eos,
+                  has_drafter=mode != "nonsi",
                   reuse_cache=reuse_cache)
 
 
