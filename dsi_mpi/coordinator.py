@@ -52,7 +52,7 @@ class Coordinator:
             mode=config.mode, servers=list(servers), lookahead=config.lookahead,
             run_ahead=config.run_ahead(len(servers)), max_new_tokens=config.max_new_tokens,
             eos_ids=self.eos_ids, verify=config.verify, seed=config.sampling.seed,
-            has_drafter=config.uses_drafter, reuse_cache=config.reuse_cache,
+            reuse_cache=config.reuse_cache,
             # Epochs and task ids keep growing across policies, so no stale message is ever
             # mistaken for a current one by a server or the drafter.
             epoch=self._epoch, next_task_id=self._next_task,

@@ -171,7 +171,6 @@ class Policy:
     eos_ids: frozenset[int] = frozenset()
     verify: str = "exact"
     seed: int = 0
-    has_drafter: bool = True
     reuse_cache: bool = False  # keep KV caches across prompts and reuse shared prefixes
 
     epoch: int = 0  # start above any epoch a server or the drafter has seen
@@ -183,8 +182,6 @@ class Policy:
     def __post_init__(self) -> None:
         if self.mode not in ("dsi", "si", "nonsi"):
             raise ValueError(f"unknown mode {self.mode!r}")
-        if self.mode != "nonsi" and not self.has_drafter:
-            raise ValueError(f"mode {self.mode} needs a drafter")
         if self.mode != "dsi" and len(self.servers) != 1:
             raise ValueError(f"mode {self.mode} uses exactly one target server")
         self._servers = {s: _ServerState() for s in self.servers}
@@ -219,7 +216,7 @@ class Policy:
         self._drafter_eos = False
         self._limit = self._n + self.run_ahead
         actions: list[Action] = []
-        if self.has_drafter and self.mode != "nonsi":
+        if self.uses_drafter:
             # Drafting position last_position is wasted work: the target's token there is
             # committed whatever the draft says.
             actions.append(StartDrafter(self.epoch, tuple(prompt), self._limit, self._last_position - 1,
@@ -278,6 +275,11 @@ class Policy:
     # ----------------------------------------------------------------- state
 
     @property
+    def uses_drafter(self) -> bool:
+        """Every mode but non-SI has a drafter."""
+        return self.mode != "nonsi"
+
+    @property
     def idle(self) -> bool:
         """No request is outstanding on any server."""
         return not self._tasks
@@ -315,7 +317,7 @@ class Policy:
 
     def _drafter_stopped(self) -> bool:
         """The drafter will propose nothing more in this epoch without a message from us."""
-        if not self.has_drafter or self.mode == "nonsi":
+        if not self.uses_drafter:
             return True
         return self._drafter_eos or len(self._proposed) >= self._last_position
 
@@ -413,7 +415,7 @@ class Policy:
                 limit_before = self._limit  # the rollback carries the new limit
         if self.finished:
             actions += self._finish()
-        elif self.mode == "dsi" and self.has_drafter:
+        elif self.mode == "dsi":
             # Accepted drafts let the drafter run further ahead (at most one message a result).
             self._limit = max(self._limit, self._n + self.run_ahead)
             if self._limit > limit_before:
@@ -450,13 +452,13 @@ class Policy:
         self._covered_end = self._n - 1
         self._drafter_eos = False
         self._limit = self._n + self.run_ahead
-        if self.has_drafter and self.mode != "nonsi":
+        if self.uses_drafter:
             actions.append(RollbackDrafter(self.epoch, j, (int(token),), self._limit))
         return actions
 
     def _finish(self) -> list[Action]:
         self.epoch += 1
         actions = self._cancel_outstanding()
-        if self.has_drafter and self.mode != "nonsi":
+        if self.uses_drafter:
             actions.append(StopDrafter(self.epoch))
         return actions

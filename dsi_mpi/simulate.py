@@ -110,7 +110,7 @@ class _Simulation:
         servers = list(range(sp if mode == "dsi" else 1))
         if mode == "si" or run_ahead is None:
             run_ahead = default_run_ahead(mode, lookahead, len(servers))
-        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, has_drafter=mode != "nonsi")
+        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens)
         self.lat = lat
         self.now = 0.0
         self._events: list[tuple[float, int, str, tuple]] = []

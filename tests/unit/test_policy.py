@@ -119,7 +119,6 @@ def _policy(mode: str, sp: int, lookahead: int, max_new: int, eos: frozenset[int
             reuse_cache: bool = True) -> Policy:
     servers = list(range(sp))
     return Policy(mode, servers, lookahead, default_run_ahead(mode, lookahead, sp), max_new, eos,
-                  has_drafter=mode != "nonsi",
                   reuse_cache=reuse_cache)
 
 
