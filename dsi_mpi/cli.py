@@ -10,6 +10,7 @@ failing rank's message and abort the whole job with exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -153,6 +154,12 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=50)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--message-latency-ms", type=float, default=0.0,
+                   help="one-way time of every message (default 0: the ideal; bench/roundtrip.py measures it)")
+    p.add_argument("--cancel-check-ms", type=float, default=0.0,
+                   help="a target notices a CANCEL only at checks this far apart (0: at once)")
+    p.add_argument("--poll-misses", type=int, default=0,
+                   help="polls of a busy rank that miss a message already delivered (0 with this transport)")
 
     p = sub.add_parser("plan", help="recommended lookahead and SP for a target/drafter pair")
     _add_latency_flags(p, drafter_required=True)
@@ -193,24 +200,33 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def simulate_command(args: argparse.Namespace) -> int:
     from dsi_mpi.plan import DEFAULT_LOOKAHEADS, best
-    from dsi_mpi.simulate import dsi_lookaheads, simulate
+    from dsi_mpi.simulate import MessageModel, dsi_lookaheads, simulate
 
     _positive(args, "sp", "tokens", "repeats")
     lat = _latencies(args, need_drafter=args.mode != "nonsi")
+    try:
+        messages = MessageModel(args.message_latency_ms, args.cancel_check_ms, args.poll_misses)
+    except ValueError:
+        raise ConfigError("--message-latency-ms, --cancel-check-ms and --poll-misses must be >= 0") from None
     acceptance = args.acceptance if args.acceptance is not None else 0.0
     if args.mode == "nonsi":
-        summary = simulate("nonsi", lat, acceptance, 1, 1, args.tokens, args.repeats, args.seed)
+        summary = simulate("nonsi", lat, acceptance, 1, 1, args.tokens, args.repeats, args.seed, messages=messages)
     elif args.lookahead == "auto":
         sweep = dsi_lookaheads(lat, args.sp, DEFAULT_LOOKAHEADS) if args.mode == "dsi" else DEFAULT_LOOKAHEADS
-        summary = best(args.mode, lat, acceptance, sweep, args.sp, args.tokens, args.repeats, args.seed)
+        summary = best(args.mode, lat, acceptance, sweep, args.sp, args.tokens, args.repeats, args.seed,
+                       messages=messages)
     else:
         try:
             lookahead = int(args.lookahead)
         except ValueError:
             raise ConfigError(f"--lookahead must be an integer or auto, got {args.lookahead!r}") from None
         _positive(argparse.Namespace(lookahead=lookahead), "lookahead")
-        summary = simulate(args.mode, lat, acceptance, lookahead, args.sp, args.tokens, args.repeats, args.seed)
-    print(json.dumps(summary.as_dict()))
+        summary = simulate(args.mode, lat, acceptance, lookahead, args.sp, args.tokens, args.repeats, args.seed,
+                           messages=messages)
+    out = summary.as_dict()
+    if not messages.ideal:
+        out["messages"] = dataclasses.asdict(messages)
+    print(json.dumps(out))
     return 0
 
 

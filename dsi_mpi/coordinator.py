@@ -97,7 +97,7 @@ class Coordinator:
             elif isinstance(a, RollbackDrafter):
                 send(drafter, Tag.ROLLBACK, a.epoch, 0, a.keep, a.limit, tokens=a.forced)
             elif isinstance(a, AdvanceDrafter):
-                send(drafter, Tag.ADVANCE, a.epoch, 0, a.limit)
+                send(drafter, Tag.ADVANCE, a.epoch, 0, a.limit, a.start, tokens=a.tokens)
             elif isinstance(a, StopDrafter):
                 send(drafter, Tag.STOP, a.epoch)
 

@@ -5,7 +5,8 @@ Messages (rank 0 is the coordinator)::
     coordinator -> START(epoch, limit, max_position, flags, seed, prompt)
     drafter     -> DRAFT(epoch, position, has_probs, [token]) [PROBS]   one per token
     coordinator -> ROLLBACK(epoch, keep, limit, forced)   keep a prefix, append the target's tokens
-                 | ADVANCE(epoch, limit)                   the committed prefix grew: draft further
+                 | ADVANCE(epoch, limit, start, tokens)    the committed prefix grew: draft further;
+                                                           tokens: committed without a draft
                  | STOP(epoch)                             the prompt is done
                  | SHUTDOWN ;  drafter -> BYE
 
@@ -44,7 +45,7 @@ def _action(msg: Message) -> DrafterAction:
     if msg.kind == Tag.ROLLBACK:
         return RollbackDrafter(msg.epoch, msg.f0, tuple(msg.tokens.tolist()), msg.f1)
     if msg.kind == Tag.ADVANCE:
-        return AdvanceDrafter(msg.epoch, msg.f0)
+        return AdvanceDrafter(msg.epoch, msg.f0, msg.f1, tuple(msg.tokens.tolist()))
     if msg.kind == Tag.STOP:
         return StopDrafter(msg.epoch)
     raise ProtocolError(f"drafter got unexpected {msg.kind.name}")

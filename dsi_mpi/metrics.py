@@ -17,6 +17,7 @@ class Counters:
     forced: int = 0  # target tokens committed with no draft to verify
     target_forwards: int = 0  # verification forwards that ran to completion
     drafter_forwards: int = 0
+    drafts_late: int = 0  # drafts that arrived for a position already committed without them
     verifications_sent: int = 0  # tasks sent to target servers (runtime and simulator)
     verifications_cancelled: int = 0  # tasks preempted by a cancel message
     verifications_aborted: int = 0  # of those, forwards the server actually abandoned

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dsi_mpi.simulate import (
+    IDEAL,
     Latencies,
+    MessageModel,
     SimSummary,
     dsi_lookaheads,
     min_lookahead,
@@ -48,9 +50,10 @@ class Plan:
 
 
 def best(mode: str, lat: Latencies, acceptance: float, lookaheads: Iterable[int], sp: int, tokens: int,
-         repeats: int, seed: int) -> SimSummary:
+         repeats: int, seed: int, messages: MessageModel = IDEAL) -> SimSummary:
     """The lookahead with the lowest mean latency (the smallest on ties)."""
-    runs = [simulate(mode, lat, acceptance, k, sp, tokens, repeats, seed) for k in sorted(set(lookaheads))]
+    runs = [simulate(mode, lat, acceptance, k, sp, tokens, repeats, seed, messages=messages)
+            for k in sorted(set(lookaheads))]
     return min(runs, key=lambda s: (round(s.mean_ms, 9), s.lookahead))
 
 

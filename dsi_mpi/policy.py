@@ -9,13 +9,23 @@ with scripted events. One class serves the three modes:
   ``lookahead`` new drafts; whenever the next position to commit is covered by no task, a task
   with all available drafts (possibly none: the non-SI step) goes out at once, so a free
   target server never idles on it. A rejection bumps the epoch, cancels every outstanding
-  task and rolls the drafter back.
+  task built on the rejected draft and rolls the drafter back.
 - ``si``: the drafter drafts ``lookahead`` tokens and waits; one task verifies them; the
   verdict rolls the drafter back. Drafting and verifying never overlap.
 - ``nonsi``: no drafter; one zero-draft task per token.
 
 Positions are absolute indices into the sequence (prompt + output). A task whose context is
 the first ``L`` tokens returns the target's token for positions ``first_position .. L``.
+
+A target token committed where the coordinator holds no draft (a *forced* commit: the non-SI
+step, SI's bonus token, a position the drafter had not reached) disturbs nothing: no task can
+depend on a draft that does not exist, and the drafter, which may be drafting that very
+position, is only told the token (``AdvanceDrafter.tokens``). If its draft turns out to differ,
+the coordinator sees that draft arrive for a committed position and only then rolls the drafter
+back. Rolling the drafter back at every forced commit, as this policy once did, throws away the
+drafter's forward in flight each time: a drafter slower than about half the target then never
+regains its lead and DSI collapses into non-SI (issue 8; ``restart_on_forced`` keeps that
+behaviour for the simulator's fidelity test).
 """
 
 from __future__ import annotations
@@ -83,6 +93,8 @@ class RollbackDrafter:
 class AdvanceDrafter:
     epoch: int
     limit: int
+    start: int = 0  # tokens[0] is the committed token at this position
+    tokens: tuple[int, ...] = ()  # target tokens committed where the coordinator had no draft
 
 
 @dataclass(frozen=True)
@@ -112,25 +124,44 @@ class DrafterState:
         self.reset_cache = False  # the next forward starts from an empty cache
         self.active = False
         self.eos = False
+        self.diverged = False  # a committed token differs from our draft: a rollback is coming
 
     def apply(self, action: DrafterAction) -> None:
         if isinstance(action, StartDrafter):
             self.seq = list(action.prompt)
             self.limit, self.max_position, self.seed = action.limit, action.max_position, action.seed
             self.want_probs, self.reset_cache = action.want_probs, action.reset_cache
-            self.active, self.eos = True, False
+            self.active, self.eos, self.diverged = True, False, False
         elif isinstance(action, RollbackDrafter):
             if len(self.seq) < action.keep:
                 raise ProtocolError(f"rollback to {action.keep} but the drafter holds {len(self.seq)} tokens")
             self.seq = self.seq[: action.keep] + list(action.forced)
-            self.limit, self.eos = action.limit, False
+            self.limit, self.eos, self.diverged = action.limit, False, False
         elif isinstance(action, AdvanceDrafter):
             self.limit = max(self.limit, action.limit)
+            self._learn(action.start, action.tokens)
         elif isinstance(action, StopDrafter):
             self.active = False
         else:
             raise ProtocolError(f"not a drafter action: {action!r}")
         self.epoch = action.epoch
+
+    def _learn(self, start: int, tokens: Sequence[int]) -> None:
+        """Committed target tokens for positions ``start ..``: skip drafting the ones not yet
+        drafted, if the drafts we hold agree with the rest. If one disagrees, our later drafts
+        build on a wrong token; the coordinator sees that draft and rolls us back, and until
+        then nothing more is appended."""
+        if not tokens or self.diverged:
+            return
+        if len(self.seq) < start:
+            raise ProtocolError(f"committed tokens from position {start}, but the drafter holds {len(self.seq)}")
+        overlap = min(len(self.seq) - start, len(tokens))
+        if self.seq[start: start + overlap] != list(tokens[:overlap]):
+            self.diverged = True
+            return
+        if overlap < len(tokens):
+            self.seq.extend(int(t) for t in tokens[overlap:])
+            self.eos = False  # the last token is a committed one, never EOS (that ends the prompt)
 
     def can_draft(self) -> bool:
         n = len(self.seq)
@@ -154,6 +185,10 @@ class _Task:
     keep: int = 0
     cancelled: bool = False  # a cancel was sent; the reply is still to come
 
+    @property
+    def num_outputs(self) -> int:
+        return self.length - self.first_position + 1
+
 
 @dataclass
 class _ServerState:
@@ -172,6 +207,9 @@ class Policy:
     verify: str = "exact"
     seed: int = 0
     reuse_cache: bool = False  # keep KV caches across prompts and reuse shared prefixes
+    # The behaviour before issue 8: roll the drafter back at every forced commit. Only for the
+    # simulator test and benchmark that show why it collapses with slow drafters.
+    restart_on_forced: bool = False
 
     epoch: int = 0  # start above any epoch a server or the drafter has seen
     next_task_id: int = 0  # likewise for task ids
@@ -238,6 +276,13 @@ class Policy:
         self.counters.drafter_forwards += 1
         if epoch != self.epoch or self.finished:
             return []  # built on a prefix that was rolled back, or the prompt is done
+        if position < self._n:
+            # A late draft for a position committed without it (a forced commit): right, and the
+            # drafter's later drafts stand; wrong, and they build on a token that is not ours.
+            self.counters.drafts_late += 1
+            if int(token) == self._proposed[position]:
+                return []
+            return self._restart(position, committed=True) + self._dispatch()
         if position != len(self._proposed):
             raise ProtocolError(f"draft for position {position}, expected {len(self._proposed)}")
         self._proposed.append(int(token))
@@ -257,11 +302,14 @@ class Policy:
             raise ProtocolError(f"task {task_id}: result for positions {first_position}+{len(tokens)}, "
                                 f"asked {task.first_position}..{task.length}")
         actions: list[Action] = []
-        if epoch == self.epoch and task.epoch == self.epoch and not self.finished:
+        # ``task.epoch`` and not the message's: a restart keeps (and re-stamps) the tasks whose
+        # context is all committed, so the zero-draft task in flight still counts.
+        if task.epoch == self.epoch and not self.finished:
             for i, token in enumerate(tokens):
-                self._target.setdefault(first_position + i, int(token))
-                if probs is not None:
-                    self._p.setdefault(first_position + i, probs[i])
+                if first_position + i >= self._n:
+                    self._target.setdefault(first_position + i, int(token))
+                    if probs is not None:
+                        self._p.setdefault(first_position + i, probs[i])
             actions += self._verify_in_order()
         return actions + self._dispatch()
 
@@ -392,34 +440,47 @@ class Policy:
         """Consume target tokens position by position, from the first uncommitted one."""
         actions: list[Action] = []
         limit_before = self._limit
+        learned: int | None = None  # first position committed here without a draft
         while not self.finished and self._n in self._target:
             j = self._n
             accepted, token = self._target_choice(j)
             if accepted:
                 self.counters.accepted += 1
-                self._n += 1
-                self._commit(token)
-                continue
-            # A rejection, or a position the drafter had not reached: commit the target's
-            # token and restart from the next position with a new epoch.
-            if accepted is None:
+            elif accepted is None and not self.restart_on_forced:
+                # No draft here, so no task depends on one: commit and go on. The zero-draft
+                # task for the next position goes out in _dispatch, as at a restart.
                 self.counters.forced += 1
+                self._proposed.append(token)
+                self._drafter_eos = False  # no draft of ours lies beyond j
+                learned = j if learned is None else learned
             else:
-                self.counters.rejected += 1
-            del self._proposed[j:]
-            self._proposed.append(token)
-            self._n = j + 1
+                # A rejection: commit the target's token and restart from the next position
+                # with a new epoch.
+                if accepted is None:
+                    self.counters.forced += 1
+                else:
+                    self.counters.rejected += 1
+                del self._proposed[j:]
+                self._proposed.append(token)
+                self._n = j + 1
+                self._commit(token)
+                if not self.finished:
+                    actions += self._restart(j)
+                    limit_before = self._limit  # the rollback carries the new limit
+                    learned = None  # ... and the committed tokens
+                continue
+            self._n += 1
             self._commit(token)
-            if not self.finished:
-                actions += self._restart(j, token)
-                limit_before = self._limit  # the rollback carries the new limit
         if self.finished:
-            actions += self._finish()
-        elif self.mode == "dsi":
-            # Accepted drafts let the drafter run further ahead (at most one message a result).
+            return actions + self._finish()
+        if self.uses_drafter:
+            # Committed tokens let the drafter run further ahead (at most one message a result);
+            # tokens it had no draft for ride along, so it need not draft them.
             self._limit = max(self._limit, self._n + self.run_ahead)
-            if self._limit > limit_before:
-                actions.append(AdvanceDrafter(self.epoch, self._limit))
+            if self._limit > limit_before or learned is not None:
+                start = self._n if learned is None else learned
+                actions.append(AdvanceDrafter(self.epoch, self._limit, start,
+                                              tuple(self._proposed[start:self._n])))
         return actions
 
     def _commit(self, token: int) -> None:
@@ -427,38 +488,48 @@ class Policy:
         if int(token) in self.eos_ids or len(self.output) >= self.max_new_tokens:
             self.finished = True
 
-    def _cancel_outstanding(self, committed_upto: int | None = None) -> list[Action]:
+    def _cancel_outstanding(self, keep_committed: bool = False) -> list[Action]:
         """Cancel every outstanding task, except (at a restart) tasks whose whole context is
-        committed: their results are no longer needed, but the forward in flight leaves the
-        server's cache holding committed tokens (the parallel prompt prefills, typically), so
-        letting it finish spares that server a second prefill."""
+        committed: they stay valid (their epoch is renewed), and letting the forward in flight
+        finish spares that server a second prefill (the parallel prompt prefills, typically)
+        and keeps a zero-draft task that verifies the next position."""
         self._queue.clear()
         actions: list[Action] = []
+        committed = self._proposed[: self._n]
         for task in self._tasks.values():
-            if committed_upto is not None and task.length <= committed_upto:
+            if task.cancelled:
                 continue
-            if not task.cancelled:
-                task.cancelled = True
-                actions.append(CancelTask(task.server, task.task_id, task.epoch))
-                self.counters.verifications_cancelled += 1
+            if keep_committed and task.length <= self._n and list(task.context) == committed[: task.length]:
+                task.epoch = self.epoch
+                self._covered_end = max(self._covered_end, task.length)
+                continue
+            task.cancelled = True
+            actions.append(CancelTask(task.server, task.task_id, task.epoch))
+            self.counters.verifications_cancelled += 1
         return actions
 
-    def _restart(self, j: int, token: int) -> list[Action]:
+    def _restart(self, j: int, committed: bool = False) -> list[Action]:
+        """A new epoch from the committed prefix: the drafter's token at ``j`` was wrong.
+
+        ``committed``: position ``j`` had been committed before the drafter's draft for it
+        arrived (a late draft); the drafter is told every committed token from ``j`` on."""
         self.epoch += 1
-        actions = self._cancel_outstanding(committed_upto=j)
+        del self._proposed[self._n:]  # drafts of the old epoch (none after a late draft)
+        self._covered_end = self._n - 1
+        actions = self._cancel_outstanding(keep_committed=True)
         self._target.clear()
         self._p.clear()
         self._q.clear()
-        self._covered_end = self._n - 1
         self._drafter_eos = False
         self._limit = self._n + self.run_ahead
         if self.uses_drafter:
-            actions.append(RollbackDrafter(self.epoch, j, (int(token),), self._limit))
+            forced = self._proposed[j:self._n] if committed else self._proposed[j:j + 1]
+            actions.append(RollbackDrafter(self.epoch, j, tuple(int(t) for t in forced), self._limit))
         return actions
 
     def _finish(self) -> list[Action]:
         self.epoch += 1
-        actions = self._cancel_outstanding()
+        actions = self._cancel_outstanding(keep_committed=False)
         if self.uses_drafter:
             actions.append(StopDrafter(self.epoch))
         return actions

@@ -10,7 +10,8 @@ Coordinator -> target:   VERIFY(epoch, task, keep, first_position, want_probs, s
 Target -> coordinator:   RESULT(epoch, task, first_position, has_probs, tokens) [PROBS]
                          CANCELLED(epoch, task)  ERROR  BYE
 Coordinator -> drafter:  START(epoch, limit, max_position, flags, seed, prompt)
-                         ROLLBACK(epoch, keep, limit, forced tokens)  ADVANCE(epoch, limit)
+                         ROLLBACK(epoch, keep, limit, forced tokens)
+                         ADVANCE(epoch, limit, start, committed tokens)
                          STOP(epoch)  SHUTDOWN
 Drafter -> coordinator:  DRAFT(epoch, position, has_probs, [token]) [PROBS]  ERROR  BYE
 """

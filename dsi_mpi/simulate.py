@@ -1,15 +1,19 @@
-"""Discrete-event simulator: the MPI runtime's policy on a virtual clock with free messages.
+"""Discrete-event simulator: the MPI runtime's policy on a virtual clock.
 
 It drives the very same :class:`~dsi_mpi.policy.Policy` as the coordinator, with emulated
 models (the synthetic language of ``backends/emulated.py``, acceptance i.i.d. per token) whose
-forwards take TTFT on an empty cache and TPOT otherwise. Messages cost nothing and a cancelled
-forward stops at once, so the result is the *ideal* time of the policy: the yardstick for the
-runtime's overhead, and what the planner and the heatmaps use.
+forwards take TTFT on an empty cache and TPOT otherwise. By default messages cost nothing and a
+cancelled forward stops at once: the *ideal* time of the policy, the yardstick for the
+runtime's overhead, and what the planner and the heatmaps use. A :class:`MessageModel` makes
+it see what the runtime sees: a delivery time per message, targets that notice a CANCEL only
+at their cancellation checks, and busy ranks whose polls miss messages already delivered.
 
 Model of each role, matching the runtime:
-- drafter: one forward per draft; messages that arrive during a forward apply after it;
-- target server: one forward per task (whatever its number of tokens), abandoned at once
-  when cancelled, its cache cropped back to the task's ``keep``;
+- drafter: one forward per draft; messages that arrive during a forward apply after it (the
+  drafter polls between forwards; an idle drafter applies them at once);
+- target server: one forward per task (whatever its number of tokens); a cancelled forward
+  stops at the first cancellation check after the CANCEL arrives, its cache cropped back to
+  the task's ``keep``;
 - coordinator: reacts instantly.
 """
 
@@ -31,6 +35,29 @@ from dsi_mpi.verify import SamplingParams
 GREEDY = SamplingParams()
 PROMPT = (1, 2, 3, 4)
 MODES = ("dsi", "si", "nonsi")
+
+
+@dataclass(frozen=True)
+class MessageModel:
+    """What messages cost; the default is the ideal: free and instant."""
+
+    latency_ms: float = 0.0  # one-way delivery time of every message
+    cancel_check_ms: float = 0.0  # a target checks for CANCEL this often during a forward (0: always)
+    # Between-forward polls of a busy drafter (and cancellation checks of a target) that miss a
+    # message already delivered: MPICH's Iprobe reported arrived messages only at its 2nd to 5th
+    # call, and the runtime before issue 8 probed once per forward (1 here). 0 since then.
+    poll_misses: int = 0
+
+    def __post_init__(self) -> None:
+        if self.latency_ms < 0 or self.cancel_check_ms < 0 or self.poll_misses < 0:
+            raise ValueError(f"message model values must be >= 0: {self}")
+
+    @property
+    def ideal(self) -> bool:
+        return self == IDEAL
+
+
+IDEAL = MessageModel()
 
 
 @dataclass(frozen=True)
@@ -95,6 +122,8 @@ class SimSummary:
             "tokens": self.tokens,
             "repeats": len(self.runs),
             "observed_acceptance": accepted / verified if verified else 0.0,
+            # committed tokens the target gave where no draft had arrived: near 1, DSI is non-SI
+            "forced_share": sum(r.counters.forced for r in self.runs) / max(1, sum(len(r.tokens) for r in self.runs)),
             "queued_ms": statistics.fmean(r.queued_ms for r in self.runs),
             "queued_after_prefill_ms": statistics.fmean(r.queued_after_prefill_ms for r in self.runs),
         }
@@ -103,21 +132,24 @@ class SimSummary:
 class _Simulation:
     def __init__(self, mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                  tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT,
-                 run_ahead: int | None = None) -> None:
+                 run_ahead: int | None = None, messages: MessageModel = IDEAL,
+                 restart_on_forced: bool = False) -> None:
         self.prompt = tuple(prompt)
         target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
         servers = list(range(sp if mode == "dsi" else 1))
         if mode == "si" or run_ahead is None:
             run_ahead = default_run_ahead(mode, lookahead, len(servers))
-        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens)
+        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, restart_on_forced=restart_on_forced)
         self.lat = lat
+        self.msg = messages
         self.now = 0.0
         self._events: list[tuple[float, int, str, tuple]] = []
         self._seq = 0
-        self._pending: deque[tuple[str, tuple]] = deque()  # replies to deliver at `now`
+        self._pending: deque[tuple[str, tuple]] = deque()  # events to handle at `now`, first
         self.servers = {s: ContextRunner(EmulatedBackend(target, sleep=False)) for s in servers}
-        self._running: dict[int, tuple[SendTask, int]] = {}  # server -> (task, version)
+        # server -> (task, version, start, end): the forward in flight and when it ends
+        self._running: dict[int, tuple[SendTask, int, float, float]] = {}
         self._outputs: dict[int, StepOutput] = {}  # server -> what its running task returns
         self._version = 0
         self.queued_ms = 0.0
@@ -127,9 +159,15 @@ class _Simulation:
         self.drafter = ContextRunner(EmulatedBackend(drafter, sleep=False))
         self._d_busy = False
         self._d_inbox: deque[Action] = deque()
+        self._d_misses = 0  # polls left that miss the messages in the inbox
         self._d = DrafterState()
 
     def _push(self, delay: float, kind: str, payload: tuple) -> None:
+        """An event ``delay`` ms from now; with no delay, before any other event at ``now``
+        (so the ideal simulation handles a reply right after what caused it)."""
+        if delay == 0:
+            self._pending.append((kind, payload))
+            return
         self._seq += 1
         heapq.heappush(self._events, (self.now + delay, self._seq, kind, payload))
 
@@ -163,42 +201,56 @@ class _Simulation:
     # ----------------------------------------------------------------- events
 
     def _deliver(self, kind: str, payload: tuple) -> list[Action]:
-        if kind == "result":
-            server, version = payload
-            running = self._running.get(server)
-            if running is None or running[1] != version:
-                return []  # abandoned by a cancel
-            task, _ = running
-            del self._running[server]
-            out = self._outputs.pop(server)
+        """Handle one event; returns the policy's actions when the coordinator got a message."""
+        if kind == "result":  # at the coordinator
+            server, task, out = payload
             return self.policy.on_result(server, task.task_id, task.epoch, out.first_position, out.tokens.tolist())
         if kind == "cancelled":
             return self.policy.on_cancelled(*payload)
         if kind == "draft":
-            epoch, position, token = payload
-            actions = self.policy.on_draft(epoch, position, token)
+            return self.policy.on_draft(*payload)
+        if kind == "task":  # a VERIFY reaches its server
+            self._start_task(payload[0])
+        elif kind == "done":  # a server's forward ends
+            server, version = payload
+            running = self._running.get(server)
+            if running is not None and running[1] == version:
+                del self._running[server]
+                self._push(self.msg.latency_ms, "result", (server, running[0], self._outputs.pop(server)))
+        elif kind == "cancel":  # a CANCEL reaches its server
+            self._cancel_arrives(*payload)
+        elif kind == "abandon":
+            server, version = payload
+            running = self._running.get(server)
+            if running is not None and running[1] == version:
+                del self._running[server]
+                self.servers[server].crop(running[0].keep)
+                self._push(self.msg.latency_ms, "cancelled", (server, running[0].task_id))
+        elif kind == "drafted":  # the drafter's forward ends
+            self._push(self.msg.latency_ms, "draft", payload)
             self._d_busy = False
-            while self._d_inbox:
-                self._drafter_apply(self._d_inbox.popleft())
-            self._drafter_maybe_start()
-            return actions
-        raise AssertionError(kind)
+            self._drafter_poll()
+        elif kind == "to_drafter":
+            if self._d_busy:
+                if not self._d_inbox:
+                    self._d_misses = self.msg.poll_misses
+                self._d_inbox.append(payload[0])
+            else:
+                self._drafter_apply(payload[0])
+                self._drafter_maybe_start()
+        else:
+            raise AssertionError(kind)
+        return []
 
     def _apply(self, actions: Sequence[Action]) -> None:
+        """The coordinator's messages, each delivered after the message latency."""
         for action in actions:
             if isinstance(action, SendTask):
-                self._start_task(action)
+                self._push(self.msg.latency_ms, "task", (action,))
             elif isinstance(action, CancelTask):
-                running = self._running.get(action.server)
-                if running is not None and running[0].task_id == action.task_id:
-                    del self._running[action.server]
-                    self.servers[action.server].crop(running[0].keep)  # abandoned at once
-                    self._pending.append(("cancelled", (action.server, action.task_id)))
-            elif self._d_busy:
-                self._d_inbox.append(action)
+                self._push(self.msg.latency_ms, "cancel", (action.server, action.task_id))
             else:
-                self._drafter_apply(action)
-                self._drafter_maybe_start()
+                self._push(self.msg.latency_ms, "to_drafter", (action,))
 
     def _start_task(self, task: SendTask) -> None:
         cost = self.lat.target_ttft if task.keep == 0 else self.lat.target_tpot_ms
@@ -206,10 +258,40 @@ class _Simulation:
                                                num_outputs=task.keep + len(task.tokens) - task.first_position + 1)
         self._outputs[task.server] = out
         self._version += 1
-        self._running[task.server] = (task, self._version)
-        self._push(cost, "result", (task.server, self._version))
+        self._running[task.server] = (task, self._version, self.now, self.now + cost)
+        self._seq += 1
+        heapq.heappush(self._events, (self.now + cost, self._seq, "done", (task.server, self._version)))
+
+    def _cancel_arrives(self, server: int, task_id: int) -> None:
+        """A CANCEL for a forward in flight stops it at a cancellation check (the first after
+        its arrival, or a later one when polls miss it); one that finds the forward done, or
+        about to be, is ignored, as the runtime's servers do."""
+        running = self._running.get(server)
+        if running is None or running[0].task_id != task_id:
+            return
+        _, version, start, end = running
+        check = self.msg.cancel_check_ms
+        at = self.now
+        if check > 0:
+            at = start + (math.ceil((self.now - start) / check - 1e-9) + self.msg.poll_misses) * check
+        if at < end:
+            self._seq += 1
+            heapq.heappush(self._events, (at, self._seq, "abandon", (server, version)))
 
     # ----------------------------------------------------------------- drafter
+
+    def _drafter_poll(self) -> None:
+        """Between forwards the drafter polls, applying what has arrived in order; a poll that
+        misses the next message (``poll_misses`` per message) lets it draft on. Each message
+        counts its own misses, from when it is next in line: the runtime polls again right
+        after applying one, and that poll can miss the next as well."""
+        while self._d_inbox:
+            if self._d_misses > 0 and self._d.can_draft():
+                self._d_misses -= 1
+                break
+            self._drafter_apply(self._d_inbox.popleft())
+            self._d_misses = self.msg.poll_misses
+        self._drafter_maybe_start()
 
     def _drafter_apply(self, action: Action) -> None:
         self._d.apply(action)
@@ -224,19 +306,25 @@ class _Simulation:
         token = int(self.drafter.run(self._d.seq, GREEDY).tokens[0])
         position = self._d.drafted(token, frozenset())
         self._d_busy = True
-        self._push(cost, "draft", (self._d.epoch, position, token))
+        self._seq += 1
+        heapq.heappush(self._events, (self.now + cost, self._seq, "drafted", (self._d.epoch, position, token)))
 
 
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
-                  seed: int = 0, prompt: Sequence[int] = PROMPT, run_ahead: int | None = None) -> SimRun:
+                  seed: int = 0, prompt: Sequence[int] = PROMPT, run_ahead: int | None = None,
+                  messages: MessageModel = IDEAL, restart_on_forced: bool = False) -> SimRun:
     """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
     acceptances (the same as an emulated MPI run with that seed and prompt). ``run_ahead``
-    overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime)."""
-    return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt, run_ahead=run_ahead).run()
+    overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime);
+    ``messages`` prices the messages (default: free); ``restart_on_forced`` runs the policy
+    as it was before issue 8."""
+    return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt, run_ahead=run_ahead,
+                       messages=messages, restart_on_forced=restart_on_forced).run()
 
 
 def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
-             repeats: int = 1, seed: int = 0, run_ahead: int | None = None) -> SimSummary:
+             repeats: int = 1, seed: int = 0, run_ahead: int | None = None,
+             messages: MessageModel = IDEAL) -> SimSummary:
     """``repeats`` generations with seeds ``seed .. seed + repeats - 1`` (the same acceptance
     draws for every mode and lookahead: common random numbers make ratios precise)."""
     if mode not in MODES:
@@ -247,7 +335,8 @@ def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: i
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
     summary = SimSummary(mode, lookahead if mode != "nonsi" else 0, sp if mode == "dsi" else 1, tokens)
     for r in range(repeats):
-        summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r, run_ahead=run_ahead))
+        summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r,
+                                          run_ahead=run_ahead, messages=messages))
     return summary
 
 

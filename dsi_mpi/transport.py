@@ -18,6 +18,11 @@ from mpi4py import MPI
 from dsi_mpi.protocol import Message, Tag, decode, encode
 
 IDLE = float("inf")  # a worker waiting for its next request from the coordinator (see wait)
+# An Iprobe that finds nothing may only have advanced MPI's progress engine: MPICH reports a
+# message that arrived long ago at the 2nd to 5th call (measured with the pip MPICH, 2 to 17
+# ranks). A busy rank that probes once between forwards (the drafter, a target checking for
+# CANCEL) would see every message one forward late; so a poll probes up to this many times.
+PROBES = 8
 
 
 class WaitTimeout(TimeoutError):
@@ -72,7 +77,10 @@ class Transport:
     def poll(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Message | None:
         """The next matching message, or None if none has arrived."""
         status = MPI.Status()
-        if not self.comm.Iprobe(source=source, tag=tag, status=status):
+        for _ in range(PROBES):
+            if self.comm.Iprobe(source=source, tag=tag, status=status):
+                break
+        else:
             return None
         src, kind = status.Get_source(), status.Get_tag()
         if kind == Tag.ERROR:

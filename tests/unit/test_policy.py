@@ -15,9 +15,11 @@ import pytest
 from dsi_mpi.backends import load_backend
 from dsi_mpi.backends.base import Backend, Cancelled, ContextRunner
 from dsi_mpi.policy import (
+    AdvanceDrafter,
     CancelTask,
     DrafterState,
     Policy,
+    ProtocolError,
     RollbackDrafter,
     SendTask,
     StartDrafter,
@@ -216,6 +218,84 @@ def test_a_restart_lets_committed_prefills_finish() -> None:
     # Server 11 holds the prompt, so the task sent to it keeps both prompt tokens.
     to_11 = [(a.keep, a.tokens, a.first_position) for a in out if isinstance(a, SendTask) and a.server == 11]
     assert to_11 == [(2, (55, 101, 102), 4)]
+
+
+def test_a_forced_commit_leaves_the_drafter_alone() -> None:
+    """Issue 8's race, step by step: the target's token for position 2 arrives before the
+    drafter's draft for it. The policy once rolled the drafter back here, throwing away the
+    forward in flight each time; a drafter slower than about half the target then never got
+    its lead back. Now the token is committed, the drafter is only told it, and its late draft
+    (right) and the drafts after it are used."""
+    policy = Policy("dsi", [10, 11], lookahead=1, run_ahead=6, max_new_tokens=8)
+    prefill = [a for a in policy.begin([7, 8]) if isinstance(a, SendTask)]
+    epoch = policy.epoch
+    out = policy.on_result(10, prefill[0].task_id, epoch, 2, [100])  # no draft yet: forced
+    assert policy.output == [100] and policy.epoch == epoch
+    assert not [a for a in out if isinstance(a, RollbackDrafter | CancelTask)]
+    advance = [a for a in out if isinstance(a, AdvanceDrafter)]
+    assert [(a.start, a.tokens, a.limit) for a in advance] == [(2, (100,), 9)]
+    zero = [a for a in out if isinstance(a, SendTask)]
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in zero] == [(10, 2, (100,), 3)]
+    assert policy.on_draft(epoch, 2, 100) == []  # late but right: nothing to undo
+    assert policy.counters.drafts_late == 1
+    assert policy.on_result(11, prefill[1].task_id, epoch, 2, [100]) == []  # frees server 11
+    out = policy.on_draft(epoch, 3, 101)  # a draft built on it is used at once
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in out if isinstance(a, SendTask)] == [
+        (11, 2, (100, 101), 4)]
+    out = policy.on_result(10, zero[0].task_id, epoch, 3, [101])  # and accepted
+    assert policy.output == [100, 101] and policy.counters.accepted == 1 and policy.counters.forced == 1
+
+
+def test_a_wrong_late_draft_rolls_the_drafter_back_to_the_committed_tokens() -> None:
+    policy = Policy("dsi", [10, 11], lookahead=1, run_ahead=6, max_new_tokens=8)
+    prefill = [a for a in policy.begin([7, 8]) if isinstance(a, SendTask)]
+    epoch = policy.epoch
+    out = policy.on_result(10, prefill[0].task_id, epoch, 2, [100])  # forced at 2
+    zero = [a for a in out if isinstance(a, SendTask)][0]
+    out = policy.on_result(11, prefill[1].task_id, epoch, 2, [100])  # a duplicate: ignored
+    assert policy.output == [100]
+    out = policy.on_draft(epoch, 2, 55)  # the drafter guessed 55 where 100 is committed
+    assert policy.epoch == epoch + 1
+    assert [(a.keep, a.forced) for a in out if isinstance(a, RollbackDrafter)] == [(2, (100,))]
+    # The zero-draft task for position 3 is built on committed tokens only: it runs on.
+    assert not [a for a in out if isinstance(a, CancelTask | SendTask)]
+    assert policy.on_draft(epoch, 3, 56) == []  # built on 55: stale
+    policy.on_result(10, zero.task_id, epoch, 3, [101])  # still counts
+    assert policy.output == [100, 101]
+    with pytest.raises(ProtocolError):
+        policy.on_draft(policy.epoch, 7, 1)  # positions come in order
+
+
+def test_si_bonus_token_rides_on_the_advance() -> None:
+    """SI: after a fully accepted block the bonus token is sent with the new limit, so the
+    drafter drafts the next block without drafting the bonus position."""
+    policy = Policy("si", [10], lookahead=2, run_ahead=2, max_new_tokens=8)
+    policy.begin([7, 8])
+    epoch = policy.epoch
+    assert policy.on_draft(epoch, 2, 100) == []
+    task = [a for a in policy.on_draft(epoch, 3, 101) if isinstance(a, SendTask)][0]
+    out = policy.on_result(10, task.task_id, epoch, 2, [100, 101, 102])
+    assert policy.output == [100, 101, 102]
+    assert [(a.start, a.tokens, a.limit) for a in out if isinstance(a, AdvanceDrafter)] == [(4, (102,), 7)]
+
+
+def test_drafter_state_learns_committed_tokens() -> None:
+    d = DrafterState()
+    d.apply(StartDrafter(1, (7, 8), limit=10, max_position=20))
+    d.drafted(100, frozenset())
+    d.apply(AdvanceDrafter(1, 10, start=2, tokens=(100, 101)))  # agrees, and one more
+    assert d.seq == [7, 8, 100, 101]
+    d.apply(AdvanceDrafter(1, 12, start=4, tokens=(102,)))  # not drafted yet: skipped
+    assert d.seq == [7, 8, 100, 101, 102] and d.limit == 12
+    d.drafted(50, frozenset())
+    d.apply(AdvanceDrafter(1, 12, start=5, tokens=(103, 104)))  # our draft 50 is wrong
+    assert d.seq == [7, 8, 100, 101, 102, 50] and d.diverged
+    d.apply(AdvanceDrafter(1, 13, start=7, tokens=(105,)))  # ignored until the rollback
+    assert d.seq == [7, 8, 100, 101, 102, 50] and d.limit == 13
+    d.apply(RollbackDrafter(2, 5, (103, 104), limit=14))
+    assert d.seq == [7, 8, 100, 101, 102, 103, 104] and not d.diverged
+    with pytest.raises(ProtocolError):
+        d.apply(AdvanceDrafter(2, 14, start=9, tokens=(1,)))  # a gap: cannot happen
 
 
 def test_common_prefix() -> None:

@@ -14,12 +14,15 @@ from dsi_mpi.reference import generate_nonsi
 from dsi_mpi.simulate import (
     PROMPT,
     Latencies,
+    MessageModel,
     min_lookahead,
     servers_needed,
     simulate,
     simulate_once,
 )
 from dsi_mpi.verify import SamplingParams
+
+IDEAL_MODEL = MessageModel()
 
 LAT = Latencies(target_tpot_ms=20.6, drafter_tpot_ms=6.8, target_ttft_ms=27.8, drafter_ttft_ms=8.1)
 
@@ -133,3 +136,46 @@ def test_more_than_ceil_target_over_drafter_servers_cannot_help() -> None:
         at_cap = simulate("dsi", lat, acceptance, k, cap, 40, 4, run_ahead=200).mean_ms
         beyond = simulate("dsi", lat, acceptance, k, 3 * cap + 2, 40, 4, run_ahead=200).mean_ms
         assert at_cap <= beyond * (1 + 1e-9), (fraction, acceptance, k, cap, at_cap, beyond)
+
+
+# Issue 8's configuration: Phi3-14B / Phi3-4B on HumanEval (the paper's latencies), 9 ranks.
+PHI3 = Latencies(target_tpot_ms=52.1, drafter_tpot_ms=34.0, target_ttft_ms=67.2, drafter_ttft_ms=41.8)
+PHI3_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
+# One-way message time from an MPI ping-pong here (6.6 us a round trip, issue 15); the
+# cancellation check of an emulated target every 0.5 ms; and MPICH's Iprobe, which reported a
+# message already delivered only at its 2nd to 5th call while the runtime before issue 8 probed
+# once between forwards: at least one missed poll per message. tests/mpi measures the ping-pong.
+PING_PONG_MS = 0.0033
+OLD_TRANSPORT = MessageModel(latency_ms=PING_PONG_MS, cancel_check_ms=0.5, poll_misses=1)
+NEW_TRANSPORT = MessageModel(latency_ms=PING_PONG_MS, cancel_check_ms=0.5, poll_misses=0)
+
+
+def forced_share(messages: MessageModel, restart_on_forced: bool, seeds: range = range(5), lat: Latencies = PHI3) -> float:
+    runs = [simulate_once("dsi", lat, 0.95, 1, 7, 50, seed, prompt=PHI3_PROMPT, messages=messages,
+                          restart_on_forced=restart_on_forced) for seed in seeds]
+    return sum(r.counters.forced for r in runs) / sum(len(r.tokens) for r in runs)
+
+
+def test_the_simulator_reproduces_the_slow_drafter_collapse_and_its_fix() -> None:
+    """Measured before the fix: DSI 2.68 s with 46 of 50 tokens forced (non-SI 2.75 s), while
+    the ideal simulator predicted 1.81 s. With the runtime's message costs the simulator sees
+    the collapse of the old policy, and its absence after the fix."""
+    assert forced_share(OLD_TRANSPORT, restart_on_forced=True) > 0.5
+    assert forced_share(IDEAL_MODEL, restart_on_forced=True) < 0.1  # why nothing showed it
+    assert forced_share(OLD_TRANSPORT, restart_on_forced=False) < 0.25  # the policy fix alone
+    assert forced_share(NEW_TRANSPORT, restart_on_forced=False) < 0.1
+    # The message latency alone does not cause it (the missed polls do): 100x the ping-pong.
+    assert forced_share(MessageModel(latency_ms=0.33, cancel_check_ms=0.5), restart_on_forced=False) < 0.1
+
+
+def test_message_costs_slow_the_simulation_down_and_keep_it_exact() -> None:
+    for mode in ("dsi", "si", "nonsi"):
+        ideal = simulate_once(mode, LAT, 0.8, 3, 4, 30, 1)
+        slow = simulate_once(mode, LAT, 0.8, 3, 4, 30, 1, messages=MessageModel(0.5, 0.5, 1))
+        assert slow.tokens == ideal.tokens
+        assert slow.latency_ms > ideal.latency_ms
+    # non-SI: every token waits for one round trip more.
+    slow = simulate("nonsi", LAT, 0.5, 1, 1, 50, messages=MessageModel(latency_ms=0.25)).mean_ms
+    assert slow == pytest.approx(27.8 + 49 * 20.6 + 50 * 0.5)
+    with pytest.raises(ValueError):
+        MessageModel(latency_ms=-1)
