@@ -1,4 +1,4 @@
-"""The HF backend on tiny float64 models loaded through the real loading path."""
+"""The HF backend on tiny float64 models loaded through the real loading path (on ``--device``)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ PROMPT = [5, 17, 42, 8, 99, 3, 250]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str) -> None:
-    backend = load_backend(tiny_suite[arch], dtype="float64")
+def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str, device: str) -> None:
+    backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
     assert backend.model.dtype == torch.float64
     full = backend.forward(PROMPT, GREEDY).tokens.tolist()
     backend.reset()
@@ -32,8 +32,8 @@ def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str],
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str) -> None:
-    backend = load_backend(tiny_suite[arch], dtype="float64")
+def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str, device: str) -> None:
+    backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
     runner = ContextRunner(backend)
     runner.run(PROMPT, GREEDY)
     assert backend.cached_length() == len(PROMPT)
@@ -49,12 +49,12 @@ def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch:
     # Every layer is back at the previous length: the next result equals a fresh model's.
     assert {layer.get_seq_length() for layer in backend.cache.layers} == {len(PROMPT)}
     after = backend.forward([20, 21], GREEDY).tokens.tolist()
-    fresh = load_backend(tiny_suite[arch], dtype="float64")
+    fresh = load_backend(tiny_suite[arch], dtype="float64", device=device)
     assert fresh.forward(PROMPT + [20, 21], GREEDY).tokens[-2:].tolist() == after
 
 
-def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str]) -> None:
-    backend = load_backend(tiny_suite["llama"], dtype="float64")
+def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str], device: str) -> None:
+    backend = load_backend(tiny_suite["llama"], dtype="float64", device=device)
     runner = ContextRunner(backend)
     a = runner.run(PROMPT, GREEDY, num_outputs=2)
     assert (a.first_position, len(a.tokens)) == (len(PROMPT) - 1, 2)
@@ -65,12 +65,12 @@ def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str]) -> None:
     # Five positions agree, three outputs are needed: keep 4, feed only the last three tokens.
     assert fed == [[PROMPT[4], 1, 2]]
     assert backend.cached_length() == 7
-    fresh = load_backend(tiny_suite["llama"], dtype="float64")
+    fresh = load_backend(tiny_suite["llama"], dtype="float64", device=device)
     assert fresh.forward(PROMPT[:5] + [1, 2], GREEDY).tokens[-3:].tolist() == b.tokens.tolist()
 
 
-def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str]) -> None:
-    backend = load_backend(tiny_suite["gpt2"], dtype="float64")
+def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str], device: str) -> None:
+    backend = load_backend(tiny_suite["gpt2"], dtype="float64", device=device)
     params = SamplingParams(temperature=0.8, top_k=20, seed=1)
     out = backend.forward(PROMPT, params, num_outputs=2, want_probs=True)
     assert out.probs.shape == (2, backend.vocab_size)
