@@ -32,3 +32,12 @@ def provenance(ranks: int) -> dict:
         "ranks": ranks,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def device_name(device: str) -> str:
+    """The device a benchmark ran on, in words: the GPU's name, or the CPU and its cores."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

@@ -123,6 +123,7 @@ class LayerGate:
         self._events: list[Event] = []
         self._recorded: list[tuple[int, int] | None] = []  # (forward, layer) each slot holds
         self._forward = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.waits = 0  # pre-hooks that found their event pending (for tests and benchmarks)
 
     @classmethod
@@ -142,8 +143,14 @@ class LayerGate:
     def install(self, layers: Sequence[torch.nn.Module]) -> None:
         """Hook every decoder layer, in the order the forward runs them."""
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(partial(self._pre_hook, index))
-            layer.register_forward_hook(partial(self._post_hook, index))
+            self._handles.append(layer.register_forward_pre_hook(partial(self._pre_hook, index)))
+            self._handles.append(layer.register_forward_hook(partial(self._post_hook, index)))
+
+    def uninstall(self) -> None:
+        """Remove the hooks (to put another gate in this one's place)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def begin(self, should_cancel: Callable[[], bool] | None) -> None:
         """A forward starts; ``should_cancel`` (None: not cancellable, no gating) is polled."""

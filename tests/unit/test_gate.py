@@ -216,6 +216,7 @@ def _fake_gated(path: str, device: str, gpu: FakeGPU, window: int):  # noqa: ANN
 
     backend = load_backend(path, dtype="float64", device=device)
     layers = _decoder_layers(backend.model)
+    backend.gate.uninstall()
     backend.gate = gpu.gate(GateSpec(window=window))
     backend.gate.install(layers)
     for layer in layers:
