@@ -13,12 +13,14 @@
 #   6. mpi-tests   the MPI tests on 5 ranks with --device, in whatever time is left
 #
 #   bash bench/gpu_check.sh [--device cuda|cpu] [--model SPEC] [--prompts N] [--max-new-tokens N]
-#       [--dtypes LIST] [--trials N] [--steps LIST] [--budget SECONDS] [--out DIR] [--no-install]
+#       [--dtypes LIST] [--trials N] [--steps LIST] [--budget SECONDS] [--cap-scale K] [--out DIR]
+#       [--no-install]
 #
 # Every step runs under `timeout` (its own cap, and never past the budget; a step that would
-# get less than 20 s is skipped), a failing step does not stop the others, and the script
-# prints what it did and a summary; it exits 1 if a step failed. Results go to --out (default
-# $OUT, else out/gpu-check): gpu_check.log, summary.json, modes.jsonl, preemption.jsonl.
+# get less than 20 s is skipped; --cap-scale multiplies the caps, for a dry run on a slow CPU),
+# a failing step does not stop the others, and the script prints what it did and a summary;
+# it exits 1 if a step failed. Results go to --out (default $OUT, else out/gpu-check):
+# gpu_check.log, summary.json, modes.jsonl, preemption.jsonl.
 #
 # On a GPU machine without network or MPI, first run bench/gpu_prepare.sh where PyPI is
 # reachable and carry .gpu/ (wheels: mpich, mpi4py, pytest-mpi, gguf; HumanEval prompts as
@@ -31,6 +33,7 @@ PY=${PYTHON:-python3}
 
 DEVICE=cuda MODEL=${DSI_GPU_MODEL:-} PROMPTS=20 MAX_NEW=64 DTYPES=bfloat16,float32 TRIALS=100
 STEPS=env,tests,model,modes,preemption,mpi-tests BUDGET=450 OUTDIR=${OUT:-$REPO/out/gpu-check} INSTALL=1
+CAP_SCALE=1
 while [ $# -gt 0 ]; do
     case $1 in
         --device) DEVICE=$2; shift ;;
@@ -41,9 +44,10 @@ while [ $# -gt 0 ]; do
         --trials) TRIALS=$2; shift ;;
         --steps) STEPS=$2; shift ;;
         --budget) BUDGET=$2; shift ;;
+        --cap-scale) CAP_SCALE=$2; shift ;;
         --out) OUTDIR=$2; shift ;;
         --no-install) INSTALL=0 ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^set /!p;}' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -57,7 +61,7 @@ START=$SECONDS
 # step NAME[:LABEL] CAP COMMAND...: run it under timeout (its cap, within the budget) if NAME is
 # one of --steps; record its exit code and time.
 step() {
-    local name=$1 cap=$2
+    local name=$1 cap=$(($2 * CAP_SCALE))
     shift 2
     case ",$STEPS," in *",${name%%:*},"*) ;; *) return 0 ;; esac
     local left=$((BUDGET - (SECONDS - START)))
