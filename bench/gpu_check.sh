@@ -164,6 +164,11 @@ main() {
     export model_spec
     local folder=
     step model 120 bash -c prepare_model && folder=$(tail -n 1 "$WORK/folder" 2>/dev/null)
+    if [ -z "$folder" ] && [ "$model_spec" != random:smollm2 ]; then
+        echo "gpu_check: $model_spec did not load: random weights of its shape instead"
+        model_spec=random:smollm2
+        step model:random 120 bash -c prepare_model && folder=$(tail -n 1 "$WORK/folder" 2>/dev/null)
+    fi
 
     if [ -n "$folder" ]; then
         if [ -f .gpu/prompts.jsonl ]; then

@@ -199,16 +199,16 @@ def main() -> int:
         expected, gen_times = reference(folder, dtype, args.device, prompts, args.max_new_tokens)
         meta["device"] = device_name(args.device)
         dtype_rows = summarise(dtype, outcome.records, expected, gen_times, meta)
-        for row in dtype_rows:
-            print(json.dumps(row), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as fh:  # dtype by dtype: a run cut short keeps what it finished
+            for row in dtype_rows:
+                fh.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
         rows += dtype_rows
         if dtype == "float64":
             failed += [r["mode"] for r in dtype_rows if r.get("identical", r["prompts"]) != r["prompts"]]
     if rank != 0:
         return 0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"\n{meta['device']}, {describe(args.model)}, drafter: first {args.layers} layers, lookahead "
           f"{args.lookahead}, {len(prompts)} prompts x {args.max_new_tokens} tokens, {size} ranks\n")
     print(table(rows), flush=True)
