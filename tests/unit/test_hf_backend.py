@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from dsi_mpi.backends import Cancelled, load_backend
 from dsi_mpi.backends.base import ContextRunner
-from dsi_mpi.backends.hf import load_config, resolve_dtype
+from dsi_mpi.backends.hf import cache_keyword, load_config, resolve_dtype
 from dsi_mpi.verify import SamplingParams
 
 GREEDY = SamplingParams()
@@ -89,3 +91,21 @@ def test_dtype_resolution() -> None:
     assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8", "cpu")
+
+
+def test_the_cache_goes_by_the_keyword_the_forward_takes(tiny_suite: dict[str, str], device: str) -> None:
+    """transformers 5.17 (the GPU machine's) takes past_key_values=, 5.24 cache=; the other name
+    would vanish into **kwargs and the model would run without its cache."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            return None
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            return None
+
+    assert (cache_keyword(Old()), cache_keyword(New())) == ("past_key_values", "cache")
+    backend = load_backend(tiny_suite["llama"], dtype="float64", device=device)
+    assert backend._cache_keyword in inspect.signature(backend.model.forward).parameters
+
