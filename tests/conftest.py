@@ -1,10 +1,4 @@
-"""Shared fixtures: the tiny model suite is built once per test session (a few seconds).
-
-The model tests run on the CPU unless ``--device cuda`` (or ``DSI_TEST_DEVICE=cuda``) says
-otherwise: on a GPU machine, ``python -m pytest --device cuda tests/unit`` runs the HF backend
-and gate tests on the GPU, and ``DSI_TEST_DEVICE=cuda DSI_MPI_SHARE_GPUS=1 mpiexec -n 5 ...``
-the MPI tests (their ranks share the GPUs).
-"""
+"""Shared fixtures: the tiny model suite is built once per test session (a few seconds)."""
 
 from __future__ import annotations
 
@@ -16,6 +10,10 @@ DEVICE_ENV = "DSI_TEST_DEVICE"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """The model tests run on the CPU unless ``--device cuda`` (or ``DSI_TEST_DEVICE=cuda``) says
+    otherwise: on a GPU machine, ``python -m pytest --device cuda tests/unit`` runs the HF
+    backend, reference and gate tests on the GPU, and ``DSI_TEST_DEVICE=cuda
+    DSI_MPI_SHARE_GPUS=1 mpiexec -n 5 ...`` the MPI tests (their ranks share the GPUs)."""
     parser.addoption("--device", default=None,
                      help=f"device of the model tests: cpu (default) or cuda; also ${DEVICE_ENV}")
 

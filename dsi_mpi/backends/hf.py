@@ -1,11 +1,13 @@
 """Hugging Face backend: any ``AutoModelForCausalLM`` with a croppable ``DynamicCache``.
 
-Written against transformers 5.x: the cache is passed as ``cache=`` (5.24; ``past_key_values=``
-before, as in 5.17: :func:`cache_keyword`) and ``DynamicCache.crop`` takes the (negative) number
-of tokens to remove. Cancellation is checked between decoder layers by the gate of ``gate.py``,
-which on a GPU also bounds how far the CPU runs ahead, so a stale forward stops within a few
-layers' time; the partly updated cache is then cropped back, layer by layer, to its previous
-length.
+Written against transformers 5.x: the cache is passed as ``cache=`` and
+``DynamicCache.crop`` takes the (negative) number of tokens to remove. Cancellation is checked
+by forward pre-hooks on the decoder layers, so a stale forward stops within one layer's time;
+the partly updated cache is then cropped back, layer by layer, to its previous length.
+
+Before 5.2x (5.17, for one) the cache goes as ``past_key_values=`` (:func:`cache_keyword`).
+The hooks belong to the gate of ``gate.py``, which on a GPU also keeps the CPU at most W layers
+ahead of the GPU, so that "between layers" means between layers the GPU has run.
 """
 
 from __future__ import annotations
