@@ -61,6 +61,13 @@ def eos_ids(model_or_config: object) -> frozenset[int]:
     return frozenset([value] if isinstance(value, int) else value)
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its cache by: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before (5.17). A wrong keyword is swallowed by ``**kwargs`` and the
+    model silently runs without the cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The stack of decoder layers (``model.layers`` for Llama, ``transformer.h`` for GPT-2)."""
     n = model.config.num_hidden_layers
@@ -68,13 +75,6 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The keyword the model's forward takes its cache by: ``cache`` from transformers 5.2x on,
-    ``past_key_values`` before (5.17). A wrong keyword is swallowed by ``**kwargs`` and the
-    model silently runs without the cache."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class HFBackend(Backend):
