@@ -26,6 +26,7 @@
 # reachable and carry .gpu/ (wheels: mpich, mpi4py, pytest-mpi, gguf; HumanEval prompts as
 # SmolLM2 token ids). --model also comes from DSI_GPU_MODEL. A .gguf file whose name matches
 # .gpu/smollm2.sha256 must match that checksum, else the check says so and uses random weights.
+# Where the checkout travels without git, DSI_GIT_COMMIT names the commit in the results.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
@@ -123,7 +124,7 @@ prepare_model() {
 
 main() {
     echo "gpu_check: $(date -u +%FT%TZ) on $(hostname), device $DEVICE, budget ${BUDGET}s, steps $STEPS"
-    echo "gpu_check: commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), results in $OUTDIR"
+    echo "gpu_check: commit $("$PY" -c 'from bench.common import git_commit; print(git_commit())'), results in $OUTDIR"
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
     export DSI_MPI_SHARE_GPUS=1         # 5 ranks on one GPU
     export DSI_MPI_CACHE=$WORK/cache    # GGUF conversions (issue 10's cache), gone with $WORK

@@ -62,19 +62,21 @@ if [ "$WEIGHTS" = 1 ]; then
     du -sh .gpu-weights/a .gpu-weights/b
 fi
 du -sh .gpu
+commit=$(git rev-parse --short HEAD)
+[ -n "$(git status --porcelain --untracked-files=no)" ] && commit="$commit+dirty"
 
 cat <<EOF
 
 Prepared. The device check on random weights of SmolLM2-135M's shape (one call, ~8 minutes):
   run(carry=[".gpu"], timeout_s=600,
-      command="bash bench/gpu_check.sh --device cuda")
+      command="DSI_GIT_COMMIT=$commit bash bench/gpu_check.sh --device cuda")
 
 With the real SmolLM2-135M weights (after bash bench/gpu_prepare.sh --weights): two calls, the
 second within 30 s of the first (the machine stays warm for 30 s, and keeps /tmp):
   run(carry=[".gpu-weights/a"], timeout_s=60,
       command="mkdir -p /tmp/dsi && cp .gpu-weights/a/* /tmp/dsi/ && ls -l /tmp/dsi")
   run(carry=[".gpu", ".gpu-weights/b"], timeout_s=600,
-      command="cat /tmp/dsi/smollm2.gguf.part-a .gpu-weights/b/smollm2.gguf.part-b > /tmp/dsi/$GGUF_NAME && bash bench/gpu_check.sh --device cuda --model /tmp/dsi/$GGUF_NAME")
+      command="cat /tmp/dsi/smollm2.gguf.part-a .gpu-weights/b/smollm2.gguf.part-b > /tmp/dsi/$GGUF_NAME && DSI_GIT_COMMIT=$commit bash bench/gpu_check.sh --device cuda --model /tmp/dsi/$GGUF_NAME")
 gpu_check.sh checks that file against .gpu/smollm2.sha256, and falls back to random weights,
 saying so, when it does not match.
 EOF
