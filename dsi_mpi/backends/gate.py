@@ -178,7 +178,7 @@ class LayerGate:
             return
         earlier = index - self.spec.window
         slot = earlier % (self.spec.window + 1)
-        if self._recorded[slot] != (self._forward, earlier):
+        if not self._recorded or self._recorded[slot] != (self._forward, earlier):
             return  # that layer did not run in this forward
         event = self._events[slot]
         if event.query():
