@@ -14,6 +14,8 @@ and times
   last probe (the server is free again as the coordinator sees it);
 - CANCEL sent -> device idle: on a GPU, rank 1 synchronises its stream right after its reply
   and notes the time (the GPU has no queued work left); on a CPU, when the forward returned.
+  Rank 1 sends that time to rank 0 on a side communicator, and rank 0 begins the next trial
+  only then, so every forward starts on an idle device.
 
 The delays are uniform in [0, T], T the median round trip of an uncancelled forward under the
 first configuration, and the same for every configuration. Trials whose reply came before the
@@ -53,24 +55,25 @@ WARMUP = 5
 
 
 class TimedTransport(Transport):
-    """The target's transport, noting when each reply leaves and when the device is idle."""
+    """The target's transport: after each reply, the moment the device is idle goes to rank 0
+    on a side communicator (rank 0 starts the next trial only then, on an idle device)."""
 
-    def __init__(self, comm: MPI.Comm, device: str, **kwargs) -> None:
+    def __init__(self, comm: MPI.Comm, side: MPI.Comm, device: str, **kwargs) -> None:
         super().__init__(comm, **kwargs)
+        self.side = side
         self.device = device
-        self.log: list[tuple[int, int, float, float]] = []  # (task, kind, reply sent, device idle)
 
     def send(self, dest: int, kind: Tag, epoch: int = 0, ident: int = 0, *args, **kwargs) -> None:
         replied = time.perf_counter()
         super().send(dest, kind, epoch, ident, *args, **kwargs)
         if kind in (Tag.RESULT, Tag.CANCELLED):
-            idle = replied
+            idle = replied  # a CPU forward is over when it returns
             if self.device.startswith("cuda"):
                 import torch
 
-                torch.cuda.current_stream(self.device).synchronize()
+                torch.cuda.current_stream(self.device).synchronize()  # no queued work left
                 idle = time.perf_counter()
-            self.log.append((ident, int(kind), replied, idle))
+            self.side.send((ident, idle), dest=0)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -86,8 +89,9 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 class Driver:
     """Rank 0: sends VERIFY and CANCEL as a coordinator would, and times the replies."""
 
-    def __init__(self, transport: Transport, context: list[int], blocks: list[list[int]]) -> None:
+    def __init__(self, transport: Transport, side: MPI.Comm, context: list[int], blocks: list[list[int]]) -> None:
         self.transport = transport
+        self.side = side
         self.context = context
         self.blocks = blocks
         self.task = 0
@@ -99,15 +103,26 @@ class Driver:
         return self.task
 
     def _reply(self, task: int):  # noqa: ANN202 - a protocol Message
-        while True:
-            msg = self.transport.wait(source=SERVER, what=f"the reply to task {task}")
-            if msg.ident == task:
-                return msg
+        msg = self.transport.wait(source=SERVER, what=f"the reply to task {task}")
+        assert msg.ident == task and msg.kind in (Tag.RESULT, Tag.CANCELLED), msg
+        return msg
+
+    def _idle(self, task: int) -> float:
+        """When the server's device was idle after its reply to ``task`` (bounded wait)."""
+        deadline = time.monotonic() + self.transport.timeout_s
+        while not self.side.Iprobe(source=SERVER):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 1 never said when its device was idle after task {task}")
+            time.sleep(1e-5)
+        ident, idle = self.side.recv(source=SERVER)
+        assert ident == task, (ident, task)
+        return idle
 
     def prime(self) -> None:
         """Fill the server's cache with the context (its runner starts empty)."""
         task = self._verify(self.context + self.blocks[0], 0, 1)
         self._reply(task)
+        self._idle(task)
 
     def block(self, i: int) -> list[int]:
         return self.blocks[i % len(self.blocks)]
@@ -117,8 +132,10 @@ class Driver:
         start = time.perf_counter()
         task = self._verify(tokens, len(self.context), min(len(tokens), 8))
         msg = self._reply(task)
+        elapsed = time.perf_counter() - start
         assert msg.kind == Tag.RESULT, msg.kind
-        return time.perf_counter() - start
+        self._idle(task)
+        return elapsed
 
     def cancelled(self, i: int, delay: float) -> dict:
         tokens = self.block(i)
@@ -131,15 +148,18 @@ class Driver:
             early = self.transport.poll(source=SERVER)
             if early is not None:
                 assert early.kind == Tag.RESULT and early.ident == task, early
+                self._idle(task)
                 return {"task": task, "early": True}
         sent = time.perf_counter()
         self.transport.send(SERVER, Tag.CANCEL, 0, task)
         msg = self._reply(task)
         received = time.perf_counter()
-        return {"task": task, "early": False, "sent": sent, "received": received, "kind": int(msg.kind)}
+        idle = self._idle(task)
+        return {"task": task, "early": False, "sent": sent, "received": received, "idle": idle,
+                "kind": int(msg.kind)}
 
 
-def serve(comm: MPI.Comm, args: argparse.Namespace, folder: str, specs: list) -> list:
+def serve(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, folder: str, specs: list) -> list[int]:
     """Rank 1: one HF backend; the real server loop once per gate configuration."""
     import torch
 
@@ -152,22 +172,22 @@ def serve(comm: MPI.Comm, args: argparse.Namespace, folder: str, specs: list) ->
         torch.set_num_threads(args.threads)
     backend = HFBackend(folder, dtype=args.dtype, device=args.device)
     layers = _decoder_layers(backend.model)
-    logs = []
+    waits = []
     for spec in specs:
         backend.gate.uninstall()
         backend.gate = LayerGate.for_device(backend.device, spec)
         backend.gate.install(layers)
-        transport = TimedTransport(comm, args.device, timeout_s=args.timeout)
+        transport = TimedTransport(comm, side, args.device, timeout_s=args.timeout)
         try:
             serve_target(transport, backend, SamplingParams())
             transport.flush()
         finally:
             transport.close()
-        logs.append({"log": transport.log, "waits": backend.gate.waits})
-    return logs
+        waits.append(backend.gate.waits)
+    return waits
 
 
-def drive(comm: MPI.Comm, args: argparse.Namespace, specs: list, vocab: int) -> list[dict]:
+def drive(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, specs: list, vocab: int) -> list[dict]:
     """Rank 0: per configuration, uncancelled forwards, then cancelled ones."""
     import random
 
@@ -177,7 +197,7 @@ def drive(comm: MPI.Comm, args: argparse.Namespace, specs: list, vocab: int) -> 
     results, delays, horizon = [], None, 0.0
     for spec in specs:
         transport = Transport(comm, timeout_s=args.timeout, poll_max_s=1e-5)
-        driver = Driver(transport, context, blocks)
+        driver = Driver(transport, side, context, blocks)
         try:
             driver.prime()
             for i in range(WARMUP):
@@ -195,11 +215,10 @@ def drive(comm: MPI.Comm, args: argparse.Namespace, specs: list, vocab: int) -> 
     return results
 
 
-def summarise(result: dict, server: dict, base_plain: float, meta: dict) -> dict:
-    idle = {task: (kind, t_idle) for task, kind, _, t_idle in server["log"]}
+def summarise(result: dict, waits: int, base_plain: float, meta: dict) -> dict:
     sent = [t for t in result["trials"] if not t["early"]]
     to_reply = [t["received"] - t["sent"] for t in sent]
-    to_idle = [idle[t["task"]][1] - t["sent"] for t in sent]
+    to_idle = [t["idle"] - t["sent"] for t in sent]
     cancelled = [t for t in sent if t["kind"] == Tag.CANCELLED]
     plain = statistics.median(result["plain"])
     return {
@@ -212,7 +231,7 @@ def summarise(result: dict, server: dict, base_plain: float, meta: dict) -> dict
         "uncancelled_ms": {"median": round(1e3 * plain, 3), "p95": percentiles(result["plain"])["p95"]},
         "uncancelled_ratio": round(plain / base_plain, 4),
         "delay_max_ms": round(1e3 * result["horizon"], 3),
-        "gate_waits": server["waits"],
+        "gate_waits": waits,
     }
 
 
@@ -275,12 +294,15 @@ def main() -> int:
     config = AutoConfig.from_pretrained(folder)
     hosts = comm.allgather(platform.node())
     assert len(set(hosts)) == 1, f"both ranks must share a host (one clock): {hosts}"
+    side = comm.Dup()  # rank 1 -> rank 0: when the device went idle after each reply
     if rank == SERVER:
-        logs = serve(comm, args, folder, specs)
-        comm.send((logs, device_name(args.device)), dest=0)
+        waits = serve(comm, side, args, folder, specs)
+        comm.send((waits, device_name(args.device)), dest=0)
+        side.Free()
         return 0
-    results = drive(comm, args, specs, config.vocab_size)
-    logs, device = comm.recv(source=SERVER)
+    results = drive(comm, side, args, specs, config.vocab_size)
+    waits, device = comm.recv(source=SERVER)
+    side.Free()
     import torch
     import transformers
 
@@ -289,7 +311,7 @@ def main() -> int:
             "block": args.block, "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, **provenance(comm.Get_size())}
     base = statistics.median(results[0]["plain"])
-    rows = [summarise(r, s, base, meta) for r, s in zip(results, logs, strict=True)]
+    rows = [summarise(r, w, base, meta) for r, w in zip(results, waits, strict=True)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as fh:
         for row in rows:
