@@ -12,14 +12,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """The short commit of the checkout, with ``+dirty`` when it has uncommitted changes."""
+    """The short commit of the checkout, with ``+dirty`` when it has uncommitted changes; where
+    the checkout is a copy without git (a lent GPU machine), ``$DSI_GIT_COMMIT`` or unknown."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("DSI_GIT_COMMIT") or "unknown"
     return commit + ("+dirty" if dirty else "")
 
 
@@ -32,3 +33,12 @@ def provenance(ranks: int) -> dict:
         "ranks": ranks,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def device_name(device: str) -> str:
+    """The device a benchmark ran on, in words: the GPU's name, or the CPU and its cores."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

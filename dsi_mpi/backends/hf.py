@@ -4,16 +4,22 @@ Written against transformers 5.x: the cache is passed as ``cache=`` and
 ``DynamicCache.crop`` takes the (negative) number of tokens to remove. Cancellation is checked
 by forward pre-hooks on the decoder layers, so a stale forward stops within one layer's time;
 the partly updated cache is then cropped back, layer by layer, to its previous length.
+
+Before 5.2x (5.17, for one) the cache goes as ``past_key_values=`` (:func:`cache_keyword`).
+The hooks belong to the gate of ``gate.py``, which on a GPU also keeps the CPU at most W layers
+ahead of the GPU, so that "between layers" means between layers the GPU has run.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 
 from dsi_mpi.backends.base import Backend, Cancelled, StepOutput
+from dsi_mpi.backends.gate import LayerGate
 from dsi_mpi.verify import SamplingParams, distributions, select_tokens
 
 DTYPES = {
@@ -55,6 +61,13 @@ def eos_ids(model_or_config: object) -> frozenset[int]:
     return frozenset([value] if isinstance(value, int) else value)
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its cache by: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before (5.17). A wrong keyword is swallowed by ``**kwargs`` and the
+    model silently runs without the cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The stack of decoder layers (``model.layers`` for Llama, ``transformer.h`` for GPT-2)."""
     n = model.config.num_hidden_layers
@@ -80,19 +93,17 @@ class HFBackend(Backend):
         self.eos_token_ids = eos_ids(self.model)
         self.max_positions = context_length(self.config)
         self.cache = DynamicCache(config=self.config)
-        self._should_cancel: Callable[[], bool] | None = None
-        for layer in _decoder_layers(self.model):
-            layer.register_forward_pre_hook(self._check_cancel)
-
-    def _check_cancel(self, module: torch.nn.Module, args: object) -> None:
-        if self._should_cancel is not None and self._should_cancel():
-            raise Cancelled()
+        self._cache_keyword = cache_keyword(self.model)
+        self.gate = LayerGate.for_device(self.device)  # DSI_MPI_GATE: window, hook or sync
+        self.gate.install(_decoder_layers(self.model))
 
     def cached_length(self) -> int:
         return int(self.cache.get_seq_length())
 
     def crop(self, length: int) -> None:
-        # Layer by layer: after an interrupted forward the layers hold different lengths.
+        # Layer by layer: after an interrupted forward the layers hold different lengths. A
+        # negative count removes tokens alike in 5.17 and 5.24 (a positive one was 5.17's
+        # deprecated absolute length, an error in 5.24); a layer never reached is skipped.
         for layer in self.cache.layers:
             if getattr(layer, "is_initialized", True):
                 current = int(layer.get_seq_length())
@@ -112,17 +123,18 @@ class HFBackend(Backend):
         start = self.cached_length()
         n = len(tokens) if num_outputs is None else min(num_outputs, len(tokens))
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # [1, m]
-        self._should_cancel = should_cancel
+        self.gate.begin(should_cancel)
         try:
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
             with torch.inference_mode():
-                out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=n)
+                out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=n,
+                                 **{self._cache_keyword: self.cache})
         except Cancelled:
             self.crop(start)
             raise
         finally:
-            self._should_cancel = None
+            self.gate.end()
         logits = out.logits[0, -n:, :]  # [n, vocab]
         first = start + len(tokens) - n + 1  # logits[i] predicts this position + i
         probs = distributions(logits, params).numpy() if want_probs else None

@@ -13,15 +13,17 @@ from dsi_mpi.config import RunConfig
 from dsi_mpi.preflight import Prompt
 from dsi_mpi.tiny import EOS_PROBE_PROMPT, corpus_lines
 from dsi_mpi.verify import SamplingParams, distributions
+from tests.conftest import device_under_test
 from tests.mpi.conftest import TIMEOUT_S, agree, run_on
 
 RANK = MPI.COMM_WORLD.Get_rank()
+DEVICE = device_under_test()  # --device / DSI_TEST_DEVICE; on a GPU also set DSI_MPI_SHARE_GPUS=1
 MAX_NEW = 24
 
 
 def _configs(target: str, drafter: str, lookaheads=(1, 3, 5), sps=(1, 2, 3), **kw) -> list[RunConfig]:
     base = RunConfig(target=target, drafter=drafter, mode="nonsi", max_new_tokens=MAX_NEW, dtype="float64",
-                     timeout_s=TIMEOUT_S, **kw)
+                     device=DEVICE, timeout_s=TIMEOUT_S, **kw)
     out = [base]
     out += [replace(base, mode="si", lookahead=k) for k in lookaheads]
     out += [replace(base, mode="dsi", lookahead=k, sp=sp) for k in lookaheads for sp in sps]
@@ -31,9 +33,9 @@ def _configs(target: str, drafter: str, lookaheads=(1, 3, 5), sps=(1, 2, 3), **k
 def _generate(path: str, ids: list[int]) -> list[int]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).to(DEVICE).eval()
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)
+        out = model.generate(torch.tensor([ids], device=DEVICE), max_new_tokens=MAX_NEW, do_sample=False)
     return out[0, len(ids):].tolist()
 
 
@@ -96,14 +98,14 @@ def test_rejection_sampling_is_lossless_in_distribution(mpi_tiny_suite: dict[str
     params = SamplingParams(temperature=1.0, top_k=3)
     n = 500
     base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3, max_new_tokens=3,
-                     dtype="float64", verify="rejection", sampling=params, timeout_s=TIMEOUT_S)
+                     dtype="float64", device=DEVICE, verify="rejection", sampling=params, timeout_s=TIMEOUT_S)
     prompt = [5, 17, 42]
     records, error, pending = run_on(5, [base], [Prompt(prompt, seed=s) for s in range(n)])
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"
     if ok and RANK == 0:
 
         def joint(path: str) -> dict[tuple[int, int], float]:
-            model = load_backend(path, dtype="float64")
+            model = load_backend(path, dtype="float64", device=DEVICE)
             first = distributions(_logits(model, prompt), params)[0].numpy()
             out = {}
             for a in np.flatnonzero(first):
@@ -131,7 +133,7 @@ def test_rejection_sampling_is_lossless_in_distribution(mpi_tiny_suite: dict[str
 def _logits(backend, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
     backend.reset()
     with torch.inference_mode():
-        out = backend.model(input_ids=torch.tensor([ids]))
+        out = backend.model(input_ids=torch.tensor([ids], device=backend.device))
     return out.logits[0, -1:, :]
 
 
@@ -167,7 +169,7 @@ def test_cancellation_keeps_caches_consistent_across_prompts(mpi_tiny_suite: dic
     """Many rejections and cancels on HF servers, then more prompts on the same caches."""
     target, drafter = mpi_tiny_suite["llama"], mpi_tiny_suite["llama/perturbed"]
     base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3, max_new_tokens=MAX_NEW,
-                     dtype="float64", timeout_s=TIMEOUT_S, reuse_cache=True)
+                     dtype="float64", device=DEVICE, timeout_s=TIMEOUT_S, reuse_cache=True)
     prompts = [[5, 17, 42, 8], [5, 17, 42, 9, 11], [5, 17, 42, 8]]
     records, error, pending = run_on(5, [base], prompts)
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"

@@ -1,13 +1,15 @@
-"""The HF backend on tiny float64 models loaded through the real loading path."""
+"""The HF backend on tiny float64 models loaded through the real loading path (on ``--device``)."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
 
 from dsi_mpi.backends import Cancelled, load_backend
 from dsi_mpi.backends.base import ContextRunner
-from dsi_mpi.backends.hf import load_config, resolve_dtype
+from dsi_mpi.backends.hf import cache_keyword, load_config, resolve_dtype
 from dsi_mpi.verify import SamplingParams
 
 GREEDY = SamplingParams()
@@ -15,8 +17,8 @@ PROMPT = [5, 17, 42, 8, 99, 3, 250]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str) -> None:
-    backend = load_backend(tiny_suite[arch], dtype="float64")
+def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str, device: str) -> None:
+    backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
     assert backend.model.dtype == torch.float64
     full = backend.forward(PROMPT, GREEDY).tokens.tolist()
     backend.reset()
@@ -32,8 +34,8 @@ def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str],
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str) -> None:
-    backend = load_backend(tiny_suite[arch], dtype="float64")
+def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str, device: str) -> None:
+    backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
     runner = ContextRunner(backend)
     runner.run(PROMPT, GREEDY)
     assert backend.cached_length() == len(PROMPT)
@@ -49,12 +51,12 @@ def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch:
     # Every layer is back at the previous length: the next result equals a fresh model's.
     assert {layer.get_seq_length() for layer in backend.cache.layers} == {len(PROMPT)}
     after = backend.forward([20, 21], GREEDY).tokens.tolist()
-    fresh = load_backend(tiny_suite[arch], dtype="float64")
+    fresh = load_backend(tiny_suite[arch], dtype="float64", device=device)
     assert fresh.forward(PROMPT + [20, 21], GREEDY).tokens[-2:].tolist() == after
 
 
-def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str]) -> None:
-    backend = load_backend(tiny_suite["llama"], dtype="float64")
+def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str], device: str) -> None:
+    backend = load_backend(tiny_suite["llama"], dtype="float64", device=device)
     runner = ContextRunner(backend)
     a = runner.run(PROMPT, GREEDY, num_outputs=2)
     assert (a.first_position, len(a.tokens)) == (len(PROMPT) - 1, 2)
@@ -65,12 +67,12 @@ def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str]) -> None:
     # Five positions agree, three outputs are needed: keep 4, feed only the last three tokens.
     assert fed == [[PROMPT[4], 1, 2]]
     assert backend.cached_length() == 7
-    fresh = load_backend(tiny_suite["llama"], dtype="float64")
+    fresh = load_backend(tiny_suite["llama"], dtype="float64", device=device)
     assert fresh.forward(PROMPT[:5] + [1, 2], GREEDY).tokens[-3:].tolist() == b.tokens.tolist()
 
 
-def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str]) -> None:
-    backend = load_backend(tiny_suite["gpt2"], dtype="float64")
+def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str], device: str) -> None:
+    backend = load_backend(tiny_suite["gpt2"], dtype="float64", device=device)
     params = SamplingParams(temperature=0.8, top_k=20, seed=1)
     out = backend.forward(PROMPT, params, num_outputs=2, want_probs=True)
     assert out.probs.shape == (2, backend.vocab_size)
@@ -89,3 +91,21 @@ def test_dtype_resolution() -> None:
     assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8", "cpu")
+
+
+def test_the_cache_goes_by_the_keyword_the_forward_takes(tiny_suite: dict[str, str], device: str) -> None:
+    """transformers 5.17 (the GPU machine's) takes past_key_values=, 5.24 cache=; the other name
+    would vanish into **kwargs and the model would run without its cache."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            return None
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            return None
+
+    assert (cache_keyword(Old()), cache_keyword(New())) == ("past_key_values", "cache")
+    backend = load_backend(tiny_suite["llama"], dtype="float64", device=device)
+    assert backend._cache_keyword in inspect.signature(backend.model.forward).parameters
+

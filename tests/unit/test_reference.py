@@ -1,4 +1,5 @@
-"""Single-process non-SI and SI against the target's own ``generate`` (tiny float64 models)."""
+"""Single-process non-SI and SI against the target's own ``generate`` (tiny float64 models, on
+``--device``)."""
 
 from __future__ import annotations
 
@@ -20,21 +21,21 @@ def _prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
-def _hf_generate(path: str, ids: list[int], max_new: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+def _hf_generate(path: str, ids: list[int], max_new: int, device: str = "cpu") -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).to(device).eval()
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new, do_sample=False)
     return out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_greedy_nonsi_and_si_equal_generate(tiny_suite: dict[str, str], arch: str) -> None:
+def test_greedy_nonsi_and_si_equal_generate(tiny_suite: dict[str, str], arch: str, device: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_suite[arch])
-    target = load_backend(tiny_suite[arch], dtype="float64")
-    drafters = {kind: load_backend(tiny_suite[f"{arch}/{kind}"], dtype="float64") for kind in ("identical", "perturbed", "unrelated")}
+    target = load_backend(tiny_suite[arch], dtype="float64", device=device)
+    drafters = {kind: load_backend(tiny_suite[f"{arch}/{kind}"], dtype="float64", device=device) for kind in ("identical", "perturbed", "unrelated")}
     ended_at_eos = False
     for ids in _prompts(tokenizer):
-        expected = _hf_generate(tiny_suite[arch], ids, MAX_NEW)
+        expected = _hf_generate(tiny_suite[arch], ids, MAX_NEW, device)
         ended_at_eos |= len(expected) < MAX_NEW and expected[-1] in target.eos_token_ids
         nonsi = generate_nonsi(target, ids, MAX_NEW, GREEDY)
         assert nonsi.tokens == expected
@@ -50,12 +51,12 @@ def test_greedy_nonsi_and_si_equal_generate(tiny_suite: dict[str, str], arch: st
     assert ended_at_eos, "one prompt must end at EOS to exercise the stop rule"
 
 
-def test_drafter_kinds_order_acceptance(tiny_suite: dict[str, str]) -> None:
+def test_drafter_kinds_order_acceptance(tiny_suite: dict[str, str], device: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_suite["llama"])
-    target = load_backend(tiny_suite["llama"], dtype="float64")
+    target = load_backend(tiny_suite["llama"], dtype="float64", device=device)
     rates = {}
     for kind in ("identical", "perturbed", "unrelated"):
-        drafter = load_backend(tiny_suite[f"llama/{kind}"], dtype="float64")
+        drafter = load_backend(tiny_suite[f"llama/{kind}"], dtype="float64", device=device)
         accepted = verified = 0
         for ids in _prompts(tokenizer)[1:3]:
             c = generate_si(target, drafter, ids, 40, 4, GREEDY).counters
@@ -67,10 +68,10 @@ def test_drafter_kinds_order_acceptance(tiny_suite: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_sampling_with_shared_noise_is_reproducible_across_modes(tiny_suite: dict[str, str], arch: str) -> None:
+def test_sampling_with_shared_noise_is_reproducible_across_modes(tiny_suite: dict[str, str], arch: str, device: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_suite[arch])
-    target = load_backend(tiny_suite[arch], dtype="float64")
-    drafter = load_backend(tiny_suite[f"{arch}/perturbed"], dtype="float64")
+    target = load_backend(tiny_suite[arch], dtype="float64", device=device)
+    drafter = load_backend(tiny_suite[f"{arch}/perturbed"], dtype="float64", device=device)
     ids = _prompts(tokenizer)[1]
     outputs = []
     for seed in (0, 1, 2):
@@ -82,9 +83,9 @@ def test_sampling_with_shared_noise_is_reproducible_across_modes(tiny_suite: dic
     assert len({tuple(o) for o in outputs}) == 3, "different seeds must give different samples"
 
 
-def test_rejection_mode_runs_and_is_exact_when_greedy(tiny_suite: dict[str, str]) -> None:
-    target = load_backend(tiny_suite["llama"], dtype="float64")
-    drafter = load_backend(tiny_suite["llama/perturbed"], dtype="float64")
+def test_rejection_mode_runs_and_is_exact_when_greedy(tiny_suite: dict[str, str], device: str) -> None:
+    target = load_backend(tiny_suite["llama"], dtype="float64", device=device)
+    drafter = load_backend(tiny_suite["llama/perturbed"], dtype="float64", device=device)
     ids = [5, 17, 42, 8]
     expected = generate_nonsi(target, ids, MAX_NEW, GREEDY).tokens
     # At temperature 0 p and q are one-hot and rejection sampling reduces to exact matching.
