@@ -12,15 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """The short commit of the checkout, with ``+dirty`` when it has uncommitted changes; where
-    the checkout is a copy without git (a lent GPU machine), ``$DSI_GIT_COMMIT`` or unknown."""
+    """The short commit of the checkout, with ``+dirty`` when it has uncommitted changes.
+    ``$DSI_GIT_COMMIT`` wins when set: a copy of the checkout on a lent GPU machine carries
+    the .git of an older commit (or none), so git would name the wrong one."""
+    if os.environ.get("DSI_GIT_COMMIT"):
+        return os.environ["DSI_GIT_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DSI_GIT_COMMIT") or "unknown"
+        return "unknown"
     return commit + ("+dirty" if dirty else "")
 
 
