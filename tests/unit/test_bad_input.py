@@ -26,6 +26,7 @@ D = "emulated:tpot_ms=1,acceptance=0.5"
         ({"mode": "si", "sp": 3}, "uses one target server"),
         ({"sp": 0}, "--sp must be >= 1"),
         ({"drafter": "/some/model"}, "both be emulated"),
+        ({"poll": "busy"}, "--poll must be one of auto, spin, backoff"),
     ],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:
