@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from dsi_mpi.config import DTYPES, MODES, VERIFY_MODES, ConfigError, RunConfig
+from dsi_mpi.config import DTYPES, MODES, POLL_CHOICES, VERIFY_MODES, ConfigError, RunConfig
 from dsi_mpi.verify import SamplingParams
 
 EXIT_BAD_INPUT = 2
@@ -55,6 +55,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reuse-cache", action="store_true",
                    help="keep KV caches across prompts and reuse shared prefixes (off: each prompt pays its prefill)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds the coordinator waits for a reply before aborting the job")
+    p.add_argument("--poll", choices=POLL_CHOICES, default="auto",
+                   help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
+                        "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
 
 
 def build_configs(args: argparse.Namespace) -> list[RunConfig]:
@@ -74,6 +77,7 @@ def build_configs(args: argparse.Namespace) -> list[RunConfig]:
         target=args.target, drafter=args.drafter, mode=modes[0], lookahead=args.lookahead, sp=args.sp,
         max_new_tokens=args.max_new_tokens, sampling=sampling, verify=args.verify, dtype=args.dtype,
         device=args.device, max_run_ahead=args.max_run_ahead, reuse_cache=args.reuse_cache, timeout_s=args.timeout,
+        poll=args.poll,
     )
     # sp and lookahead are DSI's and SI's knobs; the other modes accept and ignore them, so
     # one command line serves all three.

@@ -14,6 +14,7 @@ from dsi_mpi.verify import SamplingParams
 MODES = ("dsi", "si", "nonsi")
 VERIFY_MODES = ("exact", "rejection")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+POLL_CHOICES = ("auto", "spin", "backoff")  # see dsi_mpi/transport.py and docs/cluster.md
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,8 @@ class RunConfig:
     max_run_ahead: int | None = None  # drafts beyond the committed prefix; None: lookahead * (sp + 1)
     reuse_cache: bool = False  # keep KV caches across prompts (off: every prompt pays its prefill)
     timeout_s: float = 600.0  # longest wait for any message before the job is aborted
-    poll_max_s: float = 0.0005  # longest sleep between polls of an idle rank
+    poll: str = "auto"  # how waiting ranks wait: spin, backoff, or auto (spin if each has a core)
+    poll_max_s: float = 0.0005  # backoff: longest sleep between probes (added latency bound)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,6 +61,10 @@ class RunConfig:
             raise ConfigError("only one drafter rank is supported for now (--num-drafters 1)")
         if self.max_run_ahead is not None and self.max_run_ahead < self.lookahead:
             raise ConfigError(f"--max-run-ahead must be >= --lookahead ({self.lookahead}), got {self.max_run_ahead}")
+        if self.poll not in POLL_CHOICES:
+            raise ConfigError(f"--poll must be one of {', '.join(POLL_CHOICES)}, got {self.poll!r}")
+        if self.poll_max_s <= 0:
+            raise ConfigError(f"poll_max_s must be > 0 seconds, got {self.poll_max_s}")
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
         specs = [("--target", self.target)] + ([("--drafter", self.drafter)] if self.uses_drafter else [])

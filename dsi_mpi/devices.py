@@ -1,4 +1,6 @@
-"""Which GPU each model rank uses: one per model rank of a node, none for the coordinator.
+"""Where ranks run: which GPU each model rank uses, and whether each rank has a core to spin on.
+
+GPUs: one per model rank of a node, none for the coordinator.
 
 A node's model ranks (every rank but rank 0) are numbered in rank order from 0 on each node
 (the node: the host name, and Slurm's node name under ``srun``). Local model rank ``j``
@@ -13,6 +15,10 @@ for with ``DSI_MPI_SHARE_GPUS=1``: then local model rank ``j`` takes GPU ``j mod
 The mapping is pure (:func:`visible_gpus`, :func:`gpu_for`); :func:`model_device` gathers
 what it needs over MPI. ``python -m mpi4py -m dsi_mpi.devices`` under ``srun`` or ``mpiexec``
 prints the binding each rank would get, without loading a model (a dry run for job scripts).
+
+Cores: a waiting rank spins on ``Iprobe`` when every rank of its node has a core of its own
+(:func:`choose_poll` on the CPU affinity masks of the node's ranks, gathered by
+:func:`poll_strategy`), and sleeps between probes otherwise; see ``docs/cluster.md``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from dsi_mpi.config import ConfigError
+from dsi_mpi.config import POLL_CHOICES, ConfigError
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -115,6 +121,58 @@ def _bind(comm: MPI.Comm, is_model: bool, count: int | None) -> tuple[str, str]:
     if errors:
         raise DeviceError("; ".join(errors))
     return device, node
+
+
+def cores_of_this_process() -> frozenset[int]:
+    """The logical CPUs this process may run on: its affinity mask, which ``taskset``, cgroups
+    and launcher binding (``srun --cpu-bind``, ``mpiexec -bind-to``) all narrow."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no masks, assume every core
+        return frozenset(range(os.cpu_count() or 1))
+
+
+def each_has_own_core(masks: Sequence[Collection[int]]) -> bool:
+    """Whether every rank can have a core of its own, given the cores each rank may use:
+    a matching of ranks to distinct cores within their masks (augmenting paths)."""
+    owner: dict[int, int] = {}  # core -> rank holding it
+
+    def place(rank: int, seen: set[int]) -> bool:
+        for core in masks[rank]:
+            if core not in seen:
+                seen.add(core)
+                if core not in owner or place(owner[core], seen):
+                    owner[core] = rank
+                    return True
+        return False
+
+    if not masks:
+        return True
+    if len({frozenset(m) for m in masks}) == 1:  # the usual case: unbound, or one shared mask
+        return len(masks) <= len(masks[0])
+    return all(place(rank, set()) for rank in range(len(masks)))
+
+
+def choose_poll(requested: str, node_masks: Sequence[Collection[int]]) -> str:
+    """``spin`` or ``backoff`` for the ranks of one node, given the CPU masks of its ranks.
+
+    ``auto`` spins only when every rank of the node has a core of its own; with more ranks than
+    cores a spinning rank would take the core that the rank it waits for needs."""
+    if requested not in POLL_CHOICES:
+        raise ValueError(f"poll must be one of {', '.join(POLL_CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "spin" if each_has_own_core(node_masks) else "backoff"
+
+
+def poll_strategy(comm: MPI.Comm, requested: str) -> str:
+    """:func:`choose_poll` for this rank's node; collective over ``comm`` (every rank calls it).
+    Ranks are grouped by :func:`node_of_this_process`, as for GPUs (see :func:`_bind`)."""
+    if requested != "auto":
+        return choose_poll(requested, [])
+    node = node_of_this_process()
+    everyone = comm.allgather((node, sorted(cores_of_this_process())))
+    return choose_poll(requested, [mask for n, mask in everyone if n == node])
 
 
 def model_device(comm: MPI.Comm, layout: Layout, device: str) -> str:

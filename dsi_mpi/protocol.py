@@ -68,6 +68,10 @@ def encode(kind: Tag, epoch: int = 0, ident: int = 0, f0: int = 0, f1: int = 0, 
     return block
 
 
+_TAGS = {int(tag): tag for tag in Tag}
+
+
 def decode(block: np.ndarray, source: int) -> Message:
-    kind, epoch, ident, f0, f1, f2, f3 = (int(x) for x in block[:HEADER])
-    return Message(Tag(kind), source, epoch, ident, f0, f1, f2, f3, tokens=block[HEADER:].copy())
+    """The message in a received block (``tokens`` is a view of it: the block is not reused)."""
+    kind, epoch, ident, f0, f1, f2, f3 = block[:HEADER].tolist()
+    return Message(_TAGS[kind], source, epoch, ident, f0, f1, f2, f3, tokens=block[HEADER:])

@@ -91,7 +91,7 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     rank = comm.Get_rank()
     eos = _share_eos_ids(comm, base)
     role = layout.role(rank)
-    transport = Transport(comm, timeout_s=base.timeout_s, poll_max_s=base.poll_max_s)
+    transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll, poll_max_s=base.poll_max_s)
     outcome = RunOutcome(role=role)
     try:
         backend: Backend | None = None

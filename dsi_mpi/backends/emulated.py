@@ -5,8 +5,10 @@ Design note, section 7. The target's token at position ``j`` is a deterministic 
 reproduces the target's token with probability ``acceptance``, decided by another
 deterministic function of ``(seed, prefix)``, and proposes a different token otherwise, so
 acceptance is i.i.d. per position given a correct prefix, as in the paper's simulations.
-Each forward sleeps TTFT when it fills an empty cache (the prompt) and TPOT otherwise, in
-short slices so that a cancellation check can interrupt it.
+Each forward lasts TTFT when it fills an empty cache (the prompt) and TPOT otherwise: it sleeps
+in short slices, so that a cancellation check can interrupt it, until a sleep's wake-up delay
+before the end, and waits out the rest by polling the clock (and the cancellation check), so
+a forward ends within microseconds of its duration rather than a wake-up delay late.
 
 Spec grammar: ``emulated:tpot_ms=20.6,ttft_ms=27.8`` (target) and
 ``emulated:tpot_ms=6.8,ttft_ms=8.1,acceptance=0.93`` (drafter); optional ``vocab`` (default
@@ -26,7 +28,10 @@ from dsi_mpi.verify import SamplingParams
 
 PREFIX = "emulated:"
 _MASK = (1 << 64) - 1
-_SLICE_S = 0.0005  # sleep granularity: a cancellation interrupts a forward within this
+_SLICE_S = 0.0005  # sleep granularity: a cancellation interrupts a forward within this (+ wake-up)
+# The last stretch of a forward is spun, not slept: a sleep ends about 65 us late on Linux
+# (the default 50 us timer slack plus the wake-up), sometimes more under load.
+_SPIN_S = 0.0002
 # Salts that separate the independent hash streams derived from one prefix state.
 _SALT_TARGET = 0x5A17_7A26_E7D0_0001
 _SALT_ACCEPT = 0x5A17_ACCE_97ED_0002
@@ -159,13 +164,12 @@ class EmulatedBackend(Backend):
         if not tokens:
             raise ValueError("forward needs at least one token")
         start = self.cached_length()
-        delay_ms = self.spec.ttft_ms if start == 0 else self.spec.tpot_ms
-        if self.sleep:
-            self._sleep(delay_ms / 1000.0, should_cancel)
-        elif should_cancel is not None and should_cancel():
+        delay_s = (self.spec.ttft_ms if start == 0 else self.spec.tpot_ms) / 1000.0
+        deadline = time.perf_counter() + delay_s  # the forward's computing counts in its time
+        if not self.sleep and should_cancel is not None and should_cancel():
             raise Cancelled()
         n = len(tokens) if num_outputs is None else min(num_outputs, len(tokens))
-        out = np.empty(n, dtype=np.int64)
+        out = np.empty(n, dtype=np.int64)  # [n]
         state = self._states[-1]
         for i, token in enumerate(tokens):
             state = self.language.advance(state, int(token))
@@ -173,6 +177,12 @@ class EmulatedBackend(Backend):
             j = i - (len(tokens) - n)
             if j >= 0:
                 out[j] = self._token(state, params)
+        if self.sleep:
+            try:
+                self._wait_until(deadline, should_cancel)
+            except Cancelled:
+                self.crop(start)  # an abandoned forward leaves no trace in the cache
+                raise
         return StepOutput(first_position=start + len(tokens) - n + 1, tokens=out)
 
     def _token(self, state: int, params: SamplingParams) -> int:
@@ -181,12 +191,14 @@ class EmulatedBackend(Backend):
         return self.language.drafter_token(state, params, self.spec.acceptance)
 
     @staticmethod
-    def _sleep(seconds: float, should_cancel: Callable[[], bool] | None) -> None:
-        deadline = time.perf_counter() + seconds
+    def _wait_until(deadline: float, should_cancel: Callable[[], bool] | None) -> None:
+        """Return at ``deadline`` (``perf_counter`` time), checking ``should_cancel`` at least
+        every ``_SLICE_S``: sleep in slices until ``_SPIN_S`` before it, then spin."""
         while True:
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
-            time.sleep(min(_SLICE_S, remaining))
+            if remaining > _SPIN_S:
+                time.sleep(min(_SLICE_S, remaining - _SPIN_S))

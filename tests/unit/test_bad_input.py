@@ -26,6 +26,7 @@ D = "emulated:tpot_ms=1,acceptance=0.5"
         ({"mode": "si", "sp": 3}, "uses one target server"),
         ({"sp": 0}, "--sp must be >= 1"),
         ({"drafter": "/some/model"}, "both be emulated"),
+        ({"poll": "busy"}, "--poll must be one of auto, spin, backoff"),
     ],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:
@@ -86,3 +87,14 @@ def test_prompt_sources(tiny_suite: dict[str, str], tmp_path) -> None:  # noqa: 
         preflight(config, prompt_file=str(tmp_path / "nope.txt"))
     with pytest.raises(ConfigError, match="need a tokenizer"):
         preflight(RunConfig(target=T, drafter=D), prompt="hello")
+
+
+def test_poll_flag_reaches_every_config() -> None:
+    from dsi_mpi.cli import build_configs, make_parser
+
+    argv = ["run", "--target", T, "--drafter", D, "--mode", "dsi,nonsi", "--prompt-ids", "1", "--output", "o.jsonl"]
+    assert [c.poll for c in build_configs(make_parser().parse_args(argv))] == ["auto", "auto"]
+    configs = build_configs(make_parser().parse_args([*argv, "--poll", "backoff"]))
+    assert [c.poll for c in configs] == ["backoff", "backoff"]
+    with pytest.raises(ConfigError, match="invalid choice: 'busy'"):
+        make_parser().parse_args([*argv, "--poll", "busy"])

@@ -10,6 +10,7 @@ import pytest
 from dsi_mpi.devices import (
     SHARE_ENV,
     DeviceError,
+    choose_poll,
     gpu_for,
     model_device,
     share_requested,
@@ -107,3 +108,64 @@ def test_the_pure_mapping_imports_without_mpi4py() -> None:
             "assert 'mpi4py.MPI' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------ waiting strategy (--poll)
+
+ALL = frozenset({0, 1})
+
+
+@pytest.mark.parametrize(
+    ("masks", "expected"),
+    [
+        ([ALL, ALL], "spin"),  # 2 ranks, 2 cores, unbound: this machine at 2 ranks
+        ([ALL] * 9, "backoff"),  # 9 ranks on 2 cores: this machine at 9 ranks
+        ([frozenset(range(8))] * 9, "backoff"),  # one rank more than cores
+        ([frozenset(range(64))] * 9, "spin"),  # a GPU node: 9 ranks, 64 cores
+        ([{0}, {1}, {2}], "spin"),  # bound one core each (srun --cpu-bind=cores)
+        ([{0}, {0}, {1, 2, 3}], "backoff"),  # 4 cores, but two ranks are bound to the same one
+        ([{0, 1}, {0}], "spin"),  # rank 0 must take core 1 so that rank 1 can have core 0
+        ([{0, 1}, {0, 1}, {1, 2}], "spin"),
+        ([{0, 1}, {0, 1}, {1}], "backoff"),  # three ranks within two cores
+        ([{4, 5}], "spin"),
+    ],
+)
+def test_auto_spins_only_when_every_rank_has_a_core_of_its_own(masks: list, expected: str) -> None:
+    assert choose_poll("auto", masks) == expected
+    assert choose_poll("spin", masks) == "spin"  # an explicit choice is kept
+    assert choose_poll("backoff", masks) == "backoff"
+
+
+def test_unknown_poll_is_an_error() -> None:
+    with pytest.raises(ValueError, match="poll must be one of auto, spin, backoff"):
+        choose_poll("busy", [ALL])
+
+
+class _FakeComm:
+    """allgather over made-up ranks: (node, cores) of every rank, this one included."""
+
+    def __init__(self, everyone: list) -> None:
+        self.everyone = everyone
+
+    def allgather(self, mine: object) -> list:
+        return self.everyone
+
+
+def test_poll_strategy_counts_the_ranks_of_this_node_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dsi_mpi.devices as devices
+
+    monkeypatch.setattr(devices, "node_of_this_process", lambda: "a")
+    two_cores = [0, 1]
+    # Node a: 2 ranks on 2 cores; node b: 5 ranks on the same 2 core ids (another host).
+    comm = _FakeComm([("a", two_cores)] * 2 + [("b", two_cores)] * 5)
+    assert devices.poll_strategy(comm, "auto") == "spin"
+    comm = _FakeComm([("a", two_cores)] * 3 + [("b", two_cores)])
+    assert devices.poll_strategy(comm, "auto") == "backoff"
+    assert devices.poll_strategy(None, "spin") == "spin"  # not collective when not auto
+
+
+def test_this_process_has_cores() -> None:
+    from dsi_mpi.devices import cores_of_this_process
+
+    cores = cores_of_this_process()
+    assert cores and all(isinstance(c, int) for c in cores)

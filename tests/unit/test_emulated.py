@@ -114,6 +114,32 @@ def test_cancellation_interrupts_the_sleep_and_leaves_no_trace() -> None:
     assert backend.cached_length() == 3
 
 
+def test_cancellation_interrupts_the_precise_end_of_a_forward() -> None:
+    """A forward shorter than the spun tail is all spin: it still checks for cancellation."""
+    from dsi_mpi.backends.emulated import _SPIN_S
+
+    backend = load_backend(f"emulated:tpot_ms={_SPIN_S * 1e3 / 2},vocab=50")
+    backend.forward([1, 2, 3], GREEDY)
+    calls = []
+
+    def cancel_after_three() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        backend.forward([4, 5], GREEDY, should_cancel=cancel_after_three)
+    assert len(calls) == 4 and backend.cached_length() == 3
+    assert backend.forward([4, 5], GREEDY).tokens.tolist() == _fast(vocab=50).forward([1, 2, 3, 4, 5], GREEDY).tokens[3:].tolist()
+
+
+def test_a_forward_lasts_at_least_its_latency() -> None:
+    backend = load_backend("emulated:tpot_ms=3,ttft_ms=5,vocab=50")
+    for tokens, latency in (([1, 2, 3], 0.005), ([4], 0.003)):
+        started = time.perf_counter()
+        backend.forward(tokens, GREEDY)
+        assert time.perf_counter() - started >= latency  # never early (how late: bench/roundtrip.py)
+
+
 def test_emulated_has_no_distributions() -> None:
     with pytest.raises(ValueError, match="--verify exact"):
         _fast().forward([1], GREEDY, want_probs=True)
