@@ -46,7 +46,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (each model rank takes a GPU of its node)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt as text")
-    src.add_argument("--prompt-file", help="text (one prompt a line) or JSONL with prompt or prompt_ids")
+    src.add_argument("--prompt-file", help="text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
     src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
     _add_prompt_options(p)
     p.add_argument("--output", required=True, help="JSONL file, one line per prompt and mode")

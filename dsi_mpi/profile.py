@@ -195,11 +195,13 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
 
 def table(result: dict) -> str:
     """The profile as the table ``dsi-mpi profile`` prints."""
-    lines = [f"{'model':<8} {'TTFT ms':>9} {'TPOT ms':>9} {'TTFT/TPOT':>9}  spec"]
+    lines = [f"{'':<8} {'mean':>19} {'median':>19}",
+             f"{'model':<8} {'TTFT ms':>9} {'TPOT ms':>9} {'TTFT ms':>9} {'TPOT ms':>9} {'TTFT/TPOT':>9}  spec"]
     for name in ("target", "drafter"):
         m = result[name]
         ratio = f"{m['ttft_over_tpot']:.2f}" if m["ttft_over_tpot"] is not None else "-"
-        lines.append(f"{name:<8} {m['ttft_ms']:>9.2f} {m['tpot_ms']:>9.2f} {ratio:>9}  {m['spec']}")
+        lines.append(f"{name:<8} {m['ttft_ms']:>9.2f} {m['tpot_ms']:>9.2f} {m['ttft_ms_median']:>9.2f} "
+                     f"{m['tpot_ms_median']:>9.2f} {ratio:>9}  {m['spec']}")
     per_position = " ".join("-" if a is None else f"{a:.2f}" for a in result["acceptance_per_position"])
     lines.append(f"acceptance {result['acceptance']:.3f} over {result['tokens']} target tokens of "
                  f"{result['prompts']} prompts; per draft position in blocks of {result['lookahead']}: "

@@ -15,9 +15,9 @@ from tests.mpi.conftest import TIMEOUT_S, agree, run_on
 
 RANK = MPI.COMM_WORLD.Get_rank()
 MAX_NEW = 24
-# Half the layers: acceptance about 0.4 on these prompts, so both verdicts, accept and reject,
-# occur many times in every mode.
-LAYERS = 15
+# 22 of 30 layers: acceptance about 0.25 on HumanEval (docs/results.md), so drafts are both
+# accepted and rejected, and rejections cancel verifications in flight.
+LAYERS = 22
 
 
 @pytest.mark.mpi(min_size=5)
@@ -44,7 +44,8 @@ def test_smollm2_with_a_self_drafter_equals_generate(mpi_smollm2: dict[str, str]
                 ok, message = False, (f"{r['mode']} k={r['lookahead']} sp={r['sp']} prompt {r['prompt_index']}: "
                                       f"{r['tokens']} != {expected[r['prompt_index']]}")
                 break
-        drafted = [r for r in records if r["mode"] != "nonsi"]
-        if ok and not all(r["accepted"] > 0 and r["rejected"] > 0 for r in drafted):
-            ok, message = False, f"expected both accepted and rejected drafts in every run: {drafted}"
+        for mode in ("si", "dsi"):
+            runs = [r for r in records if r["mode"] == mode]
+            if ok and not (sum(r["accepted"] for r in runs) > 0 and sum(r["rejected"] for r in runs) > 0):
+                ok, message = False, f"{mode}: expected both accepted and rejected drafts: {runs}"
     agree(ok, message)
