@@ -14,9 +14,8 @@ forwards, so a near-tie can flip a token; the numbers say how often.
     mpiexec -n 5 python -m mpi4py bench/exactness.py [--dtypes float64:4,float32:8,bfloat16:2]
         [--max-new-tokens 64] [--layers 22] [--lookahead 4] [--out FILE]
 
-``--dtypes`` lists each dtype with the number of HumanEval prompts (the first N) it runs.
-bfloat16 matmuls are slow on CPUs without native support (about 12 s for one HumanEval
-prompt's forward on the 2-core development machine), hence its small default. One JSON line
+``--dtypes`` lists each dtype with the number of HumanEval prompts (the first N) it runs; the
+defaults take about 5.5 minutes on the 2-core development machine (5 ranks). One JSON line
 per dtype and mode (config, git commit, host) goes to --out, and a table to stdout.
 """
 
