@@ -31,8 +31,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate with DSI, SI or non-SI over MPI ranks",
                        description="Run under mpiexec/srun: rank 0 coordinates, rank 1 drafts, the rest verify.")
-    p.add_argument("--target", required=True, help="local path, hub id or emulated:tpot_ms=..,ttft_ms=..")
-    p.add_argument("--drafter", help="local path, hub id or emulated:tpot_ms=..,acceptance=..; unused by nonsi")
+    p.add_argument("--target", required=True, help="local path, hub id, .gguf file or emulated:tpot_ms=..,ttft_ms=..")
+    p.add_argument("--drafter", help="local path, hub id, .gguf file, self:layers=N (the target's first N layers) "
+                                     "or emulated:tpot_ms=..,acceptance=..; unused by nonsi")
     p.add_argument("--mode", default="dsi", help="dsi, si, nonsi, or a comma-separated list run on the same ranks")
     p.add_argument("--lookahead", type=int, default=5, help="drafts per verification task (ignored by nonsi)")
     p.add_argument("--sp", type=int, help="target servers DSI uses (default: every target rank)")
@@ -46,8 +47,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (each model rank takes a GPU of its node)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt as text")
-    src.add_argument("--prompt-file", help="text (one prompt a line) or JSONL with prompt or prompt_ids")
+    src.add_argument("--prompt-file", help="text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
     src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
+    _add_prompt_options(p)
     p.add_argument("--output", required=True, help="JSONL file, one line per prompt and mode")
     p.add_argument("--repeats", type=int, default=1, help="run every prompt this many times per mode")
     p.add_argument("--warmup", type=int, default=0, help="untimed runs of the first prompt per mode")
@@ -58,6 +60,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll", choices=POLL_CHOICES, default="auto",
                    help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
                         "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
+
+
+def _add_prompt_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each text prompt in the tokenizer's chat template (instruct models)")
+    p.add_argument("--num-prompts", type=int, help="take the first N prompts")
 
 
 def build_configs(args: argparse.Namespace) -> list[RunConfig]:
@@ -115,7 +123,8 @@ def run_command(args: argparse.Namespace) -> int:
         from dsi_mpi.preflight import preflight
 
         try:
-            prompts, tokenizer = preflight(configs[0], args.prompt, args.prompt_file, args.prompt_ids)
+            prompts, tokenizer = preflight(configs[0], args.prompt, args.prompt_file, args.prompt_ids,
+                                           args.chat, args.num_prompts)
             out_dir = os.path.dirname(os.path.abspath(args.output))
             if not os.path.isdir(out_dir):
                 raise ConfigError(f"--output: directory {out_dir!r} does not exist")
@@ -141,12 +150,18 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+LATENCY_FLAGS = ("target_tpot_ms", "target_ttft_ms", "drafter_tpot_ms", "drafter_ttft_ms", "acceptance")
+
+
 def _add_latency_flags(p: argparse.ArgumentParser, drafter_required: bool = False) -> None:
-    p.add_argument("--target-tpot-ms", type=float, required=True)
+    p.add_argument("--profile", help="a JSON file written by dsi-mpi profile, in place of the latency "
+                                     "and acceptance flags")
+    p.add_argument("--target-tpot-ms", type=float, help="required unless --profile")
     p.add_argument("--target-ttft-ms", type=float, help="default: the target's TPOT")
-    p.add_argument("--drafter-tpot-ms", type=float, required=drafter_required)
+    required = " (required unless --profile)" if drafter_required else ""
+    p.add_argument("--drafter-tpot-ms", type=float, help="the drafter's TPOT" + required)
     p.add_argument("--drafter-ttft-ms", type=float, help="default: the drafter's TPOT")
-    p.add_argument("--acceptance", type=float, required=drafter_required, help="i.i.d. per token, in [0, 1]")
+    p.add_argument("--acceptance", type=float, help="i.i.d. per token, in [0, 1]" + required)
 
 
 def _add_offline(sub: argparse._SubParsersAction) -> None:
@@ -184,10 +199,24 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
 
 
 def _latencies(args: argparse.Namespace, need_drafter: bool):  # noqa: ANN202 - a simulate.Latencies
+    """The latencies from the flags or from --profile (which also sets ``args.acceptance``)."""
     from dsi_mpi.simulate import Latencies
 
+    if args.profile is not None:
+        from dsi_mpi.plan import from_profile
+
+        given = [f"--{name.replace('_', '-')}" for name in LATENCY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise ConfigError(f"--profile gives the latencies and the acceptance; drop {', '.join(given)}")
+        try:
+            lat, args.acceptance = from_profile(args.profile)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--profile {args.profile!r}: {exc}") from None
+        return lat
+    if args.target_tpot_ms is None:
+        raise ConfigError("--target-tpot-ms is required (or --profile FILE from dsi-mpi profile)")
     if need_drafter and (args.drafter_tpot_ms is None or args.acceptance is None):
-        raise ConfigError("--drafter-tpot-ms and --acceptance are required for dsi and si")
+        raise ConfigError("--drafter-tpot-ms and --acceptance are required for dsi and si (or --profile FILE)")
     if need_drafter and not 0.0 <= args.acceptance <= 1.0:
         raise ConfigError(f"--acceptance must be in [0, 1], got {args.acceptance}")
     values = [args.target_tpot_ms, args.target_ttft_ms, args.drafter_tpot_ms, args.drafter_ttft_ms]
@@ -207,7 +236,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     from dsi_mpi.simulate import MessageModel, dsi_lookaheads, simulate
 
     _positive(args, "sp", "tokens", "repeats")
-    lat = _latencies(args, need_drafter=args.mode != "nonsi")
+    lat = _latencies(args, need_drafter=args.mode != "nonsi")  # may set args.acceptance from --profile
     try:
         messages = MessageModel(args.message_latency_ms, args.cancel_check_ms, args.poll_misses)
     except ValueError:
@@ -240,7 +269,8 @@ def plan_command(args: argparse.Namespace) -> int:
     _positive(args, "tokens", "repeats")
     if args.gpus < 2:
         raise ConfigError(f"--gpus must be >= 2 (one drafter and at least one target), got {args.gpus}")
-    plan = make_plan(_latencies(args, need_drafter=True), args.acceptance, args.gpus, args.tokens, args.repeats, args.seed)
+    lat = _latencies(args, need_drafter=True)  # may set args.acceptance from --profile
+    plan = make_plan(lat, args.acceptance, args.gpus, args.tokens, args.repeats, args.seed)
     d = plan.as_dict()
     print(f"recommended: --mode dsi --lookahead {d['lookahead']} --sp {d['sp']} "
           f"(mpiexec -n {d['ranks']}: coordinator, drafter, {d['sp']} targets)")
@@ -268,11 +298,54 @@ def heatmap_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure TTFT, TPOT and acceptance of a model pair (one process, no MPI)",
+                       description="What plan and simulate need, measured as in the paper's appendix F: each "
+                                   "model's TTFT and TPOT per prompt after a warm-up, and the drafter's "
+                                   "acceptance of the target's greedy tokens.")
+    p.add_argument("--target", required=True, help="local path, hub id, .gguf file or emulated: spec")
+    p.add_argument("--drafter", required=True, help="local path, hub id, .gguf file, self:layers=N or emulated: spec")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt as text")
+    src.add_argument("--prompt-file", help="text, JSONL or JSONL.gz (HumanEval) with prompt or prompt_ids")
+    src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
+    _add_prompt_options(p)
+    p.add_argument("--max-new-tokens", type=int, default=20, help="target tokens generated per prompt")
+    p.add_argument("--lookahead", type=int, default=5, help="block length of the per-position acceptance")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generations of the first prompt")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models on it)")
+    p.add_argument("--output", default="profile.json", help="JSON file for plan --profile and simulate --profile")
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    from dsi_mpi.preflight import preflight
+    from dsi_mpi.profile import profile, table
+
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    # The run's own checks: the same errors as dsi-mpi run, before any weights load.
+    config = RunConfig(target=args.target, drafter=args.drafter, mode="si", lookahead=args.lookahead,
+                       max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"--output: directory {out_dir!r} does not exist")
+    prompts, _ = preflight(config, args.prompt, args.prompt_file, args.prompt_ids, args.chat, args.num_prompts)
+    result = profile(config, [p.ids for p in prompts], warmup=args.warmup)
+    with open(args.output, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+        fh.write("\n")
+    print(table(result), flush=True)
+    print(f"wrote {args.output}", flush=True)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsi-mpi", description="Distributed Speculative Inference over MPI")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
     _add_offline(sub)
+    _add_profile(sub)
     return parser
 
 
@@ -289,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = make_parser().parse_args(argv)
         commands = {"run": run_command, "simulate": simulate_command, "plan": plan_command,
-                    "heatmap": heatmap_command}
+                    "heatmap": heatmap_command, "profile": profile_command}
         return commands[args.command](args)
     except ConfigError as exc:
         if _rank() == 0:

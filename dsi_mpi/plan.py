@@ -7,6 +7,8 @@ the runtime's own) and reports the expected latency of DSI, SI and non-SI.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -47,6 +49,27 @@ class Plan:
             "speedup_over_nonsi": self.nonsi.mean_ms / self.dsi.mean_ms,
             "ranks": self.sp + 2,
         }
+
+
+def from_profile(path: str) -> tuple[Latencies, float]:
+    """Latencies and acceptance from a JSON file written by ``dsi-mpi profile``.
+
+    Raises OSError when the file cannot be read and ValueError when it is not a profile."""
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from None
+    try:
+        values = [float(data[model][key]) for model in ("target", "drafter") for key in ("tpot_ms", "ttft_ms")]
+        acceptance = float(data["acceptance"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("not a profile: it needs target and drafter tpot_ms and ttft_ms, and acceptance "
+                         "(write one with dsi-mpi profile)") from None
+    target_tpot, target_ttft, drafter_tpot, drafter_ttft = values
+    if not all(math.isfinite(v) and v >= 0 for v in values) or target_tpot <= 0 or not 0 <= acceptance <= 1:
+        raise ValueError("latencies must be >= 0 ms with the target's TPOT > 0, and acceptance in [0, 1]")
+    return Latencies(target_tpot, drafter_tpot, target_ttft, drafter_ttft), acceptance
 
 
 def best(mode: str, lat: Latencies, acceptance: float, lookaheads: Iterable[int], sp: int, tokens: int,

@@ -1,17 +1,26 @@
 """Checks on rank 0 before any compute: model paths, vocabularies, prompts, context length.
 
 Only configs and tokenizers are read here, never weights, so bad input is reported in a
-second or two even for a 70B-parameter target.
+second or two even for a 70B-parameter target. Once every check has passed, GGUF specs are
+converted to their cached folders (``backends/gguf.py``), so the other ranks, which load
+after rank 0's verdict, all find the converted folder.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dsi_mpi.backends import EmulatedSpec
+from dsi_mpi.backends import (
+    EmulatedSpec,
+    is_emulated,
+    is_gguf,
+    is_self_drafter,
+    self_drafter_layers,
+)
 from dsi_mpi.config import ConfigError, RunConfig
 
 
@@ -20,19 +29,36 @@ class ModelInfo:
     vocab_size: int
     max_positions: int | None
     tokenizer: object | None  # a transformers tokenizer, or None (token ids only)
+    num_layers: int | None = None  # decoder layers, for self:layers=N drafters
 
 
-def inspect_model(spec: str, flag: str) -> ModelInfo:
-    """Vocabulary, context length and tokenizer of a spec, without loading weights."""
-    if spec.startswith("emulated:"):
+def inspect_model(spec: str, flag: str, target: ModelInfo | None = None) -> ModelInfo:
+    """Vocabulary, context length and tokenizer of a spec, without loading weights.
+
+    A ``self:layers=N`` drafter is checked against ``target`` (the target's info): N must be
+    one of its layers."""
+    if is_emulated(spec):
         return ModelInfo(EmulatedSpec.parse(spec).vocab, None, None)
+    if is_self_drafter(spec):
+        try:
+            n = self_drafter_layers(spec)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+        if target is None or target.num_layers is None:
+            raise ConfigError(f"{flag} {spec}: a self-drafter needs a --target model with decoder layers")
+        if not 1 <= n <= target.num_layers:
+            raise ConfigError(f"{flag} {spec}: N must be between 1 and the target's {target.num_layers} "
+                              "decoder layers")
+        return target
     from dsi_mpi.backends.hf import context_length, load_config, load_tokenizer
 
     try:
         config = load_config(spec)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"{flag}: {exc}") from None
-    return ModelInfo(int(config.vocab_size), context_length(config), load_tokenizer(spec))
+    layers = getattr(config, "num_hidden_layers", None)
+    return ModelInfo(int(config.vocab_size), context_length(config), load_tokenizer(spec),
+                     int(layers) if isinstance(layers, int) else None)
 
 
 def check_vocabularies(target: ModelInfo, drafter: ModelInfo, config: RunConfig) -> None:
@@ -54,13 +80,21 @@ class Prompt:
     seed: int | None = None  # a JSONL line's own sampling seed; None: --seed
 
 
-def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | None, tokenizer: object | None) -> list[Prompt]:
-    """Every prompt, from exactly one of the three sources."""
+def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | None, tokenizer: object | None,
+                 chat: bool = False, num_prompts: int | None = None) -> list[Prompt]:
+    """Every prompt, from exactly one of the three sources; the first ``num_prompts`` of them;
+    with ``chat``, each text wrapped in the tokenizer's chat template as a user message."""
     given = [x is not None for x in (prompt, prompt_file, prompt_ids)]
     if sum(given) != 1:
         raise ConfigError("give exactly one of --prompt TEXT, --prompt-file FILE, --prompt-ids 1,2,3")
+    if num_prompts is not None and num_prompts < 1:
+        raise ConfigError(f"--num-prompts must be >= 1, got {num_prompts}")
+    if chat and prompt_ids is not None:
+        raise ConfigError("--chat applies a chat template to text prompts; --prompt-ids are already tokens")
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("--chat: the target's tokenizer has no chat template; drop --chat")
     if prompt_ids is not None:
-        return [Prompt(_parse_ids(prompt_ids, "--prompt-ids"))]
+        return _first([Prompt(_parse_ids(prompt_ids, "--prompt-ids"))], num_prompts, "--prompt-ids")
     texts: list[tuple[str | list[int], int | None]]
     if prompt is not None:
         texts = [(prompt, None)]
@@ -69,8 +103,8 @@ def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | 
         if not os.path.isfile(prompt_file):
             raise ConfigError(f"--prompt-file {prompt_file!r} does not exist")
         texts = []
-        with open(prompt_file, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
+        with _open_text(prompt_file) as fh:
+            for number, line in enumerate(_lines(fh, prompt_file), 1):
                 if not line.strip():
                     continue
                 if line.lstrip().startswith("{"):
@@ -91,15 +125,46 @@ def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | 
                     texts.append((line.rstrip("\n"), None))
         if not texts:
             raise ConfigError(f"--prompt-file {prompt_file!r} holds no prompt")
+    texts = _first(texts, num_prompts, f"--prompt-file {prompt_file!r}" if prompt_file else "--prompt")
     out = []
     for text, seed in texts:
         if isinstance(text, list):
+            if chat:
+                raise ConfigError("--chat applies a chat template to text prompts; this file has prompt_ids")
             out.append(Prompt(text, seed))
         elif tokenizer is None:
             raise ConfigError("text prompts need a tokenizer; this target has none: use --prompt-ids or prompt_ids")
+        elif chat:
+            # Render the template as text, then tokenize it as it stands: the template already
+            # holds the special tokens the model was trained with.
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+            out.append(Prompt(list(tokenizer(rendered, add_special_tokens=False)["input_ids"]), seed))
         else:
             out.append(Prompt(list(tokenizer(text)["input_ids"]), seed))
     return out
+
+
+def _first(items: list, num_prompts: int | None, source: str) -> list:
+    if num_prompts is None:
+        return items
+    if num_prompts > len(items):
+        raise ConfigError(f"--num-prompts {num_prompts}: {source} holds only {len(items)} prompt(s)")
+    return items[:num_prompts]
+
+
+def _open_text(path: str):  # noqa: ANN202 - a text file object
+    """A prompt file, gzip-compressed when its name ends in .gz (HumanEval.jsonl.gz as shipped)."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _lines(fh, path: str):  # noqa: ANN001, ANN202 - lines of a text file
+    try:
+        yield from fh
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--prompt-file {path!r} cannot be read as text: {exc}") from None
 
 
 def _parse_ids(text: str, flag: str) -> list[int]:
@@ -133,15 +198,28 @@ def check_prompts(prompts: Sequence[Prompt], config: RunConfig, infos: Sequence[
 
 
 def preflight(config: RunConfig, prompt: str | None = None, prompt_file: str | None = None,
-              prompt_ids: str | None = None) -> tuple[list[Prompt], object | None]:
-    """Everything rank 0 checks before any rank loads weights; returns prompts and tokenizer."""
+              prompt_ids: str | None = None, chat: bool = False,
+              num_prompts: int | None = None) -> tuple[list[Prompt], object | None]:
+    """Everything rank 0 checks before any rank loads weights, then the GGUF conversions;
+    returns prompts and tokenizer."""
     target = inspect_model(config.target, "--target")
     infos = [target]
     if config.uses_drafter:
         assert config.drafter is not None
-        drafter = inspect_model(config.drafter, "--drafter")
+        drafter = inspect_model(config.drafter, "--drafter", target)
         check_vocabularies(target, drafter, config)
         infos.append(drafter)
-    prompts = read_prompts(prompt, prompt_file, prompt_ids, target.tokenizer)
+    prompts = read_prompts(prompt, prompt_file, prompt_ids, target.tokenizer, chat, num_prompts)
     check_prompts(prompts, config, infos)
+    prepare_models(config)
     return prompts, target.tokenizer
+
+
+def prepare_models(config: RunConfig) -> None:
+    """Convert GGUF specs to their cached folders (once; later runs find them in the cache)."""
+    from dsi_mpi.backends import gguf
+
+    specs = [config.target] + ([config.drafter] if config.uses_drafter and config.drafter else [])
+    for spec in specs:
+        if is_gguf(spec):
+            gguf.convert(spec)

@@ -98,7 +98,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
         if role == "target":
             backend = load_backend(base.target, base.dtype, model_device(comm, layout, base.device))
         elif role == "drafter" and any(c.uses_drafter for c in configs):
-            backend = load_backend(base.drafter or "", base.dtype, model_device(comm, layout, base.device))
+            backend = load_backend(base.drafter or "", base.dtype, model_device(comm, layout, base.device),
+                                   target=base.target)  # a self:layers=N drafter is built from the target
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
         transport.barrier("every rank to load its model")

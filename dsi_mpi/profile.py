@@ -1,0 +1,209 @@
+"""``dsi-mpi profile``: the planner's inputs, measured on real models the way the paper did.
+
+The paper's appendix F: each model's TTFT (the forward over the prompt) and TPOT (the mean of
+the later one-token forwards), measured per prompt after a warm-up; and the pair's acceptance
+rate under greedy decoding: the target generates, and the drafter predicts every next token
+from the target's own prefix; acceptance is the fraction it gets right.
+
+One pass per model and prompt does both. The target decodes greedily with its KV cache
+(non-SI), timing each forward. The drafter then reads the prompt and the target's tokens one
+forward at a time, as it would in a run, and its greedy pick after each prefix is compared
+with the target's next token. Because a block of drafts is all correct up to draft ``i`` exactly
+when the drafter's context still equals the target's prefix, the per-position acceptance in
+blocks of ``lookahead`` drafts follows from the same comparisons, with no extra forwards:
+position ``i`` of a block is accepted with probability
+``#(blocks whose first i drafts match) / #(blocks whose first i - 1 match)``, which an i.i.d.
+acceptance rate ``a`` (the simulator's model) predicts to be ``a`` at every position.
+
+One process, no MPI; any backend spec (emulated ones sleep their latencies, which makes the
+measurement itself testable).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dsi_mpi.backends import Backend, load_backend
+from dsi_mpi.config import RunConfig
+from dsi_mpi.verify import SamplingParams
+
+GREEDY = SamplingParams()
+
+
+@dataclass
+class Timing:
+    """One model's forwards over one prompt: the prompt's, then one per later token."""
+
+    ttft_ms: float
+    decode_ms: list[float] = field(default_factory=list)
+
+    @property
+    def tpot_ms(self) -> float | None:
+        return statistics.fmean(self.decode_ms) if self.decode_ms else None
+
+
+def _sync(backend: Backend) -> None:
+    device = getattr(backend, "device", None)
+    if device is not None and getattr(device, "type", "") == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _timed_forward(backend: Backend, tokens: Sequence[int]) -> tuple[int, float]:
+    """The model's greedy token after ``tokens`` (appended to its cache) and the forward's ms."""
+    _sync(backend)
+    start = time.perf_counter()
+    out = backend.forward(tokens, GREEDY, num_outputs=1)
+    _sync(backend)
+    return int(out.tokens[-1]), (time.perf_counter() - start) * 1e3
+
+
+def generate(target: Backend, prompt: Sequence[int], max_new_tokens: int) -> tuple[list[int], Timing]:
+    """Greedy non-SI decoding, timed: stops at ``max_new_tokens`` or an EOS (kept)."""
+    target.reset()
+    token, ms = _timed_forward(target, prompt)
+    timing, tokens = Timing(ms), [token]
+    while len(tokens) < max_new_tokens and token not in target.eos_token_ids:
+        token, ms = _timed_forward(target, [token])
+        timing.decode_ms.append(ms)
+        tokens.append(token)
+    return tokens, timing
+
+
+def follow(drafter: Backend, prompt: Sequence[int], tokens: Sequence[int]) -> tuple[list[int], Timing]:
+    """The drafter's greedy prediction for each position of ``tokens`` given the prefix before it
+    (the prompt and the target's earlier tokens), timed like :func:`generate`."""
+    drafter.reset()
+    prediction, ms = _timed_forward(drafter, prompt)
+    timing, predictions = Timing(ms), [prediction]
+    for token in tokens[:-1]:
+        prediction, ms = _timed_forward(drafter, [token])
+        timing.decode_ms.append(ms)
+        predictions.append(prediction)
+    return predictions, timing
+
+
+def block_acceptance(matches: Sequence[Sequence[bool]], lookahead: int) -> tuple[list[float | None], float | None]:
+    """Per-position acceptance in blocks of ``lookahead`` drafts, and the mean accepted length.
+
+    A block starts at every position with ``lookahead`` positions after it; draft ``i`` of a
+    block is accepted when drafts ``1..i`` all match. Entry ``i - 1`` of the list is
+    P(draft i accepted | drafts 1..i-1 accepted), None where no block got that far.
+    """
+    reached = [0] * (lookahead + 1)  # reached[i]: blocks whose first i drafts were accepted
+    for row in matches:
+        for start in range(len(row) - lookahead + 1):
+            accepted = 0
+            while accepted < lookahead and row[start + accepted]:
+                accepted += 1
+            for i in range(accepted + 1):
+                reached[i] += 1
+    rates = [reached[i] / reached[i - 1] if reached[i - 1] else None for i in range(1, lookahead + 1)]
+    mean_length = sum(reached[1:]) / reached[0] if reached[0] else None
+    return rates, mean_length
+
+
+def _summary(spec: str, timings: Sequence[Timing]) -> dict:
+    ttfts = [t.ttft_ms for t in timings]
+    decode = [ms for t in timings for ms in t.decode_ms]
+    tpots = [t.tpot_ms for t in timings if t.tpot_ms is not None]
+    return {
+        "spec": spec,
+        "ttft_ms": statistics.fmean(ttfts),  # mean over prompts
+        "tpot_ms": statistics.fmean(decode) if decode else 0.0,  # mean over every later token
+        "ttft_ms_median": statistics.median(ttfts),
+        "tpot_ms_median": statistics.median(tpots) if tpots else 0.0,  # median of per-prompt means
+        "ttft_over_tpot": statistics.fmean(ttfts) / statistics.fmean(decode) if decode else None,
+        "forwards": len(ttfts) + len(decode),
+    }
+
+
+def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20,
+            lookahead: int = 5, warmup: int = 1) -> dict:
+    """Profile a loaded pair on ``prompts`` (token ids); the dict ``dsi-mpi profile`` writes,
+    without the specs."""
+    if not prompts:
+        raise ValueError("profile needs at least one prompt")
+    for _ in range(warmup):
+        tokens, _ = generate(target, prompts[0], max_new_tokens)
+        follow(drafter, prompts[0], tokens)
+    per_prompt, matches, target_timings, drafter_timings = [], [], [], []
+    for index, prompt in enumerate(prompts):
+        tokens, t_timing = generate(target, prompt, max_new_tokens)
+        predictions, d_timing = follow(drafter, prompt, tokens)
+        row = [p == t for p, t in zip(predictions, tokens, strict=True)]
+        matches.append(row)
+        target_timings.append(t_timing)
+        drafter_timings.append(d_timing)
+        per_prompt.append({
+            "prompt_index": index,
+            "prompt_tokens": len(prompt),
+            "new_tokens": len(tokens),
+            "target_ttft_ms": t_timing.ttft_ms,
+            "target_tpot_ms": t_timing.tpot_ms,
+            "drafter_ttft_ms": d_timing.ttft_ms,
+            "drafter_tpot_ms": d_timing.tpot_ms,
+            "acceptance": sum(row) / len(row),
+            "matches": "".join("1" if m else "0" for m in row),  # position by position
+            "tokens": tokens,
+        })
+    total = sum(len(row) for row in matches)
+    per_position, mean_length = block_acceptance(matches, lookahead)
+    return {
+        "target": _summary("", target_timings),
+        "drafter": _summary("", drafter_timings),
+        "acceptance": sum(map(sum, matches)) / total,
+        "acceptance_per_position": per_position,
+        "mean_accepted_length": mean_length,
+        "lookahead": lookahead,
+        "prompts": len(prompts),
+        "tokens": total,
+        "max_new_tokens": max_new_tokens,
+        "warmup": warmup,
+        "per_prompt": per_prompt,
+    }
+
+
+def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1) -> dict:
+    """Load ``config``'s target and drafter in this process and :func:`measure` them."""
+    import torch
+    import transformers
+
+    target = load_backend(config.target, config.dtype, config.device)
+    drafter = load_backend(config.drafter or "", config.dtype, config.device, target=config.target)
+    result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup)
+    result["target"]["spec"], result["drafter"]["spec"] = config.target, config.drafter
+    for name, backend in (("target", target), ("drafter", drafter)):
+        config_ = getattr(backend, "config", None)
+        result[name]["num_layers"] = getattr(config_, "num_hidden_layers", None)
+    result |= {
+        "dtype": config.dtype,
+        "device": config.device,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return result
+
+
+def table(result: dict) -> str:
+    """The profile as the table ``dsi-mpi profile`` prints."""
+    lines = [f"{'':<8} {'mean':>19} {'median':>19}",
+             f"{'model':<8} {'TTFT ms':>9} {'TPOT ms':>9} {'TTFT ms':>9} {'TPOT ms':>9} {'TTFT/TPOT':>9}  spec"]
+    for name in ("target", "drafter"):
+        m = result[name]
+        ratio = f"{m['ttft_over_tpot']:.2f}" if m["ttft_over_tpot"] is not None else "-"
+        lines.append(f"{name:<8} {m['ttft_ms']:>9.2f} {m['tpot_ms']:>9.2f} {m['ttft_ms_median']:>9.2f} "
+                     f"{m['tpot_ms_median']:>9.2f} {ratio:>9}  {m['spec']}")
+    per_position = " ".join("-" if a is None else f"{a:.2f}" for a in result["acceptance_per_position"])
+    lines.append(f"acceptance {result['acceptance']:.3f} over {result['tokens']} target tokens of "
+                 f"{result['prompts']} prompts; per draft position in blocks of {result['lookahead']}: "
+                 f"{per_position or '- (too few tokens per prompt)'}")
+    return "\n".join(lines)
