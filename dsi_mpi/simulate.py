@@ -26,13 +26,12 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dsi_mpi.backends.base import ContextRunner, StepOutput
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.metrics import Counters
-from dsi_mpi.policy import Action, CancelTask, DrafterState, Policy, SendTask, default_run_ahead
-from dsi_mpi.verify import SamplingParams
+from dsi_mpi.policy import DRAFTER, Policy, Send, default_run_ahead
+from dsi_mpi.protocol import Cancel, Draft, DrafterMessage, Result, Verify
+from dsi_mpi.worker import DrafterWorker, TargetWorker
 
-GREEDY = SamplingParams()
 PROMPT = (1, 2, 3, 4)
 MODES = ("dsi", "si", "nonsi")
 
@@ -147,20 +146,19 @@ class _Simulation:
         self._events: list[tuple[float, int, str, tuple]] = []
         self._seq = 0
         self._pending: deque[tuple[str, tuple]] = deque()  # events to handle at `now`, first
-        self.servers = {s: ContextRunner(EmulatedBackend(target, sleep=False)) for s in servers}
+        self.servers = {s: TargetWorker(EmulatedBackend(target, sleep=False)) for s in servers}
         # server -> (task, version, start, end): the forward in flight and when it ends
-        self._running: dict[int, tuple[SendTask, int, float, float]] = {}
-        self._outputs: dict[int, StepOutput] = {}  # server -> what its running task returns
+        self._running: dict[int, tuple[Verify, int, float, float]] = {}
+        self._outputs: dict[int, Result] = {}  # server -> what its running task returns
         self._version = 0
         self.queued_ms = 0.0
         self.queued_after_prefill_ms = 0.0
         self._queued_since: float | None = None
         self._prefill_done: float | None = None
-        self.drafter = ContextRunner(EmulatedBackend(drafter, sleep=False))
+        self.drafter = DrafterWorker(EmulatedBackend(drafter, sleep=False))
         self._d_busy = False
-        self._d_inbox: deque[Action] = deque()
+        self._d_inbox: deque[DrafterMessage] = deque()
         self._d_misses = 0  # polls left that miss the messages in the inbox
-        self._d = DrafterState()
 
     def _push(self, delay: float, kind: str, payload: tuple) -> None:
         """An event ``delay`` ms from now; with no delay, before any other event at ``now``
@@ -200,23 +198,24 @@ class _Simulation:
 
     # ----------------------------------------------------------------- events
 
-    def _deliver(self, kind: str, payload: tuple) -> list[Action]:
+    def _deliver(self, kind: str, payload: tuple) -> list[Send]:
         """Handle one event; returns the policy's actions when the coordinator got a message."""
         if kind == "result":  # at the coordinator
-            server, task, out = payload
-            return self.policy.on_result(server, task.task_id, task.epoch, out.first_position, out.tokens.tolist())
+            server, out = payload
+            return self.policy.on_result(server, out.task_id, out.first_position, out.tokens)
         if kind == "cancelled":
             return self.policy.on_cancelled(*payload)
         if kind == "draft":
-            return self.policy.on_draft(*payload)
-        if kind == "task":  # a VERIFY reaches its server
-            self._start_task(payload[0])
+            draft: Draft = payload[0]
+            return self.policy.on_draft(draft.epoch, draft.position, draft.token)
+        if kind == "task":  # a Verify reaches its server
+            self._start_task(*payload)
         elif kind == "done":  # a server's forward ends
             server, version = payload
             running = self._running.get(server)
             if running is not None and running[1] == version:
                 del self._running[server]
-                self._push(self.msg.latency_ms, "result", (server, running[0], self._outputs.pop(server)))
+                self._push(self.msg.latency_ms, "result", (server, self._outputs.pop(server)))
         elif kind == "cancel":  # a CANCEL reaches its server
             self._cancel_arrives(*payload)
         elif kind == "abandon":
@@ -224,7 +223,8 @@ class _Simulation:
             running = self._running.get(server)
             if running is not None and running[1] == version:
                 del self._running[server]
-                self.servers[server].crop(running[0].keep)
+                self.servers[server].runner.crop(running[0].keep)
+                self._outputs.pop(server)
                 self._push(self.msg.latency_ms, "cancelled", (server, running[0].task_id))
         elif kind == "drafted":  # the drafter's forward ends
             self._push(self.msg.latency_ms, "draft", payload)
@@ -236,31 +236,31 @@ class _Simulation:
                     self._d_misses = self.msg.poll_misses
                 self._d_inbox.append(payload[0])
             else:
-                self._drafter_apply(payload[0])
+                self.drafter.apply(payload[0])
                 self._drafter_maybe_start()
         else:
             raise AssertionError(kind)
         return []
 
-    def _apply(self, actions: Sequence[Action]) -> None:
+    def _apply(self, actions: Sequence[Send]) -> None:
         """The coordinator's messages, each delivered after the message latency."""
-        for action in actions:
-            if isinstance(action, SendTask):
-                self._push(self.msg.latency_ms, "task", (action,))
-            elif isinstance(action, CancelTask):
-                self._push(self.msg.latency_ms, "cancel", (action.server, action.task_id))
+        for to, msg in actions:
+            if to == DRAFTER:
+                self._push(self.msg.latency_ms, "to_drafter", (msg,))
+            elif isinstance(msg, Cancel):
+                self._push(self.msg.latency_ms, "cancel", (to, msg.task_id))
             else:
-                self._push(self.msg.latency_ms, "to_drafter", (action,))
+                self._push(self.msg.latency_ms, "task", (to, msg))
 
-    def _start_task(self, task: SendTask) -> None:
+    def _start_task(self, server: int, task: Verify) -> None:
+        """The server's forward runs now (its output is known at once; it is delivered when
+        the forward ends, unless a Cancel abandons it first)."""
         cost = self.lat.target_ttft if task.keep == 0 else self.lat.target_tpot_ms
-        out = self.servers[task.server].extend(task.keep, task.tokens, GREEDY,
-                                               num_outputs=task.keep + len(task.tokens) - task.first_position + 1)
-        self._outputs[task.server] = out
+        self._outputs[server] = self.servers[server].verify(task)
         self._version += 1
-        self._running[task.server] = (task, self._version, self.now, self.now + cost)
+        self._running[server] = (task, self._version, self.now, self.now + cost)
         self._seq += 1
-        heapq.heappush(self._events, (self.now + cost, self._seq, "done", (task.server, self._version)))
+        heapq.heappush(self._events, (self.now + cost, self._seq, "done", (server, self._version)))
 
     def _cancel_arrives(self, server: int, task_id: int) -> None:
         """A CANCEL for a forward in flight stops it at a cancellation check (the first after
@@ -286,28 +286,21 @@ class _Simulation:
         counts its own misses, from when it is next in line: the runtime polls again right
         after applying one, and that poll can miss the next as well."""
         while self._d_inbox:
-            if self._d_misses > 0 and self._d.can_draft():
+            if self._d_misses > 0 and self.drafter.can_draft():
                 self._d_misses -= 1
                 break
-            self._drafter_apply(self._d_inbox.popleft())
+            self.drafter.apply(self._d_inbox.popleft())
             self._d_misses = self.msg.poll_misses
         self._drafter_maybe_start()
 
-    def _drafter_apply(self, action: Action) -> None:
-        self._d.apply(action)
-        if self._d.reset_cache:
-            self.drafter.reset()
-            self._d.reset_cache = False
-
     def _drafter_maybe_start(self) -> None:
-        if self._d_busy or not self._d.can_draft():
+        if self._d_busy or not self.drafter.can_draft():
             return
-        cost = self.lat.drafter_ttft if self.drafter.backend.cached_length() == 0 else self.lat.drafter_tpot_ms
-        token = int(self.drafter.run(self._d.seq, GREEDY).tokens[0])
-        position = self._d.drafted(token, frozenset())
+        cost = self.lat.drafter_ttft if self.drafter.cold else self.lat.drafter_tpot_ms
+        draft = self.drafter.step()
         self._d_busy = True
         self._seq += 1
-        heapq.heappush(self._events, (self.now + cost, self._seq, "drafted", (self._d.epoch, position, token)))
+        heapq.heappush(self._events, (self.now + cost, self._seq, "drafted", (draft,)))
 
 
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,

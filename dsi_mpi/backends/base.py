@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dsi_mpi.sequences import common_prefix
 from dsi_mpi.verify import SamplingParams
 
 
@@ -64,15 +65,6 @@ class Backend(ABC):
     def reset(self) -> None:
         """Forget the cached sequence (start of a new prompt)."""
         self.crop(0)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class ContextRunner:

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dsi_mpi.backends.base import Backend, Cancelled, StepOutput
-from dsi_mpi.verify import SamplingParams, distributions, select_tokens
+from dsi_mpi.backends.logits import distributions, select_tokens
+from dsi_mpi.verify import SamplingParams
 
 DTYPES = {
     "float32": torch.float32,
