@@ -10,14 +10,16 @@ Messages (rank 0 is the coordinator)::
                  | Stop(epoch)                           the prompt is done
                  | Shutdown ;  drafter -> Bye
 
-Between forwards it applies every message that has arrived, so a rollback costs at most the
-forward in progress; what each message does is :class:`dsi_mpi.worker.DrafterWorker`'s.
+Between forwards it applies every message that has arrived; a Rollback, Start, Stop or Shutdown
+also preempts the forward in progress (checked between decoder layers, as targets check for
+Cancel), so a rejection never waits for a stale draft. What each message does is
+:class:`dsi_mpi.worker.DrafterWorker`'s.
 """
 
 from __future__ import annotations
 
 from dsi_mpi.backends.base import Backend
-from dsi_mpi.protocol import Shutdown
+from dsi_mpi.protocol import PREEMPTS_DRAFT, Shutdown
 from dsi_mpi.transport import IDLE, Transport
 from dsi_mpi.verify import SamplingParams
 from dsi_mpi.worker import DrafterWorker
@@ -28,6 +30,12 @@ COORDINATOR = 0
 def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams, eos_ids: frozenset[int]) -> None:
     """Draft until Shutdown; ``eos_ids`` are the target's."""
     worker = DrafterWorker(backend, params, eos_ids)
+
+    def preempted() -> bool:
+        # A message that makes the draft in flight stale: abandon the forward (between decoder
+        # layers, or sleep slices) rather than finish a draft that will be dropped. With a
+        # drafter slower than half the target this is up to a whole forward per rejection.
+        return transport.pending_any(COORDINATOR, PREEMPTS_DRAFT)
     while True:
         msg = transport.poll(source=COORDINATOR)
         if msg is None and not worker.can_draft():
@@ -37,4 +45,6 @@ def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams
                 return
             worker.apply(msg.message)
             continue  # apply everything that has arrived before the next forward
-        transport.send(COORDINATOR, worker.step())
+        draft = worker.step(should_cancel=preempted)
+        if draft is not None:
+            transport.send(COORDINATOR, draft)

@@ -181,6 +181,9 @@ class Error:
     text: str
 
 
+# Messages that make a drafter's forward in flight stale: it abandons the forward for them.
+PREEMPTS_DRAFT = (Tag.START, Tag.ROLLBACK, Tag.STOP, Tag.SHUTDOWN)
+
 Message = (Verify | Cancel | Result | Cancelled | Start | Rollback | Advance | Stop | Draft | Shutdown | Bye
            | Error)
 DrafterMessage = Start | Rollback | Advance | Stop

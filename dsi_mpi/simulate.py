@@ -10,7 +10,8 @@ at their cancellation checks, and busy ranks whose polls miss messages already d
 
 Model of each role, matching the runtime:
 - drafter: one forward per draft; messages that arrive during a forward apply after it (the
-  drafter polls between forwards; an idle drafter applies them at once);
+  drafter polls between forwards; an idle drafter applies them at once), except a Rollback,
+  Start or Stop, which abandons the forward at its next cancellation check;
 - target server: one forward per task (whatever its number of tokens); a cancelled forward
   stops at the first cancellation check after the CANCEL arrives, its cache cropped back to
   the task's ``keep``;
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.metrics import Counters
 from dsi_mpi.policy import DRAFTER, Policy, Send, default_run_ahead
-from dsi_mpi.protocol import Cancel, Draft, DrafterMessage, Result, Verify
+from dsi_mpi.protocol import PREEMPTS_DRAFT, Cancel, Draft, DrafterMessage, Result, Verify
 from dsi_mpi.worker import DrafterWorker, TargetWorker
 
 PROMPT = (1, 2, 3, 4)
@@ -132,7 +133,7 @@ class _Simulation:
     def __init__(self, mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                  tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT,
                  run_ahead: int | None = None, messages: MessageModel = IDEAL,
-                 restart_on_forced: bool = False) -> None:
+                 restart_on_forced: bool = False, preempt_drafter: bool = True) -> None:
         self.prompt = tuple(prompt)
         target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
@@ -159,6 +160,9 @@ class _Simulation:
         self._d_busy = False
         self._d_inbox: deque[DrafterMessage] = deque()
         self._d_misses = 0  # polls left that miss the messages in the inbox
+        self._d_forward = 0  # numbers the drafter's forwards, so an abandoned one is ignored
+        self._d_started = self._d_ends = 0.0
+        self.preempt_drafter = preempt_drafter
 
     def _push(self, delay: float, kind: str, payload: tuple) -> None:
         """An event ``delay`` ms from now; with no delay, before any other event at ``now``
@@ -227,16 +231,31 @@ class _Simulation:
                 self._outputs.pop(server)
                 self._push(self.msg.latency_ms, "cancelled", (server, running[0].task_id))
         elif kind == "drafted":  # the drafter's forward ends
-            self._push(self.msg.latency_ms, "draft", payload)
+            if payload[0] != self._d_forward:
+                return []  # abandoned for a Rollback, Start or Stop
             self._d_busy = False
+            self._push(self.msg.latency_ms, "draft", (self.drafter.step(),))
             self._drafter_poll()
+        elif kind == "d_abandon":  # the drafter abandons its forward for a preempting message
+            if payload[0] == self._d_forward and self._d_busy:
+                self._d_forward += 1
+                self._d_busy = False
+                while self._d_inbox:
+                    self.drafter.apply(self._d_inbox.popleft())
+                self._drafter_maybe_start()
         elif kind == "to_drafter":
+            msg = payload[0]
             if self._d_busy:
                 if not self._d_inbox:
                     self._d_misses = self.msg.poll_misses
-                self._d_inbox.append(payload[0])
+                self._d_inbox.append(msg)
+                if self.preempt_drafter and msg.TAG in PREEMPTS_DRAFT:
+                    self._seq += 1
+                    at = self._check_time(self._d_started, self._d_ends)
+                    if at is not None:
+                        heapq.heappush(self._events, (at, self._seq, "d_abandon", (self._d_forward,)))
             else:
-                self.drafter.apply(payload[0])
+                self.drafter.apply(msg)
                 self._drafter_maybe_start()
         else:
             raise AssertionError(kind)
@@ -263,20 +282,26 @@ class _Simulation:
         heapq.heappush(self._events, (self.now + cost, self._seq, "done", (server, self._version)))
 
     def _cancel_arrives(self, server: int, task_id: int) -> None:
-        """A CANCEL for a forward in flight stops it at a cancellation check (the first after
-        its arrival, or a later one when polls miss it); one that finds the forward done, or
-        about to be, is ignored, as the runtime's servers do."""
+        """A Cancel for a forward in flight stops it at a cancellation check; one that finds
+        the forward done, or about to be, is ignored, as the runtime's servers do."""
         running = self._running.get(server)
         if running is None or running[0].task_id != task_id:
             return
         _, version, start, end = running
+        at = self._check_time(start, end)
+        if at is not None:
+            self._seq += 1
+            heapq.heappush(self._events, (at, self._seq, "abandon", (server, version)))
+
+    def _check_time(self, start: float, end: float) -> float | None:
+        """When a forward running from ``start`` to ``end`` notices a message arriving now: at
+        its first cancellation check from now on (or a later one when polls miss it), or None
+        when the forward ends first."""
         check = self.msg.cancel_check_ms
         at = self.now
         if check > 0:
             at = start + (math.ceil((self.now - start) / check - 1e-9) + self.msg.poll_misses) * check
-        if at < end:
-            self._seq += 1
-            heapq.heappush(self._events, (at, self._seq, "abandon", (server, version)))
+        return at if at < end else None
 
     # ----------------------------------------------------------------- drafter
 
@@ -294,25 +319,31 @@ class _Simulation:
         self._drafter_maybe_start()
 
     def _drafter_maybe_start(self) -> None:
+        """Start the drafter's next forward; its draft is taken when the forward ends (no
+        message is applied in between: they wait in the inbox, or abandon the forward)."""
         if self._d_busy or not self.drafter.can_draft():
             return
         cost = self.lat.drafter_ttft if self.drafter.cold else self.lat.drafter_tpot_ms
-        draft = self.drafter.step()
         self._d_busy = True
+        self._d_forward += 1
+        self._d_started, self._d_ends = self.now, self.now + cost
         self._seq += 1
-        heapq.heappush(self._events, (self.now + cost, self._seq, "drafted", (draft,)))
+        heapq.heappush(self._events, (self.now + cost, self._seq, "drafted", (self._d_forward,)))
 
 
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
                   seed: int = 0, prompt: Sequence[int] = PROMPT, run_ahead: int | None = None,
-                  messages: MessageModel = IDEAL, restart_on_forced: bool = False) -> SimRun:
+                  messages: MessageModel = IDEAL, restart_on_forced: bool = False,
+                  preempt_drafter: bool = True) -> SimRun:
     """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
     acceptances (the same as an emulated MPI run with that seed and prompt). ``run_ahead``
     overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime);
     ``messages`` prices the messages (default: free); ``restart_on_forced`` runs the policy
-    as it was before issue 8."""
+    as it was before issue 8, and ``preempt_drafter=False`` the drafter (which then finished
+    every forward, even one a rollback had made stale)."""
     return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt, run_ahead=run_ahead,
-                       messages=messages, restart_on_forced=restart_on_forced).run()
+                       messages=messages, restart_on_forced=restart_on_forced,
+                       preempt_drafter=preempt_drafter).run()
 
 
 def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,

@@ -10,6 +10,7 @@ reports how many requests were still open, which tests assert to be zero.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -100,6 +101,13 @@ class Transport:
         if rows:
             msg = with_probs(msg, self._recv_probs(src, rows))
         return Incoming(src, msg)
+
+    def pending_any(self, source: int, tags: Sequence[int]) -> bool:
+        """Whether a message with one of ``tags`` has arrived from ``source`` (not received).
+        One probe per tag: a caller that checks often (between decoder layers) sees a message a
+        check late at worst."""
+        iprobe = self.comm.Iprobe
+        return any(iprobe(source=source, tag=int(tag)) for tag in tags)
 
     def _recv_probs(self, source: int, rows: int) -> np.ndarray:
         """The PROBS message that the sender sent right after the header just received."""

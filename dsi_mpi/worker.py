@@ -106,12 +106,17 @@ class DrafterWorker:
         """The next forward fills an empty cache (a prefill: TTFT, not TPOT)."""
         return self.reset_cache or not self.runner.tokens
 
-    def step(self) -> Draft:
-        """One forward: the next draft (and its distribution q, under rejection sampling)."""
+    def step(self, should_cancel: Callable[[], bool] | None = None) -> Draft | None:
+        """One forward: the next draft (and its distribution q, under rejection sampling), or
+        None when ``should_cancel`` abandoned it (a Rollback, Start or Stop came: the draft
+        would be stale; the cache is as before the forward)."""
         if self.reset_cache:
             self.runner.reset()
             self.reset_cache = False
-        out = self.runner.run(self.seq, self._params, want_probs=self.want_probs)
+        try:
+            out = self.runner.run(self.seq, self._params, want_probs=self.want_probs, should_cancel=should_cancel)
+        except Cancelled:
+            return None
         token = int(out.tokens[0])
         self.seq.append(token)
         self.eos = token in self.eos_ids
