@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, device_name, provenance  # noqa: E402
 from bench.models import describe, resolve  # noqa: E402
-from dsi_mpi.protocol import Tag  # noqa: E402
+from dsi_mpi.protocol import Cancel, Cancelled, Message, Result, Shutdown, Verify  # noqa: E402
 from dsi_mpi.transport import Transport  # noqa: E402
 
 SERVER = 1
@@ -63,17 +63,17 @@ class TimedTransport(Transport):
         self.side = side
         self.device = device
 
-    def send(self, dest: int, kind: Tag, epoch: int = 0, ident: int = 0, *args, **kwargs) -> None:
+    def send(self, dest: int, msg: Message) -> None:
         replied = time.perf_counter()
-        super().send(dest, kind, epoch, ident, *args, **kwargs)
-        if kind in (Tag.RESULT, Tag.CANCELLED):
+        super().send(dest, msg)
+        if isinstance(msg, Result | Cancelled):
             idle = replied  # a CPU forward is over when it returns
             if self.device.startswith("cuda"):
                 import torch
 
                 torch.cuda.current_stream(self.device).synchronize()  # no queued work left
                 idle = time.perf_counter()
-            self.side.send((ident, idle), dest=0)
+            self.side.send((msg.task_id, idle), dest=0)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -99,12 +99,12 @@ class Driver:
     def _verify(self, tokens: list[int], keep: int, outputs: int) -> int:
         self.task += 1
         first = keep + len(tokens) - outputs + 1  # the server returns `outputs` tokens
-        self.transport.send(SERVER, Tag.VERIFY, 0, self.task, keep, first, 0, 0, tokens=tokens)
+        self.transport.send(SERVER, Verify(0, self.task, keep, first, tuple(tokens)))
         return self.task
 
-    def _reply(self, task: int):  # noqa: ANN202 - a protocol Message
-        msg = self.transport.wait(source=SERVER, what=f"the reply to task {task}")
-        assert msg.ident == task and msg.kind in (Tag.RESULT, Tag.CANCELLED), msg
+    def _reply(self, task: int) -> Result | Cancelled:
+        msg = self.transport.wait(source=SERVER, what=f"the reply to task {task}").message
+        assert isinstance(msg, Result | Cancelled) and msg.task_id == task, msg
         return msg
 
     def _idle(self, task: int) -> float:
@@ -133,7 +133,7 @@ class Driver:
         task = self._verify(tokens, len(self.context), min(len(tokens), 8))
         msg = self._reply(task)
         elapsed = time.perf_counter() - start
-        assert msg.kind == Tag.RESULT, msg.kind
+        assert isinstance(msg, Result), msg
         self._idle(task)
         return elapsed
 
@@ -147,16 +147,16 @@ class Driver:
                 time.sleep(left - 2e-4)
             early = self.transport.poll(source=SERVER)
             if early is not None:
-                assert early.kind == Tag.RESULT and early.ident == task, early
+                assert isinstance(early.message, Result) and early.message.task_id == task, early
                 self._idle(task)
                 return {"task": task, "early": True}
         sent = time.perf_counter()
-        self.transport.send(SERVER, Tag.CANCEL, 0, task)
+        self.transport.send(SERVER, Cancel(0, task))
         msg = self._reply(task)
         received = time.perf_counter()
         idle = self._idle(task)
         return {"task": task, "early": False, "sent": sent, "received": received, "idle": idle,
-                "kind": int(msg.kind)}
+                "kind": int(msg.TAG)}
 
 
 def serve(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, folder: str, specs: list) -> list[int]:
@@ -207,7 +207,7 @@ def drive(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, specs: list,
                 horizon = statistics.median(plain)
                 delays = [rng.uniform(0.0, horizon) for _ in range(args.trials)]
             trials = [driver.cancelled(i, d) for i, d in enumerate(delays)]
-            transport.send(SERVER, Tag.SHUTDOWN)
+            transport.send(SERVER, Shutdown())
             transport.flush()
         finally:
             transport.close()
@@ -219,7 +219,7 @@ def summarise(result: dict, waits: int, base_plain: float, meta: dict) -> dict:
     sent = [t for t in result["trials"] if not t["early"]]
     to_reply = [t["received"] - t["sent"] for t in sent]
     to_idle = [t["idle"] - t["sent"] for t in sent]
-    cancelled = [t for t in sent if t["kind"] == Tag.CANCELLED]
+    cancelled = [t for t in sent if t["kind"] == Cancelled.TAG]
     plain = statistics.median(result["plain"])
     return {
         "bench": "preemption", "gate": str(result["spec"]), **meta,

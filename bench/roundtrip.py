@@ -49,7 +49,7 @@ from dsi_mpi.devices import poll_strategy
 from dsi_mpi.preflight import Prompt
 from dsi_mpi.protocol import Message, Tag
 from dsi_mpi.runtime import run
-from dsi_mpi.transport import Transport
+from dsi_mpi.transport import Incoming, Transport
 from dsi_mpi.verify import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,19 +73,19 @@ class StampingTransport(Transport):
         self._waiting = False
         StampingTransport.latest = self
 
-    def send(self, dest: int, kind: Tag, *args: object, **kwargs: object) -> None:
-        self.events.append((time.perf_counter(), "s", dest, int(kind), False, 0.0))
-        super().send(dest, kind, *args, **kwargs)
+    def send(self, dest: int, msg: Message) -> None:
+        self.events.append((time.perf_counter(), "s", dest, int(msg.TAG), False, 0.0))
+        super().send(dest, msg)
 
-    def poll(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Message | None:
+    def poll(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Incoming | None:
         start = time.perf_counter()
         msg = super().poll(source, tag)
         if msg is not None:
             end = time.perf_counter()
-            self.events.append((end, "r", msg.source, int(msg.kind), self._waiting, end - start))
+            self.events.append((end, "r", msg.source, int(msg.message.TAG), self._waiting, end - start))
         return msg
 
-    def wait(self, *args: object, **kwargs: object) -> Message:
+    def wait(self, *args: object, **kwargs: object) -> Incoming:
         self.events.append((time.perf_counter(), "w", -1, 0, False, 0.0))
         self._waiting = True
         try:

@@ -1,6 +1,6 @@
 """Rank 0: drives the policy with MPI messages and times each prompt.
 
-The coordinator loads no model. For each prompt it executes ``Policy.begin``'s actions, then
+The coordinator loads no model. For each prompt it sends what ``Policy.begin`` asks for, then
 feeds every arriving message to the policy and sends what the policy asks for, until the
 output is complete; it then drains the replies to cancelled tasks, so every server is idle
 and its cache state known before the next prompt.
@@ -13,20 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dsi_mpi.config import RunConfig
-from dsi_mpi.policy import (
-    Action,
-    AdvanceDrafter,
-    CancelTask,
-    Policy,
-    ProtocolError,
-    RollbackDrafter,
-    SendTask,
-    StartDrafter,
-    StopDrafter,
-)
-from dsi_mpi.protocol import START_RESET_CACHE, START_WANT_PROBS, Message, Tag
+from dsi_mpi.policy import DRAFTER, Ids, Policy, Send
+from dsi_mpi.protocol import Bye, Cancelled, Draft, ProtocolError, Result, Shutdown
 from dsi_mpi.roles import Layout
-from dsi_mpi.transport import Transport
+from dsi_mpi.transport import Incoming, Transport
 
 
 @dataclass
@@ -43,21 +33,15 @@ class Coordinator:
         self.transport = transport
         self.layout = layout
         self.eos_ids = eos_ids
-        self._epoch = 0
-        self._next_task = 0
+        # Epochs and task ids keep growing across policies, so no stale message is ever
+        # mistaken for a current one by a server or the drafter.
+        self.ids = Ids()
 
     def make_policy(self, config: RunConfig) -> Policy:
         servers = self.layout.active_targets(config.mode, config.sp)
-        policy = Policy(
-            mode=config.mode, servers=list(servers), lookahead=config.lookahead,
-            run_ahead=config.run_ahead(len(servers)), max_new_tokens=config.max_new_tokens,
-            eos_ids=self.eos_ids, verify=config.verify, seed=config.sampling.seed,
-            reuse_cache=config.reuse_cache,
-            # Epochs and task ids keep growing across policies, so no stale message is ever
-            # mistaken for a current one by a server or the drafter.
-            epoch=self._epoch, next_task_id=self._next_task,
-        )
-        return policy
+        return Policy(config.mode, list(servers), config.lookahead, config.run_ahead(len(servers)),
+                      config.max_new_tokens, eos_ids=self.eos_ids, verify=config.verify,
+                      seed=config.sampling.seed, reuse_cache=config.reuse_cache, ids=self.ids)
 
     def generate(self, policy: Policy, prompt: Sequence[int], seed: int | None = None) -> PromptResult:
         start = time.perf_counter()
@@ -70,43 +54,31 @@ class Coordinator:
         end = time.perf_counter()
         while not policy.idle:  # replies to cancelled tasks; stale drafts are dropped
             self._execute(self._handle(policy, self.transport.wait(what="replies to cancelled tasks")))
-        self._epoch, self._next_task = policy.epoch, policy.next_task_id
         return PromptResult(policy.mode, list(policy.output), end - start, (first_token or end) - start, policy)
 
-    def _handle(self, policy: Policy, msg: Message) -> list[Action]:
-        if msg.kind == Tag.DRAFT:
+    @staticmethod
+    def _handle(policy: Policy, incoming: Incoming) -> list[Send]:
+        source, msg = incoming
+        if isinstance(msg, Draft):
             q = msg.probs[0] if msg.probs is not None else None
-            return policy.on_draft(msg.epoch, msg.f0, int(msg.tokens[0]), q)
-        if msg.kind == Tag.RESULT:
-            return policy.on_result(msg.source, msg.ident, msg.epoch, msg.f0, msg.tokens.tolist(), msg.probs)
-        if msg.kind == Tag.CANCELLED:
-            return policy.on_cancelled(msg.source, msg.ident)
-        raise ProtocolError(f"coordinator got unexpected {msg.kind.name} from rank {msg.source}")
+            return policy.on_draft(msg.epoch, msg.position, msg.token, q)
+        if isinstance(msg, Result):
+            return policy.on_result(source, msg.task_id, msg.first_position, msg.tokens, msg.probs)
+        if isinstance(msg, Cancelled):
+            return policy.on_cancelled(source, msg.task_id)
+        raise ProtocolError(f"coordinator got unexpected {type(msg).__name__} from rank {source}")
 
-    def _execute(self, actions: Sequence[Action]) -> None:
-        send = self.transport.send
+    def _execute(self, actions: Sequence[Send]) -> None:
         drafter = self.layout.drafters[0] if self.layout.drafters else None
-        for a in actions:
-            if isinstance(a, SendTask):
-                send(a.server, Tag.VERIFY, a.epoch, a.task_id, a.keep, a.first_position, int(a.want_probs), a.seed, a.tokens)
-            elif isinstance(a, CancelTask):
-                send(a.server, Tag.CANCEL, a.epoch, a.task_id)
-            elif isinstance(a, StartDrafter):
-                flags = START_WANT_PROBS * a.want_probs | START_RESET_CACHE * a.reset_cache
-                send(drafter, Tag.START, a.epoch, 0, a.limit, a.max_position, flags, a.seed, a.prompt)
-            elif isinstance(a, RollbackDrafter):
-                send(drafter, Tag.ROLLBACK, a.epoch, 0, a.keep, a.limit, tokens=a.forced)
-            elif isinstance(a, AdvanceDrafter):
-                send(drafter, Tag.ADVANCE, a.epoch, 0, a.limit, a.start, tokens=a.tokens)
-            elif isinstance(a, StopDrafter):
-                send(drafter, Tag.STOP, a.epoch)
+        for to, msg in actions:
+            self.transport.send(drafter if to == DRAFTER else to, msg)
 
     def shutdown(self, timeout_s: float | None = None) -> None:
-        """Tell every worker to stop and wait (bounded) for each one's BYE."""
+        """Tell every worker to stop and wait (bounded) for each one's Bye."""
         for rank in range(1, self.transport.size):
-            self.transport.send(rank, Tag.SHUTDOWN)
+            self.transport.send(rank, Shutdown())
         waiting = set(range(1, self.transport.size))
         while waiting:
-            msg = self.transport.wait(what=f"BYE from ranks {sorted(waiting)}", timeout_s=timeout_s)
-            if msg.kind == Tag.BYE:
-                waiting.discard(msg.source)
+            incoming = self.transport.wait(what=f"Bye from ranks {sorted(waiting)}", timeout_s=timeout_s)
+            if isinstance(incoming.message, Bye):
+                waiting.discard(incoming.source)

@@ -2,73 +2,49 @@
 
 Messages (rank 0 is the coordinator)::
 
-    coordinator -> START(epoch, limit, max_position, flags, seed, prompt)
-    drafter     -> DRAFT(epoch, position, has_probs, [token]) [PROBS]   one per token
-    coordinator -> ROLLBACK(epoch, keep, limit, forced)   keep a prefix, append the target's tokens
-                 | ADVANCE(epoch, limit, start, tokens)    the committed prefix grew: draft further;
-                                                           tokens: committed without a draft
-                 | STOP(epoch)                             the prompt is done
-                 | SHUTDOWN ;  drafter -> BYE
+    coordinator -> Start(epoch, limit, max_position, ..., prompt)
+    drafter     -> Draft(epoch, position, token) [+ PROBS]     one per token
+    coordinator -> Rollback(epoch, keep, limit, forced)  keep a prefix, append the target's tokens
+                 | Advance(epoch, limit, start, tokens)  more is committed: draft further;
+                                                         tokens: committed without a draft
+                 | Stop(epoch)                           the prompt is done
+                 | Shutdown ;  drafter -> Bye
 
-It drafts position ``p`` only while ``p < limit`` and ``p <= max_position`` and it has not
-drafted the target's EOS; between tokens it applies every message that has arrived, so a rollback costs
-at most the forward in progress.
+Between forwards it applies every message that has arrived; a Rollback, Start, Stop or Shutdown
+also preempts the forward in progress (checked between decoder layers, as targets check for
+Cancel), so a rejection never waits for a stale draft. What each message does is
+:class:`dsi_mpi.worker.DrafterWorker`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from dsi_mpi.backends.base import Backend, ContextRunner
-from dsi_mpi.policy import (
-    AdvanceDrafter,
-    DrafterAction,
-    DrafterState,
-    ProtocolError,
-    RollbackDrafter,
-    StartDrafter,
-    StopDrafter,
-)
-from dsi_mpi.protocol import START_RESET_CACHE, START_WANT_PROBS, Message, Tag
+from dsi_mpi.backends.base import Backend
+from dsi_mpi.protocol import PREEMPTS_DRAFT, Shutdown
 from dsi_mpi.transport import IDLE, Transport
 from dsi_mpi.verify import SamplingParams
+from dsi_mpi.worker import DrafterWorker
 
 COORDINATOR = 0
 
 
-def _action(msg: Message) -> DrafterAction:
-    """The policy action a coordinator message carries."""
-    if msg.kind == Tag.START:
-        return StartDrafter(msg.epoch, tuple(msg.tokens.tolist()), msg.f0, msg.f1,
-                            want_probs=bool(msg.f2 & START_WANT_PROBS), seed=msg.f3,
-                            reset_cache=bool(msg.f2 & START_RESET_CACHE))
-    if msg.kind == Tag.ROLLBACK:
-        return RollbackDrafter(msg.epoch, msg.f0, tuple(msg.tokens.tolist()), msg.f1)
-    if msg.kind == Tag.ADVANCE:
-        return AdvanceDrafter(msg.epoch, msg.f0, msg.f1, tuple(msg.tokens.tolist()))
-    if msg.kind == Tag.STOP:
-        return StopDrafter(msg.epoch)
-    raise ProtocolError(f"drafter got unexpected {msg.kind.name}")
-
-
 def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams, eos_ids: frozenset[int]) -> None:
-    """Draft until SHUTDOWN; ``eos_ids`` are the target's (the drafter stops where the target
-    would end, not where its own tokenizer would)."""
-    runner = ContextRunner(backend)
-    state = DrafterState()
+    """Draft until Shutdown; ``eos_ids`` are the target's."""
+    worker = DrafterWorker(backend, params, eos_ids)
+
+    def preempted() -> bool:
+        # A message that makes the draft in flight stale: abandon the forward (between decoder
+        # layers, or sleep slices) rather than finish a draft that will be dropped. With a
+        # drafter slower than half the target this is up to a whole forward per rejection.
+        return transport.pending_any(COORDINATOR, PREEMPTS_DRAFT)
     while True:
         msg = transport.poll(source=COORDINATOR)
-        if msg is None and not state.can_draft():
+        if msg is None and not worker.can_draft():
             msg = transport.wait(source=COORDINATOR, what="a message from the coordinator", timeout_s=IDLE)
         if msg is not None:
-            if msg.kind == Tag.SHUTDOWN:
+            if isinstance(msg.message, Shutdown):
                 return
-            state.apply(_action(msg))
+            worker.apply(msg.message)
             continue  # apply everything that has arrived before the next forward
-        if state.reset_cache:
-            runner.reset()
-            state.reset_cache = False
-        out = runner.run(state.seq, replace(params, seed=state.seed), want_probs=state.want_probs)
-        position = state.drafted(int(out.tokens[0]), eos_ids)
-        transport.send(COORDINATOR, Tag.DRAFT, state.epoch, 0, position, int(out.probs is not None),
-                       tokens=[state.seq[-1]], probs=out.probs)
+        draft = worker.step(should_cancel=preempted)
+        if draft is not None:
+            transport.send(COORDINATOR, draft)

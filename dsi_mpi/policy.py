@@ -1,9 +1,9 @@
 """The coordinator's decisions as a pure state machine (design note, sections 3 and 6).
 
-Events in (a draft arrived, a verification result arrived, a task was cancelled), actions out
-(send a task, cancel one, start / roll back / advance / stop the drafter). No MPI, no clock:
+Events in (a draft arrived, a verification result arrived, a task was cancelled), actions out:
+protocol messages, each addressed to a target server or to the drafter. No MPI, no clock:
 the MPI runtime drives it with real messages, the simulator with a virtual clock, unit tests
-with scripted events. One class serves the three modes:
+with scripted events. The three modes share everything but a few rules (:class:`Rules`):
 
 - ``dsi``: the drafter never waits (bounded run-ahead). A task is created for every
   ``lookahead`` new drafts; whenever the next position to commit is covered by no task, a task
@@ -20,12 +20,16 @@ the first ``L`` tokens returns the target's token for positions ``first_position
 A target token committed where the coordinator holds no draft (a *forced* commit: the non-SI
 step, SI's bonus token, a position the drafter had not reached) disturbs nothing: no task can
 depend on a draft that does not exist, and the drafter, which may be drafting that very
-position, is only told the token (``AdvanceDrafter.tokens``). If its draft turns out to differ,
-the coordinator sees that draft arrive for a committed position and only then rolls the drafter
+position, is only told the token (``Advance.tokens``). If its draft turns out to differ, the
+coordinator sees that draft arrive for a committed position and only then rolls the drafter
 back. Rolling the drafter back at every forced commit, as this policy once did, throws away the
 drafter's forward in flight each time: a drafter slower than about half the target then never
 regains its lead and DSI collapses into non-SI (issue 8; ``restart_on_forced`` keeps that
 behaviour for the simulator's fidelity test).
+
+State is grouped by lifetime: :class:`Ids` (epochs and task ids, for the whole job),
+:class:`ServerPool` (what each server's cache holds and its one outstanding task, across
+prompts), and a prompt's own state, made by :meth:`Policy.begin`.
 """
 
 from __future__ import annotations
@@ -33,151 +37,139 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from dsi_mpi.backends.base import common_prefix
 from dsi_mpi.metrics import Counters
+from dsi_mpi.protocol import Advance, Cancel, Message, ProtocolError, Rollback, Start, Stop, Verify
+from dsi_mpi.sequences import common_prefix
 from dsi_mpi.verify import rejection_step, sample_from
+
+DRAFTER = -1  # the address of the drafter in an action (the runtime maps it to its rank)
+
+
+class Send(NamedTuple):
+    """One action of the policy: a message for a target server (its id) or for the DRAFTER."""
+
+    to: int
+    message: Message
+
+
+# ----------------------------------------------------------------- the modes
+
+
+class Rules:
+    """What a mode decides; everything else is common to the three modes."""
+
+    name = ""
+    uses_drafter = True
+    one_server = False  # SI and non-SI verify on exactly one server
+    widen_queued = False  # the task that gets a free server covers everything queued
+
+    def run_ahead(self, lookahead: int, sp: int) -> int:
+        """Drafts the drafter may hold beyond the committed prefix."""
+        raise NotImplementedError
+
+    def prefill(self, servers: Sequence[int]) -> Sequence[int]:
+        """Servers that prefill the prompt (a zero-draft task each) when it begins."""
+        raise NotImplementedError
+
+    def next_task_length(self, state: _Prompt, lookahead: int, outstanding: bool) -> int | None:
+        """Context length of the next task to create, or None."""
+        raise NotImplementedError
+
+
+class DSIRules(Rules):
+    name = "dsi"
+    widen_queued = True  # tasks queue only when every server is busy (fewer than Eq. 1 asks)
+
+    def run_ahead(self, lookahead: int, sp: int) -> int:
+        return lookahead * (sp + 1)  # fill every server and queue one more block
+
+    def prefill(self, servers: Sequence[int]) -> Sequence[int]:
+        # Every server at once: TTFT is paid once, in parallel, and the first result gives
+        # the first token.
+        return servers
+
+    def next_task_length(self, state: _Prompt, lookahead: int, outstanding: bool) -> int | None:
+        avail, covered = len(state.proposed), state.covered_end
+        if state.n > covered:
+            return avail  # the next position has no verifier: send what we have, now
+        if avail - covered >= lookahead:
+            return covered + lookahead
+        if state.drafter_stopped and avail > covered:
+            return avail  # no more drafts are coming: verify the tail
+        return None
+
+
+class NonSIRules(DSIRules):
+    """One zero-draft task per token: the DSI rules with no drafts at all."""
+
+    name = "nonsi"
+    uses_drafter = False
+    one_server = True
+    widen_queued = False
+
+    def run_ahead(self, lookahead: int, sp: int) -> int:
+        return 0
+
+    def prefill(self, servers: Sequence[int]) -> Sequence[int]:
+        return servers[:1]
+
+
+class SIRules(Rules):
+    name = "si"
+    one_server = True
+
+    def run_ahead(self, lookahead: int, sp: int) -> int:
+        return lookahead  # one block, then wait for its verdict
+
+    def prefill(self, servers: Sequence[int]) -> Sequence[int]:
+        return ()  # classic SI: the first verification includes the prompt's prefill
+
+    def next_task_length(self, state: _Prompt, lookahead: int, outstanding: bool) -> int | None:
+        if outstanding:
+            return None  # the drafter waits for the verdict of the one task
+        avail = len(state.proposed)
+        if avail - state.n >= lookahead or state.drafter_stopped or avail >= state.limit:
+            return min(avail, state.n + lookahead)
+        return None
+
+
+RULES: dict[str, Rules] = {r.name: r for r in (DSIRules(), SIRules(), NonSIRules())}
 
 
 def default_run_ahead(mode: str, lookahead: int, sp: int) -> int:
     """Drafts the drafter may hold beyond the committed prefix: SI drafts one block and waits;
     DSI may fill every server and queue one more block."""
-    return lookahead if mode == "si" else lookahead * (sp + 1)
+    return RULES[mode].run_ahead(lookahead, sp)
 
 
-class ProtocolError(RuntimeError):
-    """A message that cannot happen under the protocol: a bug, never bad input."""
-
-
-@dataclass(frozen=True)
-class SendTask:
-    server: int
-    task_id: int
-    epoch: int
-    keep: int  # cached positions the server keeps
-    tokens: tuple[int, ...]  # context[keep:], what the server appends
-    first_position: int  # first position whose target token is returned
-    want_probs: bool = False
-    seed: int = 0  # the prompt's sampling seed
-
-
-@dataclass(frozen=True)
-class CancelTask:
-    server: int
-    task_id: int
-    epoch: int
-
-
-@dataclass(frozen=True)
-class StartDrafter:
-    epoch: int
-    prompt: tuple[int, ...]
-    limit: int  # the drafter may draft positions < limit
-    max_position: int  # ... and <= max_position
-    want_probs: bool = False  # send q with each draft (rejection sampling)
-    seed: int = 0  # the prompt's sampling seed
-    reset_cache: bool = True  # start from an empty KV cache (else reuse a shared prefix)
-
-
-@dataclass(frozen=True)
-class RollbackDrafter:
-    epoch: int
-    keep: int  # keep the first ``keep`` tokens
-    forced: tuple[int, ...]  # then append these (the target's tokens)
-    limit: int
-
-
-@dataclass(frozen=True)
-class AdvanceDrafter:
-    epoch: int
-    limit: int
-    start: int = 0  # tokens[0] is the committed token at this position
-    tokens: tuple[int, ...] = ()  # target tokens committed where the coordinator had no draft
-
-
-@dataclass(frozen=True)
-class StopDrafter:
-    epoch: int
-
-
-Action = SendTask | CancelTask | StartDrafter | RollbackDrafter | AdvanceDrafter | StopDrafter
-DrafterAction = StartDrafter | RollbackDrafter | AdvanceDrafter | StopDrafter
-
-
-class DrafterState:
-    """The drafter's side of the protocol (pure): what it holds and whether it may draft.
-
-    The MPI drafter decodes its messages into these actions; the simulator applies the
-    policy's actions directly, so both model the drafter the same way. It drafts position
-    ``p = len(seq)`` only while ``p < limit``, ``p <= max_position`` and no EOS was drafted.
-    """
-
-    def __init__(self) -> None:
-        self.seq: list[int] = []  # prompt + drafts, as the drafter believes them
-        self.epoch = 0
-        self.limit = 0
-        self.max_position = -1
-        self.want_probs = False
-        self.seed = 0
-        self.reset_cache = False  # the next forward starts from an empty cache
-        self.active = False
-        self.eos = False
-        self.diverged = False  # a committed token differs from our draft: a rollback is coming
-
-    def apply(self, action: DrafterAction) -> None:
-        if isinstance(action, StartDrafter):
-            self.seq = list(action.prompt)
-            self.limit, self.max_position, self.seed = action.limit, action.max_position, action.seed
-            self.want_probs, self.reset_cache = action.want_probs, action.reset_cache
-            self.active, self.eos, self.diverged = True, False, False
-        elif isinstance(action, RollbackDrafter):
-            if len(self.seq) < action.keep:
-                raise ProtocolError(f"rollback to {action.keep} but the drafter holds {len(self.seq)} tokens")
-            self.seq = self.seq[: action.keep] + list(action.forced)
-            self.limit, self.eos, self.diverged = action.limit, False, False
-        elif isinstance(action, AdvanceDrafter):
-            self.limit = max(self.limit, action.limit)
-            self._learn(action.start, action.tokens)
-        elif isinstance(action, StopDrafter):
-            self.active = False
-        else:
-            raise ProtocolError(f"not a drafter action: {action!r}")
-        self.epoch = action.epoch
-
-    def _learn(self, start: int, tokens: Sequence[int]) -> None:
-        """Committed target tokens for positions ``start ..``: skip drafting the ones not yet
-        drafted, if the drafts we hold agree with the rest. If one disagrees, our later drafts
-        build on a wrong token; the coordinator sees that draft and rolls us back, and until
-        then nothing more is appended."""
-        if not tokens or self.diverged:
-            return
-        if len(self.seq) < start:
-            raise ProtocolError(f"committed tokens from position {start}, but the drafter holds {len(self.seq)}")
-        overlap = min(len(self.seq) - start, len(tokens))
-        if self.seq[start: start + overlap] != list(tokens[:overlap]):
-            self.diverged = True
-            return
-        if overlap < len(tokens):
-            self.seq.extend(int(t) for t in tokens[overlap:])
-            self.eos = False  # the last token is a committed one, never EOS (that ends the prompt)
-
-    def can_draft(self) -> bool:
-        n = len(self.seq)
-        return self.active and not self.eos and n < self.limit and n <= self.max_position
-
-    def drafted(self, token: int, eos_ids: frozenset[int]) -> int:
-        """Record a draft; returns its position."""
-        self.seq.append(int(token))
-        self.eos = int(token) in eos_ids
-        return len(self.seq) - 1
+# ----------------------------------------------------------------- state by lifetime
 
 
 @dataclass
-class _Task:
+class Ids:
+    """Epochs and task ids for a whole job: they keep growing across prompts and modes (one
+    Ids per coordinator), so no stale message is ever taken for a current one."""
+
+    epoch: int = 0
+    task_id: int = 0
+
+    def next_epoch(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
+    def next_task_id(self) -> int:
+        self.task_id += 1
+        return self.task_id - 1
+
+
+@dataclass
+class Task:
     task_id: int
-    epoch: int
+    epoch: int  # renewed when a restart keeps the task (its context is all committed)
     length: int  # context length L; the task covers positions first_position .. L
     first_position: int
     server: int | None = None
@@ -190,346 +182,389 @@ class _Task:
         return self.length - self.first_position + 1
 
 
-@dataclass
-class _ServerState:
-    tokens: tuple[int, ...] = ()  # what the server's KV cache holds, as far as we know
-    task_id: int | None = None  # the one outstanding request, if any
+class ServerPool:
+    """The coordinator's model of the target servers: what each one's KV cache holds, and its
+    one outstanding task. Every request gets exactly one reply, which keeps this exact."""
+
+    def __init__(self, servers: Sequence[int]) -> None:
+        self.servers = tuple(servers)
+        self._cache: dict[int, tuple[int, ...]] = {s: () for s in self.servers}
+        self._busy: dict[int, Task | None] = {s: None for s in self.servers}
+        self.tasks: dict[int, Task] = {}  # outstanding, by task id
+
+    @property
+    def idle(self) -> bool:
+        return not self.tasks
+
+    def forget(self) -> None:
+        """Assume every cache empty: the next task of each keeps nothing."""
+        self._cache = {s: () for s in self.servers}
+
+    def free(self) -> list[int]:
+        return [s for s, task in self._busy.items() if task is None]
+
+    def closest(self, free: list[int], context: Sequence[int]) -> int:
+        """The free server whose cache shares the longest prefix: the least to recompute."""
+        return max(free, key=lambda s: common_prefix(self._cache[s], context))
+
+    def assign(self, task: Task, server: int) -> None:
+        """Send ``task`` to ``server``, keeping the longest prefix its cache shares (at most
+        ``first_position - 1``: the last position must be fed to get its logits)."""
+        task.server = server
+        task.keep = min(common_prefix(self._cache[server], task.context), task.first_position - 1)
+        self._busy[server] = task
+        self.tasks[task.task_id] = task
+
+    def reply(self, server: int, task_id: int, completed: bool) -> Task:
+        """The one reply to a task came: its cache holds the task's context, or its first
+        ``keep`` positions if the forward was abandoned."""
+        task = self.tasks.pop(task_id, None)
+        if task is None or task.server != server or self._busy[server] is not task:
+            raise ProtocolError(f"reply for task {task_id} from server {server}, which does not hold it")
+        self._busy[server] = None
+        self._cache[server] = task.context if completed else task.context[: task.keep]
+        return task
 
 
 @dataclass
-class Policy:
-    mode: str
-    servers: Sequence[int]  # target server ids (MPI ranks in the runtime)
-    lookahead: int
-    run_ahead: int  # drafts the drafter may hold beyond the committed prefix
-    max_new_tokens: int
-    eos_ids: frozenset[int] = frozenset()
-    verify: str = "exact"
-    seed: int = 0
-    reuse_cache: bool = False  # keep KV caches across prompts and reuse shared prefixes
-    # The behaviour before issue 8: roll the drafter back at every forced commit. Only for the
-    # simulator test and benchmark that show why it collapses with slow drafters.
-    restart_on_forced: bool = False
+class _Prompt:
+    """Everything that lives for one prompt."""
 
-    epoch: int = 0  # start above any epoch a server or the drafter has seen
-    next_task_id: int = 0  # likewise for task ids
+    seed: int
+    proposed: list[int]  # committed tokens, then the drafts
+    n: int  # committed length; position n is the next to commit
+    last_position: int  # the last position to generate
+    limit: int  # the drafter may draft positions < limit
+    covered_end: int  # highest position some live task covers
+    uses_drafter: bool
+    target: dict[int, int] = field(default_factory=dict)  # position -> the target's token
+    p: dict[int, np.ndarray] = field(default_factory=dict)  # position -> target distribution
+    q: dict[int, np.ndarray] = field(default_factory=dict)  # position -> drafter distribution
+    drafter_eos: bool = False  # a draft ahead is EOS: the drafter stopped after it
+    queue: deque[Task] = field(default_factory=deque)  # tasks waiting for a free server
     counters: Counters = field(default_factory=Counters)
     output: list[int] = field(default_factory=list)
-    finished: bool = True
+    finished: bool = False
 
-    def __post_init__(self) -> None:
-        if self.mode not in ("dsi", "si", "nonsi"):
-            raise ValueError(f"unknown mode {self.mode!r}")
-        if self.mode != "dsi" and len(self.servers) != 1:
-            raise ValueError(f"mode {self.mode} uses exactly one target server")
-        self._servers = {s: _ServerState() for s in self.servers}
-        self._tasks: dict[int, _Task] = {}
-        self._queue: deque[_Task] = deque()
+    @property
+    def drafter_stopped(self) -> bool:
+        """The drafter will propose nothing more in this epoch without a message from us."""
+        if not self.uses_drafter:
+            return True
+        return self.drafter_eos or len(self.proposed) >= self.last_position
+
+
+# ----------------------------------------------------------------- the policy
+
+
+class Policy:
+    """The coordinator's decisions for one mode; ``begin`` a prompt, then feed it events."""
+
+    def __init__(self, mode: str, servers: Sequence[int], lookahead: int, run_ahead: int, max_new_tokens: int,
+                 eos_ids: frozenset[int] = frozenset(), verify: str = "exact", seed: int = 0,
+                 reuse_cache: bool = False, ids: Ids | None = None, restart_on_forced: bool = False) -> None:
+        if mode not in RULES:
+            raise ValueError(f"unknown mode {mode!r}")
+        self.rules = RULES[mode]
+        if self.rules.one_server and len(servers) != 1:
+            raise ValueError(f"mode {mode} uses exactly one target server")
+        self.mode = mode
+        self.servers = tuple(servers)
+        self.lookahead = lookahead
+        self.run_ahead = run_ahead
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.verify = verify
+        self.seed = seed
+        self.reuse_cache = reuse_cache  # keep KV caches across prompts and reuse shared prefixes
+        # The behaviour before issue 8: roll the drafter back at every forced commit. Only for
+        # the simulator test that shows why it collapses with slow drafters.
+        self.restart_on_forced = restart_on_forced
+        self.ids = ids or Ids()
+        self.pool = ServerPool(servers)
+        self._prompt: _Prompt | None = None
+
+    # ----------------------------------------------------------------- what drivers read
+
+    @property
+    def uses_drafter(self) -> bool:
+        return self.rules.uses_drafter
+
+    @property
+    def epoch(self) -> int:
+        return self.ids.epoch
+
+    @property
+    def finished(self) -> bool:
+        return self._prompt is None or self._prompt.finished
+
+    @property
+    def output(self) -> list[int]:
+        return [] if self._prompt is None else self._prompt.output
+
+    @property
+    def counters(self) -> Counters:
+        return Counters() if self._prompt is None else self._prompt.counters
+
+    @property
+    def idle(self) -> bool:
+        """No request is outstanding on any server."""
+        return self.pool.idle
+
+    @property
+    def queued(self) -> int:
+        """Tasks waiting for a free server."""
+        return 0 if self._prompt is None else len(self._prompt.queue)
 
     # ----------------------------------------------------------------- events in
 
-    def begin(self, prompt: Sequence[int], seed: int | None = None) -> list[Action]:
+    def begin(self, prompt: Sequence[int], seed: int | None = None) -> list[Send]:
         """Start a prompt (with its own sampling seed, default the policy's); servers must be idle."""
         if not self.idle:
             raise ProtocolError("begin() while tasks are outstanding")
         if not prompt:
             raise ValueError("empty prompt")
-        self._seed = self.seed if seed is None else seed
         if not self.reuse_cache:
-            # Forget what the servers hold: the first task of each keeps nothing, so every
-            # prompt pays its full prefill, as a benchmark should.
-            for state in self._servers.values():
-                state.tokens = ()
-        self.epoch += 1
-        self.counters = Counters()
-        self.output = []
-        self.finished = False
-        self._proposed = list(prompt)  # committed tokens, then the drafts
-        self._n = len(prompt)  # committed length; position n is the next to commit
-        self._last_position = len(prompt) + self.max_new_tokens - 1
-        self._covered_end = self._n - 1  # highest position some live task covers
-        self._target: dict[int, int] = {}  # position -> the target's token (this epoch)
-        self._p: dict[int, np.ndarray] = {}  # position -> target distribution (rejection)
-        self._q: dict[int, np.ndarray] = {}  # position -> drafter distribution (rejection)
-        self._drafter_eos = False
-        self._limit = self._n + self.run_ahead
-        actions: list[Action] = []
+            # Every prompt pays its full prefill, as a benchmark should.
+            self.pool.forget()
+        n = len(prompt)
+        self.ids.next_epoch()
+        s = self._prompt = _Prompt(seed=self.seed if seed is None else seed, proposed=list(prompt), n=n,
+                                   last_position=n + self.max_new_tokens - 1, limit=n + self.run_ahead,
+                                   covered_end=n - 1, uses_drafter=self.uses_drafter)
+        actions: list[Send] = []
         if self.uses_drafter:
-            # Drafting position last_position is wasted work: the target's token there is
-            # committed whatever the draft says.
-            actions.append(StartDrafter(self.epoch, tuple(prompt), self._limit, self._last_position - 1,
-                                        want_probs=self.verify == "rejection", seed=self._seed,
-                                        reset_cache=not self.reuse_cache))
-        if self.mode != "si":
-            # Prefill on every server at once: TTFT is paid once, in parallel, and the first
-            # result gives the first token.
-            servers = self.servers if self.mode == "dsi" else self.servers[:1]
-            for server in servers:
-                task = self._new_task(self._n, self._n)
-                task.server = server
-                actions.append(self._send(task))
-        actions += self._dispatch()
-        return actions
+            # Drafting the last position is wasted work: the target's token there is committed
+            # whatever the draft says.
+            actions.append(Send(DRAFTER, Start(self.epoch, s.limit, s.last_position - 1,
+                                               self.verify == "rejection", s.seed, not self.reuse_cache,
+                                               tuple(prompt))))
+        for server in self.rules.prefill(self.servers):
+            actions.append(self._send(self._new_task(n, n), server))
+        return actions + self._dispatch()
 
-    def on_draft(self, epoch: int, position: int, token: int, q: np.ndarray | None = None) -> list[Action]:
+    def on_draft(self, epoch: int, position: int, token: int, q: np.ndarray | None = None) -> list[Send]:
         """The drafter proposed ``token`` for ``position`` (with distribution ``q``)."""
-        self.counters.drafter_forwards += 1
-        if epoch != self.epoch or self.finished:
+        s = self._prompt
+        assert s is not None, "a draft before any prompt"
+        s.counters.drafter_forwards += 1
+        if epoch != self.epoch or s.finished:
             return []  # built on a prefix that was rolled back, or the prompt is done
-        if position < self._n:
+        if position < s.n:
             # A late draft for a position committed without it (a forced commit): right, and the
             # drafter's later drafts stand; wrong, and they build on a token that is not ours.
-            self.counters.drafts_late += 1
-            if int(token) == self._proposed[position]:
+            s.counters.drafts_late += 1
+            if int(token) == s.proposed[position]:
                 return []
             return self._restart(position, committed=True) + self._dispatch()
-        if position != len(self._proposed):
-            raise ProtocolError(f"draft for position {position}, expected {len(self._proposed)}")
-        self._proposed.append(int(token))
+        if position != len(s.proposed):
+            raise ProtocolError(f"draft for position {position}, expected {len(s.proposed)}")
+        s.proposed.append(int(token))
         if q is not None:
-            self._q[position] = q
+            s.q[position] = q
         if int(token) in self.eos_ids:
-            self._drafter_eos = True  # the drafter stops after EOS
+            s.drafter_eos = True  # the drafter stops after EOS
         return self._dispatch()
 
-    def on_result(self, server: int, task_id: int, epoch: int, first_position: int,
-                  tokens: Sequence[int], probs: np.ndarray | None = None) -> list[Action]:
+    def on_result(self, server: int, task_id: int, first_position: int, tokens: Sequence[int],
+                  probs: np.ndarray | None = None) -> list[Send]:
         """A target server returned its tokens (and distributions) for a task."""
-        task = self._release(server, task_id)
-        self._servers[server].tokens = task.context
-        self.counters.target_forwards += 1
-        if first_position != task.first_position or len(tokens) != task.length - task.first_position + 1:
+        s = self._prompt
+        assert s is not None, "a result before any prompt"
+        task = self.pool.reply(server, task_id, completed=True)
+        s.counters.target_forwards += 1
+        if first_position != task.first_position or len(tokens) != task.num_outputs:
             raise ProtocolError(f"task {task_id}: result for positions {first_position}+{len(tokens)}, "
                                 f"asked {task.first_position}..{task.length}")
-        actions: list[Action] = []
-        # ``task.epoch`` and not the message's: a restart keeps (and re-stamps) the tasks whose
-        # context is all committed, so the zero-draft task in flight still counts.
-        if task.epoch == self.epoch and not self.finished:
+        actions: list[Send] = []
+        # The task's epoch as the pool knows it, not the message's: a restart keeps (and
+        # renews) the tasks whose context is all committed, such as a zero-draft task.
+        if task.epoch == self.epoch and not s.finished:
             for i, token in enumerate(tokens):
-                if first_position + i >= self._n:
-                    self._target.setdefault(first_position + i, int(token))
+                if first_position + i >= s.n:
+                    s.target.setdefault(first_position + i, int(token))
                     if probs is not None:
-                        self._p.setdefault(first_position + i, probs[i])
+                        s.p.setdefault(first_position + i, probs[i])
             actions += self._verify_in_order()
         return actions + self._dispatch()
 
-    def on_cancelled(self, server: int, task_id: int) -> list[Action]:
+    def on_cancelled(self, server: int, task_id: int) -> list[Send]:
         """A server abandoned a task; its cache holds the task's first ``keep`` positions."""
-        task = self._release(server, task_id)
-        self._servers[server].tokens = task.context[: task.keep]
+        self.pool.reply(server, task_id, completed=False)
         self.counters.verifications_aborted += 1
         return self._dispatch()
 
-    # ----------------------------------------------------------------- state
+    # ----------------------------------------------------------------- tasks
 
-    @property
-    def uses_drafter(self) -> bool:
-        """Every mode but non-SI has a drafter."""
-        return self.mode != "nonsi"
+    def _new_task(self, length: int, first_position: int) -> Task:
+        s = self._prompt
+        assert s is not None
+        s.covered_end = max(s.covered_end, length)
+        return Task(self.ids.next_task_id(), self.epoch, length, first_position)
 
-    @property
-    def idle(self) -> bool:
-        """No request is outstanding on any server."""
-        return not self._tasks
+    def _send(self, task: Task, server: int) -> Send:
+        s = self._prompt
+        assert s is not None
+        task.context = task.context or tuple(s.proposed[: task.length])
+        self.pool.assign(task, server)
+        s.counters.verifications_sent += 1
+        return Send(server, Verify(task.epoch, task.task_id, task.keep, task.first_position, task.context[task.keep:],
+                                   want_probs=self.verify == "rejection", seed=s.seed))
 
-    @property
-    def queued(self) -> int:
-        """Tasks waiting for a free server."""
-        return len(self._queue)
-
-    # ----------------------------------------------------------------- internals
-
-    def _new_task(self, length: int, first_position: int) -> _Task:
-        task = _Task(self.next_task_id, self.epoch, length, first_position)
-        self.next_task_id += 1
-        self._covered_end = max(self._covered_end, length)
-        return task
-
-    def _send(self, task: _Task) -> SendTask:
-        assert task.server is not None
-        state = self._servers[task.server]
-        task.context = task.context or tuple(self._proposed[: task.length])
-        task.keep = min(common_prefix(state.tokens, task.context), task.first_position - 1)
-        state.task_id = task.task_id
-        self._tasks[task.task_id] = task
-        self.counters.verifications_sent += 1
-        return SendTask(task.server, task.task_id, task.epoch, task.keep, task.context[task.keep:],
-                        task.first_position, want_probs=self.verify == "rejection", seed=self._seed)
-
-    def _release(self, server: int, task_id: int) -> _Task:
-        task = self._tasks.pop(task_id, None)
-        if task is None or task.server != server or self._servers[server].task_id != task_id:
-            raise ProtocolError(f"reply for task {task_id} from server {server}, which does not hold it")
-        self._servers[server].task_id = None
-        return task
-
-    def _drafter_stopped(self) -> bool:
-        """The drafter will propose nothing more in this epoch without a message from us."""
-        if not self.uses_drafter:
-            return True
-        return self._drafter_eos or len(self._proposed) >= self._last_position
-
-    def _next_task_length(self) -> int | None:
-        """Context length of the next task to create, or None (the mode's dispatch rule)."""
-        avail = len(self._proposed)
-        covered = self._covered_end
-        if self.mode == "si":
-            if self._tasks or self._queue:
-                return None  # the drafter waits for the verdict of the one task
-            exhausted = self._drafter_stopped() or avail >= self._limit
-            if avail - self._n >= self.lookahead or exhausted:
-                return min(avail, self._n + self.lookahead)
-            return None
-        if self._n > covered:
-            return avail  # the next position has no verifier: send what we have, now
-        if avail - covered >= self.lookahead:
-            return covered + self.lookahead
-        if self._drafter_stopped() and avail > covered:
-            return avail  # no more drafts are coming: verify the tail
-        return None
-
-    def _dispatch(self) -> list[Action]:
+    def _dispatch(self) -> list[Send]:
         """Create the tasks the mode's rule asks for, then hand queued tasks to free servers."""
-        actions: list[Action] = []
-        if self.finished:
+        s = self._prompt
+        actions: list[Send] = []
+        if s is None or s.finished:
             return actions
         while True:
-            length = self._next_task_length()
+            length = self.rules.next_task_length(s, self.lookahead, bool(self.pool.tasks or s.queue))
             if length is None:
                 break
-            length = min(length, self._last_position)
-            if length <= self._covered_end:
+            length = min(length, s.last_position)
+            if length <= s.covered_end:
                 break
-            self._queue.append(self._new_task(length, self._covered_end + 1))
-        free = [s for s, st in self._servers.items() if st.task_id is None]
-        while self._queue and free:
-            task = self._queue.popleft()
-            if self.mode == "dsi":
-                # Tasks queue only when every server is busy (fewer servers than Eq. 1 asks
-                # for). A forward costs about the same for a few more tokens, so the task that
-                # gets the free server covers everything queued and every draft there is now.
-                length = min(max(len(self._proposed), task.length), self._last_position)
-                self._queue.clear()
-                task.length = length
-                self._covered_end = max(self._covered_end, length)
-            # The free server whose cache shares the longest prefix has the least to recompute.
-            task.context = tuple(self._proposed[: task.length])
-            best = max(free, key=lambda s: common_prefix(self._servers[s].tokens, task.context))
-            free.remove(best)
-            task.server = best
-            actions.append(self._send(task))
+            s.queue.append(self._new_task(length, s.covered_end + 1))
+        free = self.pool.free()
+        while s.queue and free:
+            task = s.queue.popleft()
+            if self.rules.widen_queued:
+                # A forward costs about the same for a few more tokens, so the task that gets
+                # the free server covers everything queued and every draft there is now.
+                task.length = min(max(len(s.proposed), task.length), s.last_position)
+                s.queue.clear()
+                s.covered_end = max(s.covered_end, task.length)
+            task.context = tuple(s.proposed[: task.length])
+            server = self.pool.closest(free, task.context)
+            free.remove(server)
+            actions.append(self._send(task, server))
         return actions
+
+    # ----------------------------------------------------------------- commits
 
     def _target_choice(self, j: int) -> tuple[bool | None, int]:
         """Verify position ``j``: (accepted, token); accepted is None when there is no draft.
 
         Consumes what was kept for ``j``: position ``j`` is committed after this, and keeping
         distributions (vocabulary-sized) for the whole prompt would grow without bound."""
-        has_draft = len(self._proposed) > j
-        t = self._target.pop(j)
+        s = self._prompt
+        assert s is not None
+        has_draft = len(s.proposed) > j
+        t = s.target.pop(j)
         if self.verify == "exact":
             if not has_draft:
                 return None, t
-            return self._proposed[j] == t, t
-        p, q = self._p.pop(j), self._q.pop(j, None)
+            return s.proposed[j] == t, t
+        p, q = s.p.pop(j), s.q.pop(j, None)
         if not has_draft:
-            return None, sample_from(p, self._seed, j)
-        return rejection_step(self._proposed[j], q, p, self._seed, j)
+            return None, sample_from(p, s.seed, j)
+        return rejection_step(s.proposed[j], q, p, s.seed, j)
 
-    def _verify_in_order(self) -> list[Action]:
+    def _verify_in_order(self) -> list[Send]:
         """Consume target tokens position by position, from the first uncommitted one."""
-        actions: list[Action] = []
-        limit_before = self._limit
+        s = self._prompt
+        assert s is not None
+        actions: list[Send] = []
+        limit_before = s.limit
         learned: int | None = None  # first position committed here without a draft
-        while not self.finished and self._n in self._target:
-            j = self._n
+        while not s.finished and s.n in s.target:
+            j = s.n
             accepted, token = self._target_choice(j)
             if accepted:
-                self.counters.accepted += 1
+                s.counters.accepted += 1
             elif accepted is None and not self.restart_on_forced:
                 # No draft here, so no task depends on one: commit and go on. The zero-draft
                 # task for the next position goes out in _dispatch, as at a restart.
-                self.counters.forced += 1
-                self._proposed.append(token)
-                self._drafter_eos = False  # no draft of ours lies beyond j
+                s.counters.forced += 1
+                s.proposed.append(token)
+                s.drafter_eos = False  # no draft of ours lies beyond j
                 learned = j if learned is None else learned
             else:
                 # A rejection: commit the target's token and restart from the next position
                 # with a new epoch.
                 if accepted is None:
-                    self.counters.forced += 1
+                    s.counters.forced += 1
                 else:
-                    self.counters.rejected += 1
-                del self._proposed[j:]
-                self._proposed.append(token)
-                self._n = j + 1
+                    s.counters.rejected += 1
+                del s.proposed[j:]
+                s.proposed.append(token)
+                s.n = j + 1
                 self._commit(token)
-                if not self.finished:
+                if not s.finished:
                     actions += self._restart(j)
-                    limit_before = self._limit  # the rollback carries the new limit
+                    limit_before = s.limit  # the rollback carries the new limit
                     learned = None  # ... and the committed tokens
                 continue
-            self._n += 1
+            s.n += 1
             self._commit(token)
-        if self.finished:
+        if s.finished:
             return actions + self._finish()
         if self.uses_drafter:
             # Committed tokens let the drafter run further ahead (at most one message a result);
             # tokens it had no draft for ride along, so it need not draft them.
-            self._limit = max(self._limit, self._n + self.run_ahead)
-            if self._limit > limit_before or learned is not None:
-                start = self._n if learned is None else learned
-                actions.append(AdvanceDrafter(self.epoch, self._limit, start,
-                                              tuple(self._proposed[start:self._n])))
+            s.limit = max(s.limit, s.n + self.run_ahead)
+            if s.limit > limit_before or learned is not None:
+                start = s.n if learned is None else learned
+                actions.append(Send(DRAFTER, Advance(self.epoch, s.limit, start, tuple(s.proposed[start:s.n]))))
         return actions
 
     def _commit(self, token: int) -> None:
-        self.output.append(int(token))
-        if int(token) in self.eos_ids or len(self.output) >= self.max_new_tokens:
-            self.finished = True
+        s = self._prompt
+        assert s is not None
+        s.output.append(int(token))
+        if int(token) in self.eos_ids or len(s.output) >= self.max_new_tokens:
+            s.finished = True
 
-    def _cancel_outstanding(self, keep_committed: bool = False) -> list[Action]:
+    # ----------------------------------------------------------------- restarts
+
+    def _cancel_outstanding(self, keep_committed: bool) -> list[Send]:
         """Cancel every outstanding task, except (at a restart) tasks whose whole context is
         committed: they stay valid (their epoch is renewed), and letting the forward in flight
         finish spares that server a second prefill (the parallel prompt prefills, typically)
         and keeps a zero-draft task that verifies the next position."""
-        self._queue.clear()
-        actions: list[Action] = []
-        committed = self._proposed[: self._n]
-        for task in self._tasks.values():
+        s = self._prompt
+        assert s is not None
+        s.queue.clear()
+        actions: list[Send] = []
+        committed = s.proposed[: s.n]
+        for task in self.pool.tasks.values():
             if task.cancelled:
                 continue
-            if keep_committed and task.length <= self._n and list(task.context) == committed[: task.length]:
+            if keep_committed and task.length <= s.n and list(task.context) == committed[: task.length]:
                 task.epoch = self.epoch
-                self._covered_end = max(self._covered_end, task.length)
+                s.covered_end = max(s.covered_end, task.length)
                 continue
             task.cancelled = True
-            actions.append(CancelTask(task.server, task.task_id, task.epoch))
-            self.counters.verifications_cancelled += 1
+            assert task.server is not None
+            actions.append(Send(task.server, Cancel(task.epoch, task.task_id)))
+            s.counters.verifications_cancelled += 1
         return actions
 
-    def _restart(self, j: int, committed: bool = False) -> list[Action]:
+    def _restart(self, j: int, committed: bool = False) -> list[Send]:
         """A new epoch from the committed prefix: the drafter's token at ``j`` was wrong.
 
         ``committed``: position ``j`` had been committed before the drafter's draft for it
         arrived (a late draft); the drafter is told every committed token from ``j`` on."""
-        self.epoch += 1
-        del self._proposed[self._n:]  # drafts of the old epoch (none after a late draft)
-        self._covered_end = self._n - 1
+        s = self._prompt
+        assert s is not None
+        self.ids.next_epoch()
+        del s.proposed[s.n:]  # drafts of the old epoch (none after a late draft)
+        s.covered_end = s.n - 1
         actions = self._cancel_outstanding(keep_committed=True)
-        self._target.clear()
-        self._p.clear()
-        self._q.clear()
-        self._drafter_eos = False
-        self._limit = self._n + self.run_ahead
+        s.target.clear()
+        s.p.clear()
+        s.q.clear()
+        s.drafter_eos = False
+        s.limit = s.n + self.run_ahead
         if self.uses_drafter:
-            forced = self._proposed[j:self._n] if committed else self._proposed[j:j + 1]
-            actions.append(RollbackDrafter(self.epoch, j, tuple(int(t) for t in forced), self._limit))
+            forced = s.proposed[j:s.n] if committed else s.proposed[j:j + 1]
+            actions.append(Send(DRAFTER, Rollback(self.epoch, j, s.limit, tuple(int(t) for t in forced))))
         return actions
 
-    def _finish(self) -> list[Action]:
-        self.epoch += 1
+    def _finish(self) -> list[Send]:
+        self.ids.next_epoch()
         actions = self._cancel_outstanding(keep_committed=False)
         if self.uses_drafter:
-            actions.append(StopDrafter(self.epoch))
+            actions.append(Send(DRAFTER, Stop(self.epoch)))
         return actions
+

@@ -1,32 +1,31 @@
-"""Message kinds and their encoding: every message is one int64 block, no pickle.
+"""The messages between ranks: one frozen dataclass per kind, and their wire encoding.
 
-Layout of a block: ``[kind, epoch, ident, f0, f1, f2, f3, tokens...]``. The MPI tag is the kind,
-so a receiver can probe for one kind (a target server probes for CANCEL between layers).
-Distributions (rejection sampling) follow their header as a separate float64 message with
-tag PROBS from the same sender; MPI's non-overtaking rule pairs them.
+Every message travels as one int64 block ``[tag, fields..., tokens...]``: the kind's tag (also
+the MPI tag, so a target server can probe for CANCEL alone), the message's integer fields in
+declaration order, then its token tuple if it has one. A message with a ``probs`` field (a
+result or a draft under rejection sampling) adds a row count to its header and sends the
+distributions, float64 ``[rows, vocab]``, right after as a second message tagged PROBS; MPI's
+non-overtaking rule pairs the two. ERROR carries UTF-8 text. The layout is derived from the
+dataclass fields, so this module alone knows it; no pickle.
 
-Coordinator -> target:   VERIFY(epoch, task, keep, first_position, want_probs, seed, tokens)
-                         CANCEL(epoch, task)  SHUTDOWN
-Target -> coordinator:   RESULT(epoch, task, first_position, has_probs, tokens) [PROBS]
-                         CANCELLED(epoch, task)  ERROR  BYE
-Coordinator -> drafter:  START(epoch, limit, max_position, flags, seed, prompt)
-                         ROLLBACK(epoch, keep, limit, forced tokens)
-                         ADVANCE(epoch, limit, start, committed tokens)
-                         STOP(epoch)  SHUTDOWN
-Drafter -> coordinator:  DRAFT(epoch, position, has_probs, [token]) [PROBS]  ERROR  BYE
+Coordinator -> target:   Verify, Cancel, Shutdown
+Target -> coordinator:   Result [+ PROBS], Cancelled, Error, Bye
+Coordinator -> drafter:  Start, Rollback, Advance, Stop, Shutdown
+Drafter -> coordinator:  Draft [+ PROBS], Error, Bye
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import ClassVar
 
 import numpy as np
 
-HEADER = 7
-START_WANT_PROBS = 1  # START flags (f2): send q with each draft
-START_RESET_CACHE = 2  # ... and start from an empty KV cache
+
+class ProtocolError(RuntimeError):
+    """A message that cannot happen under the protocol: a bug, never bad input."""
 
 
 class Tag(IntEnum):
@@ -42,36 +41,223 @@ class Tag(IntEnum):
     SHUTDOWN = 10
     BYE = 11
     ERROR = 12  # payload: UTF-8 text as bytes (not int64)
-    PROBS = 13  # payload: float64 [n, vocab]
+    PROBS = 13  # payload: float64 [rows, vocab], follows a Result or Draft that has probs
 
 
-@dataclass
-class Message:
-    kind: Tag
-    source: int
-    epoch: int = 0
-    ident: int = 0  # task id for task messages
-    f0: int = 0
-    f1: int = 0
-    f2: int = 0
-    f3: int = 0
-    tokens: np.ndarray | None = None  # int64 [n]
-    probs: np.ndarray | None = None  # float64 [n, vocab]
-    text: str = ""  # ERROR only
+# ----------------------------------------------------------------- coordinator -> target
 
 
-def encode(kind: Tag, epoch: int = 0, ident: int = 0, f0: int = 0, f1: int = 0, f2: int = 0, f3: int = 0,
-           tokens: Sequence[int] = ()) -> np.ndarray:
-    block = np.empty(HEADER + len(tokens), dtype=np.int64)
-    block[:HEADER] = (int(kind), epoch, ident, f0, f1, f2, f3)
-    block[HEADER:] = tokens
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """Keep ``keep`` cached positions, append ``tokens``, return the target's token (and
+    distribution, if asked) for every position from ``first_position`` to the end."""
+
+    TAG: ClassVar[Tag] = Tag.VERIFY
+    epoch: int
+    task_id: int
+    keep: int  # cached positions the server keeps
+    first_position: int  # first position whose target token comes back
+    tokens: tuple[int, ...]  # context[keep:]
+    want_probs: bool = False
+    seed: int = 0  # the prompt's sampling seed
+
+    @property
+    def num_outputs(self) -> int:
+        """Positions first_position .. keep + len(tokens): one per appended token from there."""
+        return self.keep + len(self.tokens) - self.first_position + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Abandon the task, if it still runs; either way its one reply still comes."""
+
+    TAG: ClassVar[Tag] = Tag.CANCEL
+    epoch: int
+    task_id: int
+
+
+# ----------------------------------------------------------------- target -> coordinator
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    TAG: ClassVar[Tag] = Tag.RESULT
+    epoch: int
+    task_id: int
+    first_position: int
+    tokens: tuple[int, ...]  # the target's token for first_position, first_position + 1, ...
+    probs: np.ndarray | None = field(default=None, compare=False)  # [len(tokens), vocab] p
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The task was abandoned: the server's cache holds the task's first ``keep`` positions."""
+
+    TAG: ClassVar[Tag] = Tag.CANCELLED
+    epoch: int
+    task_id: int
+
+
+# ----------------------------------------------------------------- coordinator -> drafter
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """A new prompt: draft positions ``< limit`` and ``<= max_position``."""
+
+    TAG: ClassVar[Tag] = Tag.START
+    epoch: int
+    limit: int
+    max_position: int
+    want_probs: bool  # send q with each draft (rejection sampling)
+    seed: int  # the prompt's sampling seed
+    reset_cache: bool  # start from an empty KV cache (else reuse a shared prefix)
+    prompt: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """A draft was wrong: keep the first ``keep`` tokens, then append the target's ``forced``."""
+
+    TAG: ClassVar[Tag] = Tag.ROLLBACK
+    epoch: int
+    keep: int
+    limit: int
+    forced: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """More is committed: draft up to ``limit``; ``tokens`` were committed from ``start`` on
+    where the coordinator held no draft (skip them if not drafted yet)."""
+
+    TAG: ClassVar[Tag] = Tag.ADVANCE
+    epoch: int
+    limit: int
+    start: int = 0
+    tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The prompt is done: draft nothing more until the next Start."""
+
+    TAG: ClassVar[Tag] = Tag.STOP
+    epoch: int
+
+
+# ----------------------------------------------------------------- drafter -> coordinator
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    TAG: ClassVar[Tag] = Tag.DRAFT
+    epoch: int
+    position: int
+    token: int
+    probs: np.ndarray | None = field(default=None, compare=False)  # [1, vocab] q
+
+
+# ----------------------------------------------------------------- any direction
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """The job is over: answer Bye and return."""
+
+    TAG: ClassVar[Tag] = Tag.SHUTDOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    TAG: ClassVar[Tag] = Tag.BYE
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A worker failed; the text is its message (the one case that is not an int64 block)."""
+
+    TAG: ClassVar[Tag] = Tag.ERROR
+    text: str
+
+
+# Messages that make a drafter's forward in flight stale: it abandons the forward for them.
+PREEMPTS_DRAFT = (Tag.START, Tag.ROLLBACK, Tag.STOP, Tag.SHUTDOWN)
+
+Message = (Verify | Cancel | Result | Cancelled | Start | Rollback | Advance | Stop | Draft | Shutdown | Bye
+           | Error)
+DrafterMessage = Start | Rollback | Advance | Stop
+
+
+# ----------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class _Layout:
+    cls: type
+    ints: tuple[str, ...]  # header fields, in order
+    bools: frozenset[str]  # those of them that are flags
+    tokens: str | None  # the tuple field, if any
+    probs: bool  # a probs field: the header ends with its row count
+
+    @property
+    def header(self) -> int:
+        return 1 + len(self.ints) + int(self.probs)
+
+
+def _layout(cls: type) -> _Layout:
+    ints, bools, tokens, probs = [], set(), None, False
+    for f in dataclasses.fields(cls):
+        if f.name == "probs":
+            probs = True
+        elif f.type.startswith("tuple"):
+            tokens = f.name
+        else:
+            ints.append(f.name)
+            if f.type == "bool":
+                bools.add(f.name)
+    return _Layout(cls, tuple(ints), frozenset(bools), tokens, probs)
+
+
+_LAYOUTS = {cls.TAG: _layout(cls) for cls in (Verify, Cancel, Result, Cancelled, Start, Rollback, Advance, Stop,
+                                              Draft, Shutdown, Bye)}
+
+
+def encode(msg: Message) -> np.ndarray | bytes:
+    """The first (or only) payload of a message: its int64 block (or UTF-8 text for Error)."""
+    if isinstance(msg, Error):
+        return msg.text.encode("utf-8")[:65536]
+    layout = _LAYOUTS[msg.TAG]
+    tokens = getattr(msg, layout.tokens) if layout.tokens else ()
+    block = np.empty(layout.header + len(tokens), dtype=np.int64)
+    head = [int(msg.TAG)] + [int(getattr(msg, name)) for name in layout.ints]
+    if layout.probs:
+        head.append(0 if msg.probs is None else len(msg.probs))
+    block[: layout.header] = head
+    block[layout.header:] = tokens
     return block
 
 
-_TAGS = {int(tag): tag for tag in Tag}
+def probs_of(msg: Message) -> np.ndarray | None:
+    """The distributions that follow a message as PROBS (a Result's p, a Draft's q), or None."""
+    return getattr(msg, "probs", None)
 
 
-def decode(block: np.ndarray, source: int) -> Message:
-    """The message in a received block (``tokens`` is a view of it: the block is not reused)."""
-    kind, epoch, ident, f0, f1, f2, f3 = block[:HEADER].tolist()
-    return Message(_TAGS[kind], source, epoch, ident, f0, f1, f2, f3, tokens=block[HEADER:])
+def decode(tag: int, payload: np.ndarray | bytes) -> tuple[Message, int]:
+    """A received message, and how many rows of distributions (PROBS) follow it (0: none)."""
+    if tag == Tag.ERROR:
+        return Error(bytes(payload).decode("utf-8", "replace")), 0
+    layout = _LAYOUTS[Tag(tag)]
+    head = payload[: layout.header].tolist()
+    kwargs = dict(zip(layout.ints, head[1: 1 + len(layout.ints)], strict=True))
+    for name in layout.bools:
+        kwargs[name] = bool(kwargs[name])
+    if layout.tokens:
+        kwargs[layout.tokens] = tuple(payload[layout.header:].tolist())
+    rows = head[-1] if layout.probs else 0
+    return layout.cls(**kwargs), rows
+
+
+def with_probs(msg: Result | Draft, probs: np.ndarray) -> Result | Draft:
+    """The message with the distributions that followed it."""
+    return dataclasses.replace(msg, probs=probs)

@@ -22,7 +22,7 @@ from dsi_mpi.coordinator import Coordinator, PromptResult
 from dsi_mpi.devices import model_device
 from dsi_mpi.drafter import serve_drafter
 from dsi_mpi.preflight import Prompt
-from dsi_mpi.protocol import Tag
+from dsi_mpi.protocol import Bye, Tag
 from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
 from dsi_mpi.transport import IDLE, Transport
@@ -113,7 +113,7 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
             else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
                 transport.wait(source=0, tag=Tag.SHUTDOWN, what="shutdown", timeout_s=IDLE)
             transport.flush()
-            transport.send(0, Tag.BYE)
+            transport.send(0, Bye())
     except ConfigError:
         raise  # bad input (e.g. too few GPUs) is found alike on every rank: rank 0 reports it
     except BaseException as exc:

@@ -10,7 +10,8 @@ at their cancellation checks, and busy ranks whose polls miss messages already d
 
 Model of each role, matching the runtime:
 - drafter: one forward per draft; messages that arrive during a forward apply after it (the
-  drafter polls between forwards; an idle drafter applies them at once);
+  drafter polls between forwards; an idle drafter applies them at once), except a Rollback,
+  Start or Stop, which abandons the forward at its next cancellation check;
 - target server: one forward per task (whatever its number of tokens); a cancelled forward
   stops at the first cancellation check after the CANCEL arrives, its cache cropped back to
   the task's ``keep``;
@@ -26,13 +27,12 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dsi_mpi.backends.base import ContextRunner, StepOutput
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.metrics import Counters
-from dsi_mpi.policy import Action, CancelTask, DrafterState, Policy, SendTask, default_run_ahead
-from dsi_mpi.verify import SamplingParams
+from dsi_mpi.policy import DRAFTER, Policy, Send, default_run_ahead
+from dsi_mpi.protocol import PREEMPTS_DRAFT, Cancel, Draft, DrafterMessage, Result, Verify
+from dsi_mpi.worker import DrafterWorker, TargetWorker
 
-GREEDY = SamplingParams()
 PROMPT = (1, 2, 3, 4)
 MODES = ("dsi", "si", "nonsi")
 
@@ -133,7 +133,7 @@ class _Simulation:
     def __init__(self, mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                  tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT,
                  run_ahead: int | None = None, messages: MessageModel = IDEAL,
-                 restart_on_forced: bool = False) -> None:
+                 restart_on_forced: bool = False, preempt_drafter: bool = True) -> None:
         self.prompt = tuple(prompt)
         target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
@@ -147,20 +147,22 @@ class _Simulation:
         self._events: list[tuple[float, int, str, tuple]] = []
         self._seq = 0
         self._pending: deque[tuple[str, tuple]] = deque()  # events to handle at `now`, first
-        self.servers = {s: ContextRunner(EmulatedBackend(target, sleep=False)) for s in servers}
+        self.servers = {s: TargetWorker(EmulatedBackend(target, sleep=False)) for s in servers}
         # server -> (task, version, start, end): the forward in flight and when it ends
-        self._running: dict[int, tuple[SendTask, int, float, float]] = {}
-        self._outputs: dict[int, StepOutput] = {}  # server -> what its running task returns
+        self._running: dict[int, tuple[Verify, int, float, float]] = {}
+        self._outputs: dict[int, Result] = {}  # server -> what its running task returns
         self._version = 0
         self.queued_ms = 0.0
         self.queued_after_prefill_ms = 0.0
         self._queued_since: float | None = None
         self._prefill_done: float | None = None
-        self.drafter = ContextRunner(EmulatedBackend(drafter, sleep=False))
+        self.drafter = DrafterWorker(EmulatedBackend(drafter, sleep=False))
         self._d_busy = False
-        self._d_inbox: deque[Action] = deque()
+        self._d_inbox: deque[DrafterMessage] = deque()
         self._d_misses = 0  # polls left that miss the messages in the inbox
-        self._d = DrafterState()
+        self._d_forward = 0  # numbers the drafter's forwards, so an abandoned one is ignored
+        self._d_started = self._d_ends = 0.0
+        self.preempt_drafter = preempt_drafter
 
     def _push(self, delay: float, kind: str, payload: tuple) -> None:
         """An event ``delay`` ms from now; with no delay, before any other event at ``now``
@@ -200,23 +202,24 @@ class _Simulation:
 
     # ----------------------------------------------------------------- events
 
-    def _deliver(self, kind: str, payload: tuple) -> list[Action]:
+    def _deliver(self, kind: str, payload: tuple) -> list[Send]:
         """Handle one event; returns the policy's actions when the coordinator got a message."""
         if kind == "result":  # at the coordinator
-            server, task, out = payload
-            return self.policy.on_result(server, task.task_id, task.epoch, out.first_position, out.tokens.tolist())
+            server, out = payload
+            return self.policy.on_result(server, out.task_id, out.first_position, out.tokens)
         if kind == "cancelled":
             return self.policy.on_cancelled(*payload)
         if kind == "draft":
-            return self.policy.on_draft(*payload)
-        if kind == "task":  # a VERIFY reaches its server
-            self._start_task(payload[0])
+            draft: Draft = payload[0]
+            return self.policy.on_draft(draft.epoch, draft.position, draft.token)
+        if kind == "task":  # a Verify reaches its server
+            self._start_task(*payload)
         elif kind == "done":  # a server's forward ends
             server, version = payload
             running = self._running.get(server)
             if running is not None and running[1] == version:
                 del self._running[server]
-                self._push(self.msg.latency_ms, "result", (server, running[0], self._outputs.pop(server)))
+                self._push(self.msg.latency_ms, "result", (server, self._outputs.pop(server)))
         elif kind == "cancel":  # a CANCEL reaches its server
             self._cancel_arrives(*payload)
         elif kind == "abandon":
@@ -224,59 +227,81 @@ class _Simulation:
             running = self._running.get(server)
             if running is not None and running[1] == version:
                 del self._running[server]
-                self.servers[server].crop(running[0].keep)
+                self.servers[server].runner.crop(running[0].keep)
+                self._outputs.pop(server)
                 self._push(self.msg.latency_ms, "cancelled", (server, running[0].task_id))
         elif kind == "drafted":  # the drafter's forward ends
-            self._push(self.msg.latency_ms, "draft", payload)
+            if payload[0] != self._d_forward:
+                return []  # abandoned for a Rollback, Start or Stop
             self._d_busy = False
+            self._push(self.msg.latency_ms, "draft", (self.drafter.step(),))
             self._drafter_poll()
+        elif kind == "d_abandon":  # the drafter abandons its forward for a preempting message
+            if payload[0] == self._d_forward and self._d_busy:
+                self._d_forward += 1
+                self._d_busy = False
+                while self._d_inbox:
+                    self.drafter.apply(self._d_inbox.popleft())
+                self._drafter_maybe_start()
         elif kind == "to_drafter":
+            msg = payload[0]
             if self._d_busy:
                 if not self._d_inbox:
                     self._d_misses = self.msg.poll_misses
-                self._d_inbox.append(payload[0])
+                self._d_inbox.append(msg)
+                if self.preempt_drafter and msg.TAG in PREEMPTS_DRAFT:
+                    self._seq += 1
+                    at = self._check_time(self._d_started, self._d_ends)
+                    if at is not None:
+                        heapq.heappush(self._events, (at, self._seq, "d_abandon", (self._d_forward,)))
             else:
-                self._drafter_apply(payload[0])
+                self.drafter.apply(msg)
                 self._drafter_maybe_start()
         else:
             raise AssertionError(kind)
         return []
 
-    def _apply(self, actions: Sequence[Action]) -> None:
+    def _apply(self, actions: Sequence[Send]) -> None:
         """The coordinator's messages, each delivered after the message latency."""
-        for action in actions:
-            if isinstance(action, SendTask):
-                self._push(self.msg.latency_ms, "task", (action,))
-            elif isinstance(action, CancelTask):
-                self._push(self.msg.latency_ms, "cancel", (action.server, action.task_id))
+        for to, msg in actions:
+            if to == DRAFTER:
+                self._push(self.msg.latency_ms, "to_drafter", (msg,))
+            elif isinstance(msg, Cancel):
+                self._push(self.msg.latency_ms, "cancel", (to, msg.task_id))
             else:
-                self._push(self.msg.latency_ms, "to_drafter", (action,))
+                self._push(self.msg.latency_ms, "task", (to, msg))
 
-    def _start_task(self, task: SendTask) -> None:
+    def _start_task(self, server: int, task: Verify) -> None:
+        """The server's forward runs now (its output is known at once; it is delivered when
+        the forward ends, unless a Cancel abandons it first)."""
         cost = self.lat.target_ttft if task.keep == 0 else self.lat.target_tpot_ms
-        out = self.servers[task.server].extend(task.keep, task.tokens, GREEDY,
-                                               num_outputs=task.keep + len(task.tokens) - task.first_position + 1)
-        self._outputs[task.server] = out
+        self._outputs[server] = self.servers[server].verify(task)
         self._version += 1
-        self._running[task.server] = (task, self._version, self.now, self.now + cost)
+        self._running[server] = (task, self._version, self.now, self.now + cost)
         self._seq += 1
-        heapq.heappush(self._events, (self.now + cost, self._seq, "done", (task.server, self._version)))
+        heapq.heappush(self._events, (self.now + cost, self._seq, "done", (server, self._version)))
 
     def _cancel_arrives(self, server: int, task_id: int) -> None:
-        """A CANCEL for a forward in flight stops it at a cancellation check (the first after
-        its arrival, or a later one when polls miss it); one that finds the forward done, or
-        about to be, is ignored, as the runtime's servers do."""
+        """A Cancel for a forward in flight stops it at a cancellation check; one that finds
+        the forward done, or about to be, is ignored, as the runtime's servers do."""
         running = self._running.get(server)
         if running is None or running[0].task_id != task_id:
             return
         _, version, start, end = running
+        at = self._check_time(start, end)
+        if at is not None:
+            self._seq += 1
+            heapq.heappush(self._events, (at, self._seq, "abandon", (server, version)))
+
+    def _check_time(self, start: float, end: float) -> float | None:
+        """When a forward running from ``start`` to ``end`` notices a message arriving now: at
+        its first cancellation check from now on (or a later one when polls miss it), or None
+        when the forward ends first."""
         check = self.msg.cancel_check_ms
         at = self.now
         if check > 0:
             at = start + (math.ceil((self.now - start) / check - 1e-9) + self.msg.poll_misses) * check
-        if at < end:
-            self._seq += 1
-            heapq.heappush(self._events, (at, self._seq, "abandon", (server, version)))
+        return at if at < end else None
 
     # ----------------------------------------------------------------- drafter
 
@@ -286,40 +311,39 @@ class _Simulation:
         counts its own misses, from when it is next in line: the runtime polls again right
         after applying one, and that poll can miss the next as well."""
         while self._d_inbox:
-            if self._d_misses > 0 and self._d.can_draft():
+            if self._d_misses > 0 and self.drafter.can_draft():
                 self._d_misses -= 1
                 break
-            self._drafter_apply(self._d_inbox.popleft())
+            self.drafter.apply(self._d_inbox.popleft())
             self._d_misses = self.msg.poll_misses
         self._drafter_maybe_start()
 
-    def _drafter_apply(self, action: Action) -> None:
-        self._d.apply(action)
-        if self._d.reset_cache:
-            self.drafter.reset()
-            self._d.reset_cache = False
-
     def _drafter_maybe_start(self) -> None:
-        if self._d_busy or not self._d.can_draft():
+        """Start the drafter's next forward; its draft is taken when the forward ends (no
+        message is applied in between: they wait in the inbox, or abandon the forward)."""
+        if self._d_busy or not self.drafter.can_draft():
             return
-        cost = self.lat.drafter_ttft if self.drafter.backend.cached_length() == 0 else self.lat.drafter_tpot_ms
-        token = int(self.drafter.run(self._d.seq, GREEDY).tokens[0])
-        position = self._d.drafted(token, frozenset())
+        cost = self.lat.drafter_ttft if self.drafter.cold else self.lat.drafter_tpot_ms
         self._d_busy = True
+        self._d_forward += 1
+        self._d_started, self._d_ends = self.now, self.now + cost
         self._seq += 1
-        heapq.heappush(self._events, (self.now + cost, self._seq, "drafted", (self._d.epoch, position, token)))
+        heapq.heappush(self._events, (self.now + cost, self._seq, "drafted", (self._d_forward,)))
 
 
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
                   seed: int = 0, prompt: Sequence[int] = PROMPT, run_ahead: int | None = None,
-                  messages: MessageModel = IDEAL, restart_on_forced: bool = False) -> SimRun:
+                  messages: MessageModel = IDEAL, restart_on_forced: bool = False,
+                  preempt_drafter: bool = True) -> SimRun:
     """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
     acceptances (the same as an emulated MPI run with that seed and prompt). ``run_ahead``
     overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime);
     ``messages`` prices the messages (default: free); ``restart_on_forced`` runs the policy
-    as it was before issue 8."""
+    as it was before issue 8, and ``preempt_drafter=False`` the drafter (which then finished
+    every forward, even one a rollback had made stale)."""
     return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt, run_ahead=run_ahead,
-                       messages=messages, restart_on_forced=restart_on_forced).run()
+                       messages=messages, restart_on_forced=restart_on_forced,
+                       preempt_drafter=preempt_drafter).run()
 
 
 def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,

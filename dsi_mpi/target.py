@@ -2,60 +2,48 @@
 
 Messages (rank 0 is the coordinator)::
 
-    coordinator -> VERIFY(epoch, task, keep, first_position, want_probs, seed, tokens)
-    target      -> RESULT(epoch, task, first_position, has_probs, tokens) [PROBS]
-                 | CANCELLED(epoch, task)              exactly one reply per VERIFY
-    coordinator -> CANCEL(epoch, task)                 may arrive before, during or after it
-    coordinator -> SHUTDOWN ;  target -> BYE
+    coordinator -> Verify(epoch, task, keep, first_position, tokens, want_probs, seed)
+    target      -> Result(epoch, task, first_position, tokens) [+ PROBS]
+                 | Cancelled(epoch, task)              exactly one reply per Verify
+    coordinator -> Cancel(epoch, task)                 may arrive before, during or after it
+    coordinator -> Shutdown ;  target -> Bye
 
-Before each forward and between decoder layers the server probes for a CANCEL of the task
-it is running; an abandoned forward is rolled back to ``keep`` positions, which is what the
-coordinator then assumes the cache holds.
+Before each forward and between decoder layers the server probes for a Cancel of the task it
+is running; an abandoned forward is rolled back to ``keep`` positions, which is what the
+coordinator then assumes the cache holds (:class:`dsi_mpi.worker.TargetWorker`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from dsi_mpi.backends.base import Backend, Cancelled, ContextRunner
-from dsi_mpi.policy import ProtocolError
-from dsi_mpi.protocol import Tag
+from dsi_mpi.backends.base import Backend
+from dsi_mpi.protocol import Cancel, ProtocolError, Shutdown, Tag, Verify
 from dsi_mpi.transport import IDLE, Transport
 from dsi_mpi.verify import SamplingParams
+from dsi_mpi.worker import TargetWorker
 
 COORDINATOR = 0
 
 
 def serve_target(transport: Transport, backend: Backend, params: SamplingParams) -> None:
-    runner = ContextRunner(backend)
+    worker = TargetWorker(backend, params)
     current = -1
 
     def should_cancel() -> bool:
-        # A CANCEL names the running task or an older one already answered (sent before our
+        # A Cancel names the running task or an older one already answered (sent before our
         # reply reached the coordinator): never a later one, since the coordinator sends a
-        # VERIFY only to a server with no request outstanding.
+        # Verify only to a server with no request outstanding.
         while (msg := transport.poll(source=COORDINATOR, tag=Tag.CANCEL)) is not None:
-            if msg.ident == current:
+            if msg.message.task_id == current:
                 return True
         return False
 
     while True:
-        msg = transport.wait(source=COORDINATOR, what="a request from the coordinator", timeout_s=IDLE)
-        if msg.kind == Tag.SHUTDOWN:
+        msg = transport.wait(source=COORDINATOR, what="a request from the coordinator", timeout_s=IDLE).message
+        if isinstance(msg, Shutdown):
             return
-        if msg.kind == Tag.CANCEL:
+        if isinstance(msg, Cancel):
             continue  # for a task already answered
-        if msg.kind != Tag.VERIFY:
-            raise ProtocolError(f"target got unexpected {msg.kind.name}")
-        current, keep, first = msg.ident, msg.f0, msg.f1
-        if len(runner.tokens) < keep:
-            raise ProtocolError(f"task {current}: keep {keep} but the cache holds {len(runner.tokens)}")
-        tokens = msg.tokens.tolist()
-        try:
-            out = runner.extend(keep, tokens, replace(params, seed=msg.f3), num_outputs=keep + len(tokens) - first + 1,
-                                want_probs=bool(msg.f2), should_cancel=should_cancel)
-        except Cancelled:
-            transport.send(COORDINATOR, Tag.CANCELLED, msg.epoch, current)
-            continue
-        transport.send(COORDINATOR, Tag.RESULT, msg.epoch, current, out.first_position,
-                       int(out.probs is not None), tokens=out.tokens.tolist(), probs=out.probs)
+        if not isinstance(msg, Verify):
+            raise ProtocolError(f"target got unexpected {type(msg).__name__}")
+        current = msg.task_id
+        transport.send(COORDINATOR, worker.verify(msg, should_cancel))

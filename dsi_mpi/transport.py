@@ -26,12 +26,13 @@ import ctypes
 import sys
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from mpi4py import MPI
 
 from dsi_mpi.devices import poll_strategy
-from dsi_mpi.protocol import Message, Tag, decode, encode
+from dsi_mpi.protocol import Error, Message, Tag, decode, encode, probs_of, with_probs
 
 IDLE = float("inf")  # a worker waiting for its next request from the coordinator (see wait)
 # An Iprobe that finds nothing may only have advanced MPI's progress engine: MPICH reports a
@@ -53,6 +54,11 @@ def _precise_sleeps() -> None:
             ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
         except (OSError, AttributeError):
             pass
+
+
+class Incoming(NamedTuple):
+    source: int  # the sender's rank
+    message: Message
 
 
 class WaitTimeout(TimeoutError):
@@ -82,18 +88,20 @@ class Transport:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, dest: int, kind: Tag, epoch: int = 0, ident: int = 0, f0: int = 0, f1: int = 0, f2: int = 0,
-             f3: int = 0, tokens: Sequence[int] = (), probs: np.ndarray | None = None) -> None:
-        """Nonblocking send of one block (and its distributions, which follow as PROBS)."""
-        block = encode(kind, epoch, ident, f0, f1, f2, f3, tokens)
-        self._isend(block, MPI.INT64_T, dest, kind)
+    def send(self, dest: int, msg: Message) -> None:
+        """Nonblocking send of one message (and its distributions, which follow as PROBS)."""
+        payload = encode(msg)
+        if isinstance(payload, bytes):
+            self._isend(payload, MPI.BYTE, dest, msg.TAG)
+        else:
+            self._isend(payload, MPI.INT64_T, dest, msg.TAG)
+        probs = probs_of(msg)
         if probs is not None:
             self._isend(np.ascontiguousarray(probs, dtype=np.float64), MPI.DOUBLE, dest, Tag.PROBS)
         self.progress()
 
     def send_error(self, dest: int, text: str) -> None:
-        data = text.encode("utf-8")[:65536]
-        self._isend(data, MPI.BYTE, dest, Tag.ERROR)
+        self.send(dest, Error(text))
 
     def _isend(self, buf: np.ndarray | bytes, datatype: MPI.Datatype, dest: int, tag: int) -> None:
         request = self.comm.Isend([buf, datatype], dest=dest, tag=int(tag))
@@ -111,7 +119,7 @@ class Transport:
 
     # ------------------------------------------------------------------ receiving
 
-    def poll(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Message | None:
+    def poll(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Incoming | None:
         """The next matching message, or None if none has arrived.
 
         Probes up to ``PROBES`` times: MPICH's ``Iprobe`` looks for a match before it makes
@@ -125,15 +133,22 @@ class Transport:
             return None
         src, kind = status.Get_source(), status.Get_tag()
         if kind == Tag.ERROR:
-            data = bytearray(status.Get_count(MPI.BYTE))
-            self.comm.Recv([data, MPI.BYTE], source=src, tag=kind)
-            return Message(Tag.ERROR, src, text=data.decode("utf-8", "replace"))
-        block = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
-        self.comm.Recv([block, MPI.INT64_T], source=src, tag=kind)
-        msg = decode(block, src)
-        if (msg.kind == Tag.RESULT and msg.f1) or (msg.kind == Tag.DRAFT and msg.f1):
-            msg.probs = self._recv_probs(src, rows=len(msg.tokens))
-        return msg
+            payload: np.ndarray | bytearray = bytearray(status.Get_count(MPI.BYTE))
+            self.comm.Recv([payload, MPI.BYTE], source=src, tag=kind)
+        else:
+            payload = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+            self.comm.Recv([payload, MPI.INT64_T], source=src, tag=kind)
+        msg, rows = decode(kind, payload)
+        if rows:
+            msg = with_probs(msg, self._recv_probs(src, rows))
+        return Incoming(src, msg)
+
+    def pending_any(self, source: int, tags: Sequence[int]) -> bool:
+        """Whether a message with one of ``tags`` has arrived from ``source`` (not received).
+        One probe per tag: a caller that checks often (between decoder layers) sees a message a
+        check late at worst."""
+        iprobe = self.comm.Iprobe
+        return any(iprobe(source=source, tag=int(tag)) for tag in tags)
 
     def _recv_probs(self, source: int, rows: int) -> np.ndarray:
         """The PROBS message that the sender sent right after the header just received."""
@@ -149,7 +164,7 @@ class Transport:
         return probs.reshape(rows, count // rows)  # [rows, vocab]
 
     def wait(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, what: str = "a message",
-             timeout_s: float | None = None) -> Message:
+             timeout_s: float | None = None) -> Incoming:
         """Probe (spinning, or with backoff) until a message comes or the deadline passes.
 
         Workers idle between requests wait with ``timeout_s=IDLE``: a long phase that does not
@@ -174,8 +189,8 @@ class Transport:
             if not spin:
                 time.sleep(min(max(BACKOFF_FRACTION * (now - start), BACKOFF_MIN_S), longest))
             msg = self.poll(source, tag)
-        if msg.kind == Tag.ERROR:
-            raise RemoteError(msg.text)
+        if isinstance(msg.message, Error):
+            raise RemoteError(msg.message.text)
         return msg
 
     # ------------------------------------------------------------------ collective helpers
@@ -189,7 +204,7 @@ class Transport:
         while not request.Test():
             failure = self.poll(tag=Tag.ERROR)
             if failure is not None:
-                raise RemoteError(failure.text)
+                raise RemoteError(failure.message.text)
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s for {what}")
             delay = min(max(delay * 2, 1e-5), 0.01)

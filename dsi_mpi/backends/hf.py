@@ -25,7 +25,8 @@ import torch
 from dsi_mpi.backends import gguf
 from dsi_mpi.backends.base import Backend, Cancelled, StepOutput
 from dsi_mpi.backends.gate import LayerGate
-from dsi_mpi.verify import SamplingParams, distributions, select_tokens
+from dsi_mpi.backends.logits import distributions, select_tokens
+from dsi_mpi.verify import SamplingParams
 
 DTYPES = {
     "float32": torch.float32,

@@ -9,10 +9,11 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from dsi_mpi.backends.logits import distributions
 from dsi_mpi.config import RunConfig
 from dsi_mpi.preflight import Prompt
 from dsi_mpi.tiny import EOS_PROBE_PROMPT, corpus_lines
-from dsi_mpi.verify import SamplingParams, distributions
+from dsi_mpi.verify import SamplingParams
 from tests.conftest import device_under_test
 from tests.mpi.conftest import TIMEOUT_S, agree, run_on
 

@@ -74,7 +74,7 @@ def test_simulator_with_measured_message_latency_reproduces_the_collapse() -> No
         if RANK == 0:
             old = MessageModel(latency_ms=latency, cancel_check_ms=0.5, poll_misses=1)
             new = MessageModel(latency_ms=latency, cancel_check_ms=0.5, poll_misses=0)
-            before = forced_share(old, restart_on_forced=True)
+            before = forced_share(old, restart_on_forced=True, preempt_drafter=False)
             after = forced_share(new, restart_on_forced=False)
             if not (before > 0.5 and after < 0.1):
                 ok, message = False, f"ping-pong {latency * 1e3:.1f} us: forced share {before:.2f} before, {after:.2f} after"

@@ -13,36 +13,40 @@ from collections import deque
 import pytest
 
 from dsi_mpi.backends import load_backend
-from dsi_mpi.backends.base import Backend, Cancelled, ContextRunner
-from dsi_mpi.policy import (
-    AdvanceDrafter,
-    CancelTask,
-    DrafterState,
-    Policy,
-    ProtocolError,
-    RollbackDrafter,
-    SendTask,
-    StartDrafter,
-    default_run_ahead,
-)
+from dsi_mpi.backends.base import Backend
+from dsi_mpi.policy import DRAFTER, Policy, ProtocolError, Send, default_run_ahead
+from dsi_mpi.protocol import Advance, Cancel, Cancelled, Rollback, Start, Verify
 from dsi_mpi.reference import generate_nonsi
 from dsi_mpi.verify import SamplingParams
+from dsi_mpi.worker import DrafterWorker, TargetWorker
 
 GREEDY = SamplingParams()
+
+
+def sent(actions: list[Send], kind: type) -> list:
+    """The messages of one kind among a policy's actions, each with its destination as
+    ``server`` (an attribute-style view for the scripted tests)."""
+    return [_Addressed(to, msg) for to, msg in actions if isinstance(msg, kind)]
+
+
+class _Addressed:
+    def __init__(self, to: int, msg: object) -> None:
+        self.server, self.msg = to, msg
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.msg, name)
 
 
 class _RandomDriver:
     def __init__(self, policy: Policy, targets: dict[int, Backend], drafter: Backend | None,
                  params: SamplingParams, rng: random.Random) -> None:
         self.policy, self.params, self.rng = policy, params, rng
-        self.servers = {s: ContextRunner(b) for s, b in targets.items()}
-        self.drafter = ContextRunner(drafter) if drafter is not None else None
+        self.servers = {s: TargetWorker(b, params) for s, b in targets.items()}
+        self.drafter = DrafterWorker(drafter, params, policy.eos_ids) if drafter is not None else None
         self.to_server: dict[int, deque] = {s: deque() for s in targets}
         self.from_server: dict[int, deque] = {s: deque() for s in targets}
         self.to_drafter: deque = deque()
         self.from_drafter: deque = deque()
-        self.cancelled_ids: set[int] = set()
-        self.d = DrafterState()
 
     def run(self, prompt: list[int]) -> list[int]:
         self._route(self.policy.begin(prompt))
@@ -54,62 +58,49 @@ class _RandomDriver:
             choices += [("reply", s) for s, q in self.from_server.items() if q]
             choices += [("drafter_in", None)] if self.to_drafter else []
             choices += [("draft_out", None)] if self.from_drafter else []
-            if self.drafter is not None and self.d.can_draft():
+            if self.drafter is not None and self.drafter.can_draft():
                 choices.append(("draft", None))
             assert choices, "deadlock: nothing can happen but the policy is not done"
             kind, arg = self.rng.choice(choices)
             getattr(self, "_" + kind)(arg)
         return list(self.policy.output)
 
-    def _route(self, actions: list) -> None:
-        for action in actions:
-            if isinstance(action, SendTask | CancelTask):
-                if isinstance(action, CancelTask):
-                    self.cancelled_ids.add(action.task_id)
-                self.to_server[action.server].append(action)
-            else:
-                self.to_drafter.append(action)
+    def _route(self, actions: list[Send]) -> None:
+        for to, msg in actions:
+            (self.to_drafter if to == DRAFTER else self.to_server[to]).append(msg)
 
     def _server(self, s: int) -> None:
         msg = self.to_server[s].popleft()
-        if isinstance(msg, CancelTask):
+        if isinstance(msg, Cancel):
             return  # a cancel for a task already answered: ignored, as the real server does
-        runner = self.servers[s]
-        assert len(runner.tokens) >= msg.keep, "the coordinator overestimated a server's cache"
-        outputs = msg.keep + len(msg.tokens) - msg.first_position + 1
+        worker = self.servers[s]
+        assert len(worker.runner.tokens) >= msg.keep, "the coordinator overestimated a server's cache"
         # A cancel already queued behind this request may abandon it (the between-layer check).
-        cancel_waiting = any(isinstance(m, CancelTask) and m.task_id == msg.task_id for m in self.to_server[s])
+        cancel_waiting = any(isinstance(m, Cancel) and m.task_id == msg.task_id for m in self.to_server[s])
         if cancel_waiting and self.rng.random() < 0.7:
-            with pytest.raises(Cancelled):
-                runner.extend(msg.keep, msg.tokens, self.params, num_outputs=outputs, should_cancel=lambda: True)
-            assert runner.backend.cached_length() == len(runner.tokens) == msg.keep
-            self.from_server[s].append(("cancelled", msg.task_id))
-            return
-        out = runner.extend(msg.keep, msg.tokens, self.params, num_outputs=outputs)
-        self.from_server[s].append(("result", msg, out))
+            reply = worker.verify(msg, should_cancel=lambda: True)
+            assert isinstance(reply, Cancelled)
+            assert worker.runner.backend.cached_length() == len(worker.runner.tokens) == msg.keep
+        else:
+            reply = worker.verify(msg)
+        self.from_server[s].append(reply)
 
     def _reply(self, s: int) -> None:
-        item = self.from_server[s].popleft()
-        if item[0] == "cancelled":
-            self._route(self.policy.on_cancelled(s, item[1]))
+        reply = self.from_server[s].popleft()
+        if isinstance(reply, Cancelled):
+            self._route(self.policy.on_cancelled(s, reply.task_id))
         else:
-            _, msg, out = item
-            self._route(self.policy.on_result(s, msg.task_id, msg.epoch, out.first_position, out.tokens.tolist()))
+            self._route(self.policy.on_result(s, reply.task_id, reply.first_position, reply.tokens))
 
     def _draft(self, _: None) -> None:
-        out = self.drafter.run(self.d.seq, self.params)
-        position = self.d.drafted(int(out.tokens[0]), self.policy.eos_ids)
-        self.from_drafter.append((self.d.epoch, position, self.d.seq[-1]))
+        self.from_drafter.append(self.drafter.step())
 
     def _drafter_in(self, _: None) -> None:
-        self.d.apply(self.to_drafter.popleft())
-        if self.d.reset_cache:
-            self.drafter.reset()
-            self.d.reset_cache = False
+        self.drafter.apply(self.to_drafter.popleft())
 
     def _draft_out(self, _: None) -> None:
-        epoch, position, token = self.from_drafter.popleft()
-        self._route(self.policy.on_draft(epoch, position, token))
+        draft = self.from_drafter.popleft()
+        self._route(self.policy.on_draft(draft.epoch, draft.position, draft.token))
 
 
 def _emulated(acceptance: float | None = None) -> Backend:
@@ -173,29 +164,29 @@ def test_scripted_dsi_sequence() -> None:
     """Step by step: prefill everywhere, a task per lookahead drafts, a rejection preempts."""
     policy = Policy("dsi", [10, 11], lookahead=2, run_ahead=6, max_new_tokens=8)
     actions = policy.begin([7, 8])
-    assert isinstance(actions[0], StartDrafter) and actions[0].limit == 8
-    prefill = [a for a in actions if isinstance(a, SendTask)]
+    assert actions[0].to == DRAFTER and isinstance(actions[0].message, Start) and actions[0].message.limit == 8
+    prefill = sent(actions, Verify)
     assert [(a.server, a.keep, a.tokens, a.first_position) for a in prefill] == [(10, 0, (7, 8), 2), (11, 0, (7, 8), 2)]
     assert policy.on_draft(policy.epoch, 2, 100) == []
     queued = policy.on_draft(policy.epoch, 3, 101)  # two drafts: a task is created and queued
     assert queued == []  # both servers are busy with the prefill
     epoch = policy.epoch
-    out = policy.on_result(10, prefill[0].task_id, epoch, 2, [100])  # t_2 == d_2: accepted
+    out = policy.on_result(10, prefill[0].task_id, 2, [100])  # t_2 == d_2: accepted
     assert policy.output == [100]
-    send = [a for a in out if isinstance(a, SendTask)]
+    send = sent(out, Verify)
     # The server holds [7, 8]: it keeps both and appends only the two drafts.
     assert [(a.server, a.keep, a.tokens, a.first_position) for a in send] == [(10, 2, (100, 101), 3)]
     assert policy.on_draft(epoch, 4, 102) == []
     assert policy.on_draft(epoch, 5, 103) == []  # a task for positions 5..6, queued
-    out = policy.on_result(11, prefill[1].task_id, epoch, 2, [100])  # a duplicate frees server 11
-    spec = [a for a in out if isinstance(a, SendTask)]
+    out = policy.on_result(11, prefill[1].task_id, 2, [100])  # a duplicate frees server 11
+    spec = sent(out, Verify)
     assert [(a.server, a.keep, a.tokens, a.first_position) for a in spec] == [(11, 2, (100, 101, 102, 103), 5)]
-    out = policy.on_result(10, send[0].task_id, epoch, 3, [101, 55])  # d_3 ok, t_4 = 55 != d_4
+    out = policy.on_result(10, send[0].task_id, 3, [101, 55])  # d_3 ok, t_4 = 55 != d_4
     assert policy.output == [100, 101, 55]
     assert policy.counters.accepted == 2 and policy.counters.rejected == 1
-    assert any(isinstance(a, RollbackDrafter) and a.keep == 4 and a.forced == (55,) for a in out)
-    assert [(a.server, a.task_id) for a in out if isinstance(a, CancelTask)] == [(11, spec[0].task_id)]
-    zero = [a for a in out if isinstance(a, SendTask)]
+    assert any(a.keep == 4 and a.forced == (55,) for a in sent(out, Rollback))
+    assert [(a.server, a.task_id) for a in sent(out, Cancel)] == [(11, spec[0].task_id)]
+    zero = sent(out, Verify)
     assert [(a.server, a.first_position, a.tokens) for a in zero] == [(10, 5, (55,))]  # zero-draft task
     assert policy.epoch == epoch + 1
     assert policy.on_draft(epoch, 6, 999) == []  # a stale draft is dropped
@@ -206,17 +197,17 @@ def test_scripted_dsi_sequence() -> None:
 def test_a_restart_lets_committed_prefills_finish() -> None:
     """A task whose whole context is committed is not cancelled: it only warms a cache."""
     policy = Policy("dsi", [10, 11], lookahead=2, run_ahead=6, max_new_tokens=8)
-    prefill = [a for a in policy.begin([7, 8]) if isinstance(a, SendTask)]
+    prefill = sent(policy.begin([7, 8]), Verify)
     policy.on_draft(policy.epoch, 2, 100)
-    out = policy.on_result(10, prefill[0].task_id, policy.epoch, 2, [55])  # d_2 rejected at once
+    out = policy.on_result(10, prefill[0].task_id, 2, [55])  # d_2 rejected at once
     assert policy.output == [55]
-    assert not [a for a in out if isinstance(a, CancelTask)]  # server 11's prefill runs on
+    assert not sent(out, Cancel)  # server 11's prefill runs on
     epoch = policy.epoch
-    policy.on_result(11, prefill[1].task_id, epoch - 1, 2, [55])  # stale, but server 11 is warm
+    policy.on_result(11, prefill[1].task_id, 2, [55])  # stale, but server 11 is warm
     out = policy.on_draft(epoch, 3, 101)
     out += policy.on_draft(epoch, 4, 102)
     # Server 11 holds the prompt, so the task sent to it keeps both prompt tokens.
-    to_11 = [(a.keep, a.tokens, a.first_position) for a in out if isinstance(a, SendTask) and a.server == 11]
+    to_11 = [(a.keep, a.tokens, a.first_position) for a in sent(out, Verify) if a.server == 11]
     assert to_11 == [(2, (55, 101, 102), 4)]
 
 
@@ -227,40 +218,40 @@ def test_a_forced_commit_leaves_the_drafter_alone() -> None:
     its lead back. Now the token is committed, the drafter is only told it, and its late draft
     (right) and the drafts after it are used."""
     policy = Policy("dsi", [10, 11], lookahead=1, run_ahead=6, max_new_tokens=8)
-    prefill = [a for a in policy.begin([7, 8]) if isinstance(a, SendTask)]
+    prefill = sent(policy.begin([7, 8]), Verify)
     epoch = policy.epoch
-    out = policy.on_result(10, prefill[0].task_id, epoch, 2, [100])  # no draft yet: forced
+    out = policy.on_result(10, prefill[0].task_id, 2, [100])  # no draft yet: forced
     assert policy.output == [100] and policy.epoch == epoch
-    assert not [a for a in out if isinstance(a, RollbackDrafter | CancelTask)]
-    advance = [a for a in out if isinstance(a, AdvanceDrafter)]
+    assert not sent(out, Rollback) + sent(out, Cancel)
+    advance = sent(out, Advance)
     assert [(a.start, a.tokens, a.limit) for a in advance] == [(2, (100,), 9)]
-    zero = [a for a in out if isinstance(a, SendTask)]
+    zero = sent(out, Verify)
     assert [(a.server, a.keep, a.tokens, a.first_position) for a in zero] == [(10, 2, (100,), 3)]
     assert policy.on_draft(epoch, 2, 100) == []  # late but right: nothing to undo
     assert policy.counters.drafts_late == 1
-    assert policy.on_result(11, prefill[1].task_id, epoch, 2, [100]) == []  # frees server 11
+    assert policy.on_result(11, prefill[1].task_id, 2, [100]) == []  # frees server 11
     out = policy.on_draft(epoch, 3, 101)  # a draft built on it is used at once
-    assert [(a.server, a.keep, a.tokens, a.first_position) for a in out if isinstance(a, SendTask)] == [
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in sent(out, Verify)] == [
         (11, 2, (100, 101), 4)]
-    out = policy.on_result(10, zero[0].task_id, epoch, 3, [101])  # and accepted
+    out = policy.on_result(10, zero[0].task_id, 3, [101])  # and accepted
     assert policy.output == [100, 101] and policy.counters.accepted == 1 and policy.counters.forced == 1
 
 
 def test_a_wrong_late_draft_rolls_the_drafter_back_to_the_committed_tokens() -> None:
     policy = Policy("dsi", [10, 11], lookahead=1, run_ahead=6, max_new_tokens=8)
-    prefill = [a for a in policy.begin([7, 8]) if isinstance(a, SendTask)]
+    prefill = sent(policy.begin([7, 8]), Verify)
     epoch = policy.epoch
-    out = policy.on_result(10, prefill[0].task_id, epoch, 2, [100])  # forced at 2
-    zero = [a for a in out if isinstance(a, SendTask)][0]
-    out = policy.on_result(11, prefill[1].task_id, epoch, 2, [100])  # a duplicate: ignored
+    out = policy.on_result(10, prefill[0].task_id, 2, [100])  # forced at 2
+    zero = sent(out, Verify)[0]
+    out = policy.on_result(11, prefill[1].task_id, 2, [100])  # a duplicate: ignored
     assert policy.output == [100]
     out = policy.on_draft(epoch, 2, 55)  # the drafter guessed 55 where 100 is committed
     assert policy.epoch == epoch + 1
-    assert [(a.keep, a.forced) for a in out if isinstance(a, RollbackDrafter)] == [(2, (100,))]
+    assert [(a.keep, a.forced) for a in sent(out, Rollback)] == [(2, (100,))]
     # The zero-draft task for position 3 is built on committed tokens only: it runs on.
-    assert not [a for a in out if isinstance(a, CancelTask | SendTask)]
+    assert not sent(out, Cancel) + sent(out, Verify)
     assert policy.on_draft(epoch, 3, 56) == []  # built on 55: stale
-    policy.on_result(10, zero.task_id, epoch, 3, [101])  # still counts
+    policy.on_result(10, zero.task_id, 3, [101])  # still counts
     assert policy.output == [100, 101]
     with pytest.raises(ProtocolError):
         policy.on_draft(policy.epoch, 7, 1)  # positions come in order
@@ -273,33 +264,35 @@ def test_si_bonus_token_rides_on_the_advance() -> None:
     policy.begin([7, 8])
     epoch = policy.epoch
     assert policy.on_draft(epoch, 2, 100) == []
-    task = [a for a in policy.on_draft(epoch, 3, 101) if isinstance(a, SendTask)][0]
-    out = policy.on_result(10, task.task_id, epoch, 2, [100, 101, 102])
+    task = sent(policy.on_draft(epoch, 3, 101), Verify)[0]
+    out = policy.on_result(10, task.task_id, 2, [100, 101, 102])
     assert policy.output == [100, 101, 102]
-    assert [(a.start, a.tokens, a.limit) for a in out if isinstance(a, AdvanceDrafter)] == [(4, (102,), 7)]
+    assert [(a.start, a.tokens, a.limit) for a in sent(out, Advance)] == [(4, (102,), 7)]
 
 
-def test_drafter_state_learns_committed_tokens() -> None:
-    d = DrafterState()
-    d.apply(StartDrafter(1, (7, 8), limit=10, max_position=20))
-    d.drafted(100, frozenset())
-    d.apply(AdvanceDrafter(1, 10, start=2, tokens=(100, 101)))  # agrees, and one more
+def test_drafter_learns_committed_tokens() -> None:
+    d = DrafterWorker(_emulated(0.5))
+    d.apply(Start(1, limit=10, max_position=20, want_probs=False, seed=0, reset_cache=True, prompt=(7, 8)))
+    d.seq.append(100)  # as if drafted
+    d.apply(Advance(1, 10, start=2, tokens=(100, 101)))  # agrees, and one more
     assert d.seq == [7, 8, 100, 101]
-    d.apply(AdvanceDrafter(1, 12, start=4, tokens=(102,)))  # not drafted yet: skipped
+    d.apply(Advance(1, 12, start=4, tokens=(102,)))  # not drafted yet: skipped
     assert d.seq == [7, 8, 100, 101, 102] and d.limit == 12
-    d.drafted(50, frozenset())
-    d.apply(AdvanceDrafter(1, 12, start=5, tokens=(103, 104)))  # our draft 50 is wrong
+    d.seq.append(50)
+    d.apply(Advance(1, 12, start=5, tokens=(103, 104)))  # our draft 50 is wrong
     assert d.seq == [7, 8, 100, 101, 102, 50] and d.diverged
-    d.apply(AdvanceDrafter(1, 13, start=7, tokens=(105,)))  # ignored until the rollback
+    d.apply(Advance(1, 13, start=7, tokens=(105,)))  # ignored until the rollback
     assert d.seq == [7, 8, 100, 101, 102, 50] and d.limit == 13
-    d.apply(RollbackDrafter(2, 5, (103, 104), limit=14))
+    d.apply(Rollback(2, 5, limit=14, forced=(103, 104)))
     assert d.seq == [7, 8, 100, 101, 102, 103, 104] and not d.diverged
+    draft = d.step()  # the next forward drafts position 7 in the new epoch
+    assert (draft.epoch, draft.position) == (2, 7) and d.seq[-1] == draft.token
     with pytest.raises(ProtocolError):
-        d.apply(AdvanceDrafter(2, 14, start=9, tokens=(1,)))  # a gap: cannot happen
+        d.apply(Advance(2, 14, start=10, tokens=(1,)))  # a gap: cannot happen
 
 
 def test_common_prefix() -> None:
-    from dsi_mpi.backends.base import common_prefix
+    from dsi_mpi.sequences import common_prefix
 
     assert common_prefix([1, 2, 3], (1, 2, 3, 4)) == 3
     assert common_prefix([], [1]) == 0

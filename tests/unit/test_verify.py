@@ -8,15 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsi_mpi.verify import (
-    SamplingParams,
-    distributions,
-    exact_match,
-    processed_scores,
-    rejection_sample,
-    sample_from,
-    select_tokens,
-)
+from dsi_mpi.backends.logits import distributions, processed_scores, select_tokens
+from dsi_mpi.verify import SamplingParams, exact_match, rejection_sample, sample_from
 
 
 @pytest.mark.parametrize(
