@@ -9,7 +9,8 @@ non-overtaking rule pairs the two. ERROR carries UTF-8 text. The layout is deriv
 dataclass fields, so this module alone knows it; no pickle.
 
 Coordinator -> target:   Verify, Cancel, Shutdown
-Target -> coordinator:   Result [+ PROBS], Cancelled, Error, Bye
+Target -> coordinator:   Result [+ PROBS], Cancelled, Error, Bye (a reply says how long its
+                         forward took: the coordinator learns each server's busy time)
 Coordinator -> drafter:  Start, Rollback, Advance, Stop, Shutdown
 Drafter -> coordinator:  Draft [+ PROBS], Error, Bye
 """
@@ -42,6 +43,7 @@ class Tag(IntEnum):
     BYE = 11
     ERROR = 12  # payload: UTF-8 text as bytes (not int64)
     PROBS = 13  # payload: float64 [rows, vocab], follows a Result or Draft that has probs
+    CLOCK = 14  # not a message: the clock alignment of a traced run (Transport.clock_offset)
 
 
 # ----------------------------------------------------------------- coordinator -> target
@@ -87,6 +89,7 @@ class Result:
     first_position: int
     tokens: tuple[int, ...]  # the target's token for first_position, first_position + 1, ...
     probs: np.ndarray | None = field(default=None, compare=False)  # [len(tokens), vocab] p
+    forward_us: int = 0  # how long the server's forward took (its busy time, for the record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,7 @@ class Cancelled:
     TAG: ClassVar[Tag] = Tag.CANCELLED
     epoch: int
     task_id: int
+    forward_us: int = 0  # how long the abandoned forward ran
 
 
 # ----------------------------------------------------------------- coordinator -> drafter
