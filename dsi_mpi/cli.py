@@ -60,6 +60,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll", choices=POLL_CHOICES, default="auto",
                    help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
                         "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
+    p.add_argument("--trace", metavar="FILE.json",
+                   help="write what every rank did, on one clock, as a Chrome trace (Perfetto; dsi-mpi timeline)")
+    p.add_argument("--quiet", action="store_true", help="no progress report on stderr")
 
 
 def _add_prompt_options(p: argparse.ArgumentParser) -> None:
@@ -125,9 +128,9 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             prompts, tokenizer = preflight(configs[0], args.prompt, args.prompt_file, args.prompt_ids,
                                            args.chat, args.num_prompts)
-            out_dir = os.path.dirname(os.path.abspath(args.output))
-            if not os.path.isdir(out_dir):
-                raise ConfigError(f"--output: directory {out_dir!r} does not exist")
+            _writable(args.output, "--output")
+            if args.trace:
+                _writable(args.trace, "--trace")
             verdict = (True, None)
         except ConfigError as exc:
             verdict = (False, str(exc))
@@ -137,16 +140,22 @@ def run_command(args: argparse.Namespace) -> int:
     if not ok:
         raise ConfigError(str(message))
 
+    from dsi_mpi.progress import Progress
     from dsi_mpi.runtime import run
 
+    progress = Progress(len(configs) * len(prompts) * args.repeats, quiet=args.quiet) if rank == 0 else None
     outcome = run(comm, configs, prompts if rank == 0 else (), tokenizer if rank == 0 else None,
-                  repeats=args.repeats, warmup=args.warmup)
+                  repeats=args.repeats, warmup=args.warmup, trace=args.trace, progress=progress)
     if rank == 0:
+        progress.close()
         with open(args.output, "w", encoding="utf-8") as fh:
             for r in outcome.records:
                 fh.write(json.dumps(r) + "\n")
         print(_summary(outcome.records), flush=True)
         print(f"wrote {len(outcome.records)} records to {args.output}", flush=True)
+        if args.trace:
+            print(f"wrote the trace of {comm.Get_size()} ranks to {args.trace} (dsi-mpi timeline {args.trace})",
+                  flush=True)
     return 0
 
 
@@ -340,12 +349,63 @@ def profile_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_views(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("timeline", help="one generation of a --trace file as a Gantt chart (PNG)")
+    p.add_argument("trace", help="a file written by dsi-mpi run --trace")
+    p.add_argument("--out", default="timeline.png", help="PNG file to write")
+    p.add_argument("--prompt", type=int, help="prompt index (default: the first traced)")
+    p.add_argument("--mode", choices=MODES, help="dsi, si or nonsi (default: the first traced)")
+    p.add_argument("--repeat", type=int, help="which repeat (default: the first)")
+
+    p = sub.add_parser("report", help="Markdown tables, speedups and plots from run records")
+    p.add_argument("records", nargs="+", help="JSONL files written by dsi-mpi run --output")
+    p.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
+
+
+def timeline_command(args: argparse.Namespace) -> int:
+    from dsi_mpi import timeline
+
+    _writable(args.out, "--out")
+    try:
+        doc = timeline.load(args.trace)
+        gen = timeline.draw(doc, args.out, args.prompt, args.mode, args.repeat)
+    except OSError as exc:
+        raise ConfigError(f"{args.trace}: {exc.strerror or exc}") from None
+    except (timeline.TraceError, json.JSONDecodeError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"wrote {args.out}: {gen['mode']} prompt {gen['prompt']} repeat {gen['repeat']}, {gen['tokens']} tokens "
+          f"in {(gen['end_us'] - gen['start_us']) / 1e3:.1f} ms")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from dsi_mpi import report
+
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out: directory {parent!r} does not exist")
+    try:
+        markdown, written = report.report(args.records, args.out)
+    except report.ReportError as exc:
+        raise ConfigError(str(exc)) from None
+    print(markdown)
+    print(f"wrote {', '.join(written)}")
+    return 0
+
+
+def _writable(path: str, flag: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"{flag}: directory {out_dir!r} does not exist")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsi-mpi", description="Distributed Speculative Inference over MPI")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
     _add_offline(sub)
     _add_profile(sub)
+    _add_views(sub)
     return parser
 
 
@@ -362,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = make_parser().parse_args(argv)
         commands = {"run": run_command, "simulate": simulate_command, "plan": plan_command,
-                    "heatmap": heatmap_command, "profile": profile_command}
+                    "heatmap": heatmap_command, "profile": profile_command, "timeline": timeline_command,
+                    "report": report_command}
         return commands[args.command](args)
     except ConfigError as exc:
         if _rank() == 0:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dsi_mpi.config import RunConfig
 from dsi_mpi.policy import DRAFTER, Ids, Policy, Send
 from dsi_mpi.protocol import Bye, Cancelled, Draft, ProtocolError, Result, Shutdown
 from dsi_mpi.roles import Layout
+from dsi_mpi.trace import NO_TRACE, Recorder
 from dsi_mpi.transport import Incoming, Transport
 
 
@@ -26,13 +27,18 @@ class PromptResult:
     wall_time_s: float
     ttft_s: float
     policy: Policy
+    forwards: dict[int, tuple[int, float]] = field(default_factory=dict)  # task id -> (server, seconds)
+    start: float = 0.0  # perf_counter at the prompt's start and end (the trace's clock)
+    end: float = 0.0
 
 
 class Coordinator:
-    def __init__(self, transport: Transport, layout: Layout, eos_ids: frozenset[int]) -> None:
+    def __init__(self, transport: Transport, layout: Layout, eos_ids: frozenset[int],
+                 trace: Recorder = NO_TRACE) -> None:
         self.transport = transport
         self.layout = layout
         self.eos_ids = eos_ids
+        self.trace = trace
         # Epochs and task ids keep growing across policies, so no stale message is ever
         # mistaken for a current one by a server or the drafter.
         self.ids = Ids()
@@ -44,34 +50,45 @@ class Coordinator:
                       seed=config.sampling.seed, reuse_cache=config.reuse_cache, ids=self.ids)
 
     def generate(self, policy: Policy, prompt: Sequence[int], seed: int | None = None) -> PromptResult:
+        trace = self.trace
+        forwards: dict[int, tuple[int, float]] = {}
         start = time.perf_counter()
         first_token = None
-        self._execute(policy.begin(prompt, seed))
+        self._execute(policy.begin(prompt, seed), trace.now())
         while not policy.finished:
-            self._execute(self._handle(policy, self.transport.wait(what="a reply from the drafter or a target server")))
+            incoming = self.transport.wait(what="a reply from the drafter or a target server")
+            received, committed = trace.now(), len(policy.output)
+            self._execute(self._handle(policy, incoming, forwards), received, committed, policy)
             if first_token is None and policy.output:
                 first_token = time.perf_counter()
         end = time.perf_counter()
         while not policy.idle:  # replies to cancelled tasks; stale drafts are dropped
-            self._execute(self._handle(policy, self.transport.wait(what="replies to cancelled tasks")))
-        return PromptResult(policy.mode, list(policy.output), end - start, (first_token or end) - start, policy)
+            incoming = self.transport.wait(what="replies to cancelled tasks")
+            self._execute(self._handle(policy, incoming, forwards), trace.now())
+        return PromptResult(policy.mode, list(policy.output), end - start, (first_token or end) - start, policy,
+                            forwards, start, end)
 
     @staticmethod
-    def _handle(policy: Policy, incoming: Incoming) -> list[Send]:
+    def _handle(policy: Policy, incoming: Incoming, forwards: dict[int, tuple[int, float]]) -> list[Send]:
         source, msg = incoming
         if isinstance(msg, Draft):
             q = msg.probs[0] if msg.probs is not None else None
             return policy.on_draft(msg.epoch, msg.position, msg.token, q)
         if isinstance(msg, Result):
+            forwards[msg.task_id] = (source, msg.forward_us * 1e-6)
             return policy.on_result(source, msg.task_id, msg.first_position, msg.tokens, msg.probs)
         if isinstance(msg, Cancelled):
+            forwards[msg.task_id] = (source, msg.forward_us * 1e-6)
             return policy.on_cancelled(source, msg.task_id)
         raise ProtocolError(f"coordinator got unexpected {type(msg).__name__} from rank {source}")
 
-    def _execute(self, actions: Sequence[Send]) -> None:
+    def _execute(self, actions: Sequence[Send], received: float, committed: int | None = None,
+                 policy: Policy | None = None) -> None:
+        """Send the policy's actions; the trace notes what they did since ``received``."""
         drafter = self.layout.drafters[0] if self.layout.drafters else None
         for to, msg in actions:
             self.transport.send(drafter if to == DRAFTER else to, msg)
+        self.trace.coordinator_step(received, actions, committed, policy)
 
     def shutdown(self, timeout_s: float | None = None) -> None:
         """Tell every worker to stop and wait (bounded) for each one's Bye."""

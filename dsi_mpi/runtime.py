@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
+from dsi_mpi import trace as tracing
 from dsi_mpi.backends import Backend, load_backend
 from dsi_mpi.config import ConfigError, RunConfig
 from dsi_mpi.coordinator import Coordinator, PromptResult
 from dsi_mpi.devices import model_device
 from dsi_mpi.drafter import serve_drafter
+from dsi_mpi.metrics import target_work
 from dsi_mpi.preflight import Prompt
+from dsi_mpi.progress import Progress
 from dsi_mpi.protocol import Bye, Tag
 from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
@@ -39,6 +42,7 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
            tokenizer: object | None, repeat: int = 0, seed: int | None = None) -> dict:
     counters = result.policy.counters
     n = len(result.tokens)
+    lookahead = config.lookahead if config.mode != "nonsi" else 0
     out = {
         "mode": config.mode,
         "prompt_index": prompt_index,
@@ -60,25 +64,39 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "target_forwards": counters.target_forwards,
         "drafts_received": counters.drafter_forwards,
         "drafts_late": counters.drafts_late,
-        "lookahead": config.lookahead if config.mode != "nonsi" else 0,
+        "lookahead": lookahead,
         "sp": sp,
         "verify": config.verify,
         "temperature": config.sampling.temperature,
         "seed": config.sampling.seed if seed is None else seed,
         "target": config.target,
         "drafter": config.drafter if config.mode != "nonsi" else None,
+        # acceptance by position in a block (vLLM's definition; docs/records.md)
+        "blocks_verified": counters.blocks_verified,
+        "blocks_per_position": counters.blocks_per_position,
+        "accepted_per_position": _padded(counters.accepted_per_position, len(counters.blocks_per_position), 0),
+        "acceptance_per_position": counters.acceptance_per_position,
+        # the target servers' forward time: by outcome, wasted, and each server's busy fraction
+        **target_work(result.forwards, result.policy.task_outcomes(), result.policy.servers, result.wall_time_s),
     }
     if tokenizer is not None:
         out["text"] = tokenizer.decode(result.tokens)
     return out
 
 
+def _padded(values: list, length: int, fill: float) -> list:
+    return values + [fill] * (length - len(values))
+
+
 def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt | Sequence[int]] = (),
-        tokenizer: object | None = None, repeats: int = 1, warmup: int = 0) -> RunOutcome:
+        tokenizer: object | None = None, repeats: int = 1, warmup: int = 0, trace: str | None = None,
+        progress: Progress | None = None) -> RunOutcome:
     """Run every config (one per mode) over every prompt; collective over ``comm``.
 
     The configs may differ in mode, lookahead and SP only: models and sampling are loaded once.
     ``prompts`` (rank 0 only) are token lists or :class:`Prompt` with their own seeds.
+    ``trace`` (the same on every rank): write a trace of every rank to this file (rank 0).
+    ``progress`` (rank 0): told of every record as it is made.
     """
     base = configs[0]
     for c in configs:
@@ -103,17 +121,23 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
         transport.barrier("every rank to load its model")
+        recorder = tracing.start(transport, rank, role) if trace else tracing.NO_TRACE
         if role == "coordinator":
-            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats, warmup, eos)
+            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats, warmup, eos,
+                                          recorder, progress)
         else:
             if role == "target":
-                serve_target(transport, backend, base.sampling)
+                serve_target(transport, backend, base.sampling, recorder)
             elif backend is not None:
-                serve_drafter(transport, backend, base.sampling, eos)
+                serve_drafter(transport, backend, base.sampling, eos, recorder)
             else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
                 transport.wait(source=0, tag=Tag.SHUTDOWN, what="shutdown", timeout_s=IDLE)
             transport.flush()
             transport.send(0, Bye())
+        if trace:
+            parts = tracing.gather(recorder, transport)
+            if parts is not None:
+                tracing.write(trace, parts, {"configs": [_describe(c) for c in configs]})
     except ConfigError:
         raise  # bad input (e.g. too few GPUs) is found alike on every rank: rank 0 reports it
     except BaseException as exc:
@@ -124,20 +148,31 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     return outcome
 
 
+def _describe(config: RunConfig) -> dict:
+    return {"mode": config.mode, "lookahead": config.lookahead, "sp": config.sp, "target": config.target,
+            "drafter": config.drafter, "max_new_tokens": config.max_new_tokens}
+
+
 def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfig], prompts: Sequence[Prompt],
-                tokenizer: object | None, repeats: int, warmup: int, eos: frozenset[int]) -> list[dict]:
-    coordinator = Coordinator(transport, layout, eos)
+                tokenizer: object | None, repeats: int, warmup: int, eos: frozenset[int],
+                trace: tracing.Recorder = tracing.NO_TRACE, progress: Progress | None = None) -> list[dict]:
+    coordinator = Coordinator(transport, layout, eos, trace)
     records = []
     try:
         for config in configs:
             policy = coordinator.make_policy(config)
             sp = len(layout.active_targets(config.mode, config.sp))
-            for _ in range(warmup):
-                coordinator.generate(policy, prompts[0].ids, prompts[0].seed)
+            labels = {"mode": config.mode, "lookahead": config.lookahead if config.mode != "nonsi" else 0, "sp": sp}
+            for w in range(warmup):
+                result = coordinator.generate(policy, prompts[0].ids, prompts[0].seed)
+                trace.generation(result, **labels, prompt=0, repeat=w, warmup=True)
             for repeat in range(repeats):
                 for index, prompt in enumerate(prompts):
                     result = coordinator.generate(policy, prompt.ids, prompt.seed)
+                    trace.generation(result, **labels, prompt=index, repeat=repeat, warmup=False)
                     records.append(record(result, config, sp, index, len(prompt.ids), tokenizer, repeat, prompt.seed))
+                    if progress is not None:
+                        progress.done(records[-1])
     except BaseException:
         try:  # release the workers quickly; a failed one never says BYE
             coordinator.shutdown(timeout_s=5.0)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker", "sequences", "config")
+PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker", "sequences", "config",
+        "trace", "progress", "report", "timeline")
 
 SCRIPT = """
 import sys
