@@ -191,6 +191,7 @@ def plot_latency(groups: Sequence[Group], path: str, many_files: bool) -> None:
 
 def plot_acceptance(groups: Sequence[Group], path: str, many_files: bool) -> bool:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     curves = [(g, p) for g in groups if (p := g.per_position())]
     if not curves:
@@ -199,6 +200,7 @@ def plot_acceptance(groups: Sequence[Group], path: str, many_files: bool) -> boo
     ax = fig.add_subplot()
     for g, p in curves:
         ax.plot(range(1, len(p) + 1), p, marker="o", label=_name(g, many_files))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("draft position in a block")
     ax.set_ylabel("share of blocks with this draft accepted")
     ax.set_ylim(0, 1.02)
@@ -214,6 +216,7 @@ def plot_against(groups: Sequence[Group], knob: str, path: str) -> bool:
     """Median wall time against ``knob`` (lookahead or sp), a line per (file, mode, other knob)
     that ran with at least two values of it."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     other = "sp" if knob == "lookahead" else "lookahead"
     lines: dict[tuple, list[tuple[int, float]]] = {}
@@ -230,6 +233,7 @@ def plot_against(groups: Sequence[Group], knob: str, path: str) -> bool:
     for (file, mode, fixed), points in lines.items():
         label = (f"{os.path.basename(file)}: " if many_files else "") + f"{mode}, {other} {fixed}"
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("lookahead" if knob == "lookahead" else "SP (target servers)")
     ax.set_ylabel("median wall time (s)")
     ax.set_title(f"Latency against {'lookahead' if knob == 'lookahead' else 'SP'}", fontsize=10)
