@@ -1,6 +1,6 @@
 """The job scripts in slurm/, unchanged, under a real Slurm on this machine.
 
-``slurm/testing/local_slurm.sh`` installs Slurm when it is missing (Debian's packages) and
+``tests/slurm/local_slurm.sh`` installs Slurm when it is missing (Debian's packages) and
 starts a private cluster of two nodes (two slurmds on this host, 64 CPUs and 4 fake GPUs
 each: Slurm schedules them and sets CUDA_VISIBLE_DEVICES, nothing computes on them). Each
 test submits a job script with sbatch, picking the CPU variant through environment variables
@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "slurm"
-LOCAL_SLURM = SLURM_DIR / "testing" / "local_slurm.sh"
+LOCAL_SLURM = Path(__file__).resolve().parent / "local_slurm.sh"
 # A cluster of its own (state dir, ports), so that a developer's test cluster is left alone.
 CLUSTER = {
     "DSI_SLURM_DIR": "/tmp/dsi-slurm-pytest",
@@ -57,7 +57,7 @@ def slurm() -> Iterator[dict[str, str]]:
     if sys.platform != "linux" or shutil.which("bash") is None:
         pytest.skip("the local Slurm needs Linux and bash")
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm runs its daemons as root (slurm/testing/README.md); not root here")
+        pytest.skip("the local Slurm runs its daemons as root (tests/slurm/README.md); not root here")
     env = _clean_environ() | CLUSTER
     install = subprocess.run([str(LOCAL_SLURM), "install"], env=env, capture_output=True, text=True, timeout=900)
     if install.returncode != 0:
