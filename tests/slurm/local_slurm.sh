@@ -51,6 +51,13 @@ STOP_TIMEOUT=${DSI_SLURM_STOP_TIMEOUT:-30}
 WITH_PMIX=${DSI_SLURM_WITH_PMIX:-0}
 # shellcheck disable=SC2034  # used by the template
 MPI_DEFAULT=${DSI_SLURM_MPI_DEFAULT:-none}
+# Job ids go on from where no earlier start (of this or another test cluster here) left
+# them: MPICH names its shared-memory segment after the PMI KVS name, which Slurm's pmi2
+# makes JOBID.STEPID, and a killed run leaves its segment in /dev/shm. With ids restarting
+# at 1, job 1's step 1 met the segment of an earlier cluster's killed job 1 step 1 and hung
+# (or failed in MPI_Init). A new block of 1000 ids every second; it wraps after 16 hours.
+# shellcheck disable=SC2034  # used by the template
+FIRST_JOB_ID=$(($(date +%s) % 60000 * 1000 + 1))
 
 ETC=$STATE_DIR/etc
 LOG=$STATE_DIR/log
@@ -294,10 +301,12 @@ write_config() {
     : >"$ETC/plugstack.conf"
 }
 
-# config_current -- the files on disk are what today's settings would write.
+# config_current -- the files on disk are what today's settings would write (FirstJobId
+# apart: it is new on every start).
 config_current() {
     [[ -r $CONF && -r $ETC/gres.conf ]] &&
-        [[ $(render_config) == "$(cat "$CONF")" && $(render_gres) == "$(cat "$ETC/gres.conf")" ]]
+        [[ $(render_config | grep -v '^FirstJobId=') == "$(grep -v '^FirstJobId=' "$CONF")" &&
+            $(render_gres) == "$(cat "$ETC/gres.conf")" ]]
 }
 
 # ---------------------------------------------------------------- start
