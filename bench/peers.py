@@ -8,9 +8,12 @@ The same target, drafter and prompts, five ways, in one job:
 
 - ``generate``: transformers' greedy ``generate()`` of the target alone, in one process;
 - ``assisted``: ``generate(assistant_model=drafter)``, transformers' assisted generation: SI
-  with its own lookahead heuristics (20 drafts at first, 2 more after a fully accepted block
-  and 1 fewer otherwise, kept across calls; a block also ends where the drafter's confidence
-  falls under a threshold), in one process;
+  with its own lookahead heuristics, in one process. With the assistant's default generation
+  config (transformers 5.24 and 5.17) a block has up to ``num_assistant_tokens`` = 20 drafts
+  (schedule ``constant``) and ends early where the drafter's top probability falls under
+  ``assistant_confidence_threshold`` = 0.4 (a threshold transformers re-tunes from the
+  acceptances when scikit-learn is installed). The values in effect go in each JSON line
+  (``assisted_config``);
 - ``nonsi``, ``si``, ``dsi``: dsi_mpi over the MPI ranks (rank 0 coordinates, rank 1 drafts,
   the others verify; DSI uses every target rank; SI and DSI draft ``--lookahead`` tokens a task).
 
@@ -44,6 +47,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from mpi4py import MPI
 
@@ -117,13 +121,13 @@ def load_models(target: str, drafter: str, dtype: str, device: str):  # noqa: AN
 
 
 def baselines(target: str, drafter: str, dtype: str, device: str, prompts: list[list[int]],
-              max_new: int) -> dict[str, tuple[list[list[int]], list[float]]]:
+              max_new: int) -> dict[str, Any]:
     """``generate`` and assisted generation: (tokens, seconds) per prompt, after a warm-up call each."""
     import torch
 
     model, assistant = load_models(target, drafter, dtype, device)
     cuda = device.startswith("cuda")
-    out: dict[str, tuple[list[list[int]], list[float]]] = {}
+    out: dict[str, Any] = {}
     with torch.inference_mode():
         for method, extra in (("generate", {}), ("assisted", {"assistant_model": assistant})):
             tokens, times = [], []
@@ -140,9 +144,27 @@ def baselines(target: str, drafter: str, dtype: str, device: str, prompts: list[
                     times.append(time.perf_counter() - start)
                     tokens.append(y[0, len(ids):].tolist())
             out[method] = (tokens, times)
+    out["assisted_config"] = assisted_config(assistant)
     del model, assistant
     if cuda:
         torch.cuda.empty_cache()
+    return out
+
+
+def assisted_config(assistant) -> dict:  # noqa: ANN001 - a transformers model
+    """The assistant's block size, its schedule and its confidence threshold as assisted generation
+    uses them (the model's generation config, transformers' defaults where it sets none), and
+    whether the threshold is re-tuned (it is when scikit-learn is installed)."""
+    import importlib.util
+
+    from transformers import GenerationConfig
+
+    names = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+    config = assistant.generation_config
+    defaults = getattr(GenerationConfig(), "_get_default_generation_params", dict)()
+    out = {name: getattr(config, name, None) for name in names}
+    out = {name: defaults.get(name) if value is None else value for name, value in out.items()}
+    out["threshold_tuned"] = importlib.util.find_spec("sklearn") is not None
     return out
 
 
@@ -217,6 +239,7 @@ def main() -> int:
             print(f"peers: {error}", file=sys.stderr)
         return 2
     target, drafter, prompts = prepared
+    assisted = results.pop("assisted_config") if rank == 0 else None
     base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=args.lookahead, sp=size - 2,
                      max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
                      timeout_s=args.timeout)
@@ -229,7 +252,7 @@ def main() -> int:
         results[mode] = ([r["tokens"] for r in mine], [r["wall_time_s"] for r in mine])
     meta = {"model": args.model, "target": target, "drafter": drafter, "dtype": args.dtype,
             "device": device_name(args.device), "lookahead": args.lookahead, "sp": size - 2,
-            "max_new_tokens": args.max_new_tokens, **provenance(size)}
+            "max_new_tokens": args.max_new_tokens, "assisted_config": assisted, **provenance(size)}
     out_rows = rows(results, meta)
     for row in out_rows:
         print(json.dumps(row), flush=True)

@@ -365,6 +365,7 @@ def _add_views(sub: argparse._SubParsersAction) -> None:
 def timeline_command(args: argparse.Namespace) -> int:
     from dsi_mpi import timeline
 
+    _need_matplotlib("timeline")
     _writable(args.out, "--out")
     try:
         doc = timeline.load(args.trace)
@@ -381,6 +382,7 @@ def timeline_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     from dsi_mpi import report
 
+    _need_matplotlib("report")
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise ConfigError(f"--out: directory {parent!r} does not exist")
@@ -391,6 +393,13 @@ def report_command(args: argparse.Namespace) -> int:
     print(markdown)
     print(f"wrote {', '.join(written)}")
     return 0
+
+
+def _need_matplotlib(command: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(f"dsi-mpi {command} draws with matplotlib: pip install matplotlib (or dsi_mpi[plot])")
 
 
 def _writable(path: str, flag: str) -> None:
