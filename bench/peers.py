@@ -80,7 +80,7 @@ def prepare(args: argparse.Namespace, workdir: str) -> tuple[str, str, list[list
         prompt_file = args.prompts
         if prompt_file is None:
             prompt_file = os.path.join(workdir, "tiny-prompts.txt")
-            Path(prompt_file).write_text("".join(line[:60] + "\n" for line in corpus_lines()[1::7]))
+            Path(prompt_file).write_text("".join(line[:60] + "\n" for line in corpus_lines() if line.strip()))
     elif args.model == "smollm2":
         from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
 
