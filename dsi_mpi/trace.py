@@ -124,36 +124,18 @@ class Recorder:
 
 
 class _NoTrace(Recorder):
-    """Tracing off: every hook returns at once."""
+    """Tracing off: every hook returns at once (each takes what its Recorder twin takes)."""
 
     enabled = False
 
     def __init__(self) -> None:
         self.events, self.prompts = [], []
 
-    def complete(self, *args: Any, **kwargs: Any) -> None:
+    def _nothing(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def instant(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def target_forward(self, *args: Any) -> None:
-        pass
-
-    def target_cancel(self, *args: Any) -> None:
-        pass
-
-    def drafter_forward(self, *args: Any) -> None:
-        pass
-
-    def drafter_message(self, *args: Any) -> None:
-        pass
-
-    def coordinator_step(self, *args: Any) -> None:
-        pass
-
-    def generation(self, *args: Any, **kwargs: Any) -> None:
-        pass
+    complete = instant = target_forward = target_cancel = drafter_forward = _nothing
+    drafter_message = coordinator_step = generation = _nothing
 
 
 NO_TRACE: Recorder = _NoTrace()

@@ -119,6 +119,20 @@ def test_progress_lines_appear_on_a_non_terminal_stderr(traced: dict) -> None:
     assert "dsi-mpi: 9/9 records (100%)" in stderr
 
 
+def test_an_untraced_run_survives_its_cancellations(traced: dict, tmp_path: Path) -> None:
+    """The traced run's DSI again without --trace: the role loops' hooks are then NO_TRACE's,
+    and a target that notices a Cancel mid-forward calls one of them."""
+    out = tmp_path / "out.jsonl"
+    proc = launch(5, "run", "--target", TARGET, "--drafter", DRAFTER, "--mode", "dsi", "--lookahead", "3",
+                  "--max-new-tokens", "24", "--prompt-file", str(traced["dir"] / "prompts.jsonl"),
+                  "--output", str(out), "--timeout", "60", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sum(r["verifications_aborted"] for r in records) > 0, "no forward was cancelled part-way"
+    traced_dsi = [r["tokens"] for r in traced["records"] if r["mode"] == "dsi"]
+    assert [r["tokens"] for r in records] == traced_dsi
+
+
 def test_quiet_silences_the_progress(tmp_path: Path) -> None:
     proc = launch(2, "run", "--target", TARGET, "--mode", "nonsi", "--max-new-tokens", "3", "--prompt-ids", "1,2",
                   "--output", str(tmp_path / "o.jsonl"), "--quiet")

@@ -8,7 +8,7 @@ import pytest
 
 from dsi_mpi import trace
 from dsi_mpi.progress import Progress
-from dsi_mpi.protocol import Cancelled, Result, Verify
+from dsi_mpi.protocol import Cancel, Cancelled, Result, Start, Verify
 
 
 def _sync(offset_start: float, offset_end: float, t_start: float = 100.0, t_end: float = 110.0,
@@ -83,6 +83,31 @@ def test_the_recorder_hooks_record_what_the_role_did() -> None:
     off.target_forward(verify, Result(1, 4, 3, (1,)), 1.0, 1.5)
     off.instant("x")
     assert not off.enabled and off.events == []
+
+
+def test_tracing_off_takes_every_call_the_role_loops_make() -> None:
+    """NO_TRACE answers each hook as the Recorder does (positional and keyword arguments alike):
+    the role loops call it in every run without --trace. A hook it lacked, or one whose
+    signature differed, once crashed every untraced target that noticed a Cancel mid-forward."""
+    verify = Verify(epoch=1, task_id=4, keep=2, first_position=3, tokens=(5, 6))
+    calls = [
+        ("target_forward", (verify, Result(1, 4, 3, (1,)), 1.0, 1.5), {}),
+        ("target_cancel", (Cancel(1, 4),), {"late": False}),
+        ("drafter_forward", (False, 1, 3, 9, 1.0, 1.1), {}),
+        ("drafter_message", (Start(1, 5, 9, False, 0, True, (1, 2)),), {}),
+        ("coordinator_step", (1.0, [(2, Cancel(1, 4))], None, None), {}),
+        ("complete", ("commit", 1.0, 2.0), {"epoch": 1}),
+        ("instant", ("cancel",), {"when": 1.0, "task": 4}),
+    ]
+    on = trace.Recorder(rank=2, role="target")
+    for name, args, kwargs in calls:
+        getattr(on, name)(*args, **kwargs)
+        assert getattr(trace.NO_TRACE, name)(*args, **kwargs) is None
+    assert len(on.events) == len(calls) and trace.NO_TRACE.events == []
+    hooks = {name for name, value in vars(trace.Recorder).items()
+             if callable(value) and not name.startswith("_") and name not in ("now", "part")}
+    assert hooks == {name for name, _, _ in calls} | {"generation"}
+    assert hooks <= set(vars(type(trace.NO_TRACE))), "a hook NO_TRACE does not silence"
 
 
 def test_progress_prints_plain_lines_off_a_terminal() -> None:
