@@ -251,6 +251,7 @@ class _Prompt:
     answered: dict[int, Task] = field(default_factory=dict)  # task id -> tasks that got their reply
     outcome: dict[int, str] = field(default_factory=dict)  # task id -> accepted/rejected/cancelled
     drafts: dict[tuple[int, int], str] = field(default_factory=dict)  # (epoch, position) -> accepted/rejected/late
+    blocks: set[int] = field(default_factory=set)  # tasks whose block's first draft was verified
 
     @property
     def drafter_stopped(self) -> bool:
@@ -558,8 +559,18 @@ class Policy:
         if accepted is None:
             return
         s.drafts[(self.epoch, j)] = "accepted" if accepted else "rejected"
-        if j < task.length:  # the draft was in the task's context: draft j - first_position of its block
-            s.counters.observe_draft(j - task.first_position, accepted, task.length - task.first_position)
+        # A block is the drafts at the positions one target forward verified, first_position ..
+        # length (vLLM's, where they are the drafts one step proposed). The last one may have
+        # come after the task was sent: DSI drafts on while the target computes, and with
+        # lookahead 1 each DSI task verifies only that draft. A task's verdicts come in one
+        # pass, so the drafts there are now are all the block will have.
+        index = j - task.first_position
+        if index == 0:
+            s.blocks.add(task.task_id)
+        elif task.task_id not in s.blocks:
+            return  # its first position was verified with another task's token: no block of its own
+        block = min(task.length, len(s.proposed) - 1) - task.first_position + 1
+        s.counters.observe_draft(index, accepted, block)
 
     def _commit(self, token: int) -> None:
         s = self._prompt

@@ -72,10 +72,13 @@ def test_outcomes_of_a_scripted_dsi_run() -> None:
                                       send[0].task_id: "rejected", spec[0].task_id: "cancelled"}
     assert policy.draft_outcomes() == {(first_epoch, 2): "accepted", (first_epoch, 3): "accepted",
                                        (first_epoch, 4): "rejected"}
-    # Blocks: the prefill held no draft; send[0] held d_3 (accepted). d_4, drafted after it was
-    # sent, met the target's token at send[0]'s extra position: verified, but in no block.
+    # Blocks, the drafts at the positions a forward verified: the prefill's one output verified
+    # d_2 (accepted), a block of one; send[0] covered positions 3 and 4 and verified d_3
+    # (accepted, it held it) and d_4 (rejected; drafted after send[0] went out), a block of two.
+    # The duplicate prefill's t_2 came second: it verified nothing.
     c = policy.counters
-    assert (c.blocks_verified, c.blocks_per_position, c.accepted_per_position) == (1, [1], [1])
+    assert (c.blocks_verified, c.blocks_per_position, c.accepted_per_position) == (2, [2, 1], [2])
+    assert c.acceptance_per_position == [1.0, 0.0]
     assert (c.accepted, c.rejected) == (2, 1)
     policy.on_result(10, zero.task_id, 5, [77])
     assert policy.task_outcomes()[zero.task_id] == "accepted"  # a zero-draft task: committed
@@ -118,11 +121,28 @@ def test_outcomes_add_up_in_any_message_order(mode: str, acceptance: float) -> N
         assert sum(o == "rejected" for o in outcomes.values()) == c.rejected
         assert sum(c.accepted_per_position) <= c.accepted
         assert all(a <= b for a, b in zip(c.accepted_per_position, c.blocks_per_position, strict=False))
+        assert len(c.accepted_per_position) <= len(c.blocks_per_position)
+        assert c.blocks_per_position[:1] == ([c.blocks_verified] if c.blocks_verified else [])
+        assert c.accepted_per_position[:1] == [] or c.accepted_per_position[0] <= c.accepted
+        if mode != "nonsi" and acceptance == 1.0:
+            assert c.blocks_verified > 0 and c.acceptance_per_position == [1.0] * len(c.blocks_per_position)
         drafts = policy.draft_outcomes()
         assert sum(v == "accepted" for v in drafts.values()) == c.accepted
         assert sum(v == "rejected" for v in drafts.values()) == c.rejected
         if acceptance == 1.0 or mode == "nonsi":
             assert "stale" not in outcomes.values() and "rejected" not in outcomes.values()
+
+
+def test_dsi_with_lookahead_1_has_blocks_of_one() -> None:
+    """Each DSI task of lookahead 1 verifies the one draft at its last position, drafted while
+    the target computed: blocks of one, and their acceptance is the acceptance rate."""
+    prompt = [3, 1, 4, 1, 5]
+    policy = _policy("dsi", 4, 1, 40)
+    _RandomDriver(policy, {s: _emulated() for s in range(4)}, _emulated(0.8), GREEDY, random.Random(3)).run(prompt)
+    c = policy.counters
+    assert c.blocks_verified > 10 and len(c.blocks_per_position) == 1
+    assert c.accepted_per_position[0] <= c.accepted and c.blocks_per_position[0] <= c.accepted + c.rejected
+    assert 0.0 < c.acceptance_per_position[0] < 1.0
 
 
 def test_target_work_splits_forward_time_by_outcome() -> None:
