@@ -80,7 +80,8 @@ def prepare(args: argparse.Namespace, workdir: str) -> tuple[str, str, list[list
         prompt_file = args.prompts
         if prompt_file is None:
             prompt_file = os.path.join(workdir, "tiny-prompts.txt")
-            Path(prompt_file).write_text("".join(line[:60] + "\n" for line in corpus_lines() if line.strip()))
+            lines = [line[:60] + "\n" for line in corpus_lines() if line.strip()]
+            Path(prompt_file).write_text("".join(lines))
     elif args.model == "smollm2":
         from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
 
@@ -102,7 +103,7 @@ def _tiny_suite(workdir: str) -> dict[str, str]:
     return build_suite(os.path.join(workdir, "tiny"), archs=("llama",))
 
 
-def load_models(target: str, drafter: str, dtype: str, device: str):  # noqa: ANN201 - (target, assistant)
+def load_models(target: str, drafter: str, dtype: str, device: str) -> tuple[Any, Any]:
     """The target and the drafter as transformers models (a self-drafter: the target's first
     layers), in ``dtype`` on ``device``."""
     from transformers import AutoModelForCausalLM
@@ -111,18 +112,21 @@ def load_models(target: str, drafter: str, dtype: str, device: str):  # noqa: AN
     from dsi_mpi.backends.hf import keep_first_layers, pretrained_path, resolve_dtype
 
     torch_dtype = resolve_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(pretrained_path(target), dtype=torch_dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(pretrained_path(target), dtype=torch_dtype)
+    model = model.to(device).eval()
     if is_self_drafter(drafter):
         assistant = AutoModelForCausalLM.from_pretrained(pretrained_path(target), dtype=torch_dtype)
         keep_first_layers(assistant, self_drafter_layers(drafter))
     else:
-        assistant = AutoModelForCausalLM.from_pretrained(pretrained_path(drafter), dtype=torch_dtype)
+        assistant = AutoModelForCausalLM.from_pretrained(pretrained_path(drafter),
+                                                         dtype=torch_dtype)
     return model, assistant.to(device).eval()
 
 
 def baselines(target: str, drafter: str, dtype: str, device: str, prompts: list[list[int]],
               max_new: int) -> dict[str, Any]:
-    """``generate`` and assisted generation: (tokens, seconds) per prompt, after a warm-up call each."""
+    """``generate`` and assisted generation: (tokens, seconds) per prompt, after a warm-up call
+    each; and the assisted-generation settings in effect."""
     import torch
 
     model, assistant = load_models(target, drafter, dtype, device)
@@ -136,7 +140,8 @@ def baselines(target: str, drafter: str, dtype: str, device: str, prompts: list[
                 if cuda:
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                                   do_sample=False,
                                    **extra)
                 if cuda:
                     torch.cuda.synchronize(device)
@@ -151,7 +156,7 @@ def baselines(target: str, drafter: str, dtype: str, device: str, prompts: list[
     return out
 
 
-def assisted_config(assistant) -> dict:  # noqa: ANN001 - a transformers model
+def assisted_config(assistant: Any) -> dict:
     """The assistant's block size, its schedule and its confidence threshold as assisted generation
     uses them (the model's generation config, transformers' defaults where it sets none), and
     whether the threshold is re-tuned (it is when scikit-learn is installed)."""
@@ -159,7 +164,8 @@ def assisted_config(assistant) -> dict:  # noqa: ANN001 - a transformers model
 
     from transformers import GenerationConfig
 
-    names = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+    names = ("num_assistant_tokens", "num_assistant_tokens_schedule",
+             "assistant_confidence_threshold")
     config = assistant.generation_config
     defaults = getattr(GenerationConfig(), "_get_default_generation_params", dict)()
     out = {name: getattr(config, name, None) for name in names}
@@ -171,7 +177,8 @@ def assisted_config(assistant) -> dict:  # noqa: ANN001 - a transformers model
 def first_difference(a: list[int], b: list[int]) -> int | None:
     if a == b:
         return None
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    differing = (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return next(differing, min(len(a), len(b)))
 
 
 def rows(results: dict[str, tuple[list[list[int]], list[float]]], meta: dict) -> list[dict]:
@@ -184,41 +191,51 @@ def rows(results: dict[str, tuple[list[list[int]], list[float]]], meta: dict) ->
         total = sum(len(t) for t in tokens)
         out.append({
             "bench": "peers", "method": method, **meta, "prompts": len(tokens),
-            "identical": sum(f is None for f in firsts), "first_difference": firsts, "tokens": total,
+            "identical": sum(f is None for f in firsts), "first_difference": firsts,
+            "tokens": total,
             "wall_s": round(sum(times), 4), "median_prompt_s": round(statistics.median(times), 4),
-            "tokens_per_s": round(total / sum(times), 2), "generate_over_method": round(base_time / sum(times), 3),
+            "tokens_per_s": round(total / sum(times), 2),
+            "generate_over_method": round(base_time / sum(times), 3),
         })
     return out
 
 
 def table(rows_: list[dict]) -> str:
-    lines = ["| method | identical to generate | wall (s) | median per prompt (s) | tokens/s | speedup over generate |",
+    lines = ["| method | identical to generate | wall (s) | median per prompt (s) | tokens/s "
+             "| speedup over generate |",
              "|---|---|---|---|---|---|"]
     for r in rows_:
-        lines.append(f"| {r['method']} | {r['identical']}/{r['prompts']} | {r['wall_s']} | {r['median_prompt_s']} "
+        lines.append(f"| {r['method']} | {r['identical']}/{r['prompts']} | {r['wall_s']} "
+                     f"| {r['median_prompt_s']} "
                      f"| {r['tokens_per_s']} | {r['generate_over_method']:.2f}x |")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a model spec (with --drafter, --prompts)")
-    parser.add_argument("--drafter", help="drafter spec (default: tiny's perturbed drafter; smollm2: self:layers=22)")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny, smollm2, or a model spec (with --drafter, --prompts)")
+    parser.add_argument("--drafter",
+                        help="drafter spec (default: tiny's perturbed drafter; "
+                             "smollm2: self:layers=22)")
     parser.add_argument("--prompts", help="prompt file (text, JSONL, JSONL.gz)")
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--lookahead", type=int, default=3, help="SI's and DSI's drafts per verification")
+    parser.add_argument("--lookahead", type=int, default=3,
+                        help="SI's and DSI's drafts per verification")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--workdir", help="where tiny models are built (default: a temporary folder)")
+    parser.add_argument("--workdir",
+                        help="where tiny models are built (default: a temporary folder)")
     parser.add_argument("--out", help="append the JSON lines to this file")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     if size < 3:
         if rank == 0:
-            print("peers: launch with mpiexec -n 3 or more (coordinator, drafter, targets)", file=sys.stderr)
+            print("peers: launch with mpiexec -n 3 or more (coordinator, drafter, targets)",
+                  file=sys.stderr)
         return 2
     verdict: tuple = (None, None)
     if rank == 0:
@@ -228,9 +245,10 @@ def main() -> int:
             logging.disable_progress_bar()
             workdir = args.workdir or tempfile.mkdtemp(prefix="dsi-mpi-peers-")
             target, drafter, prompts = prepare(args, workdir)
-            results = baselines(target, drafter, args.dtype, args.device, prompts, args.max_new_tokens)
+            results = baselines(target, drafter, args.dtype, args.device, prompts,
+                                args.max_new_tokens)
             verdict = ((target, drafter, prompts), None)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        except Exception as exc:  # every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
     sleep_until_all_arrive(comm)
     prepared, error = comm.bcast(verdict, root=0)
@@ -240,7 +258,8 @@ def main() -> int:
         return 2
     target, drafter, prompts = prepared
     assisted = results.pop("assisted_config") if rank == 0 else None
-    base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=args.lookahead, sp=size - 2,
+    base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=args.lookahead,
+                     sp=size - 2,
                      max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
                      timeout_s=args.timeout)
     configs = [base, replace(base, mode="si", sp=None), replace(base, mode="nonsi", sp=None)]
@@ -248,7 +267,8 @@ def main() -> int:
     if rank != 0:
         return 0
     for mode in ("nonsi", "si", "dsi"):
-        mine = sorted((r for r in outcome.records if r["mode"] == mode), key=lambda r: r["prompt_index"])
+        mine = sorted((r for r in outcome.records if r["mode"] == mode),
+                      key=lambda r: r["prompt_index"])
         results[mode] = ([r["tokens"] for r in mine], [r["wall_time_s"] for r in mine])
     meta = {"model": args.model, "target": target, "drafter": drafter, "dtype": args.dtype,
             "device": device_name(args.device), "lookahead": args.lookahead, "sp": size - 2,
@@ -260,8 +280,9 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a", encoding="utf-8") as fh:
             fh.write("".join(json.dumps(row) + "\n" for row in out_rows))
-    print(f"\n{meta['device']}, {args.model} ({args.dtype}), drafter {drafter}, {len(prompts)} prompts x "
-          f"{args.max_new_tokens} tokens, lookahead {args.lookahead}, {size} ranks (SP {size - 2})\n")
+    print(f"\n{meta['device']}, {args.model} ({args.dtype}), drafter {drafter}, "
+          f"{len(prompts)} prompts x {args.max_new_tokens} tokens, lookahead {args.lookahead}, "
+          f"{size} ranks (SP {size - 2})\n")
     print(table(out_rows), flush=True)
     return 0
 

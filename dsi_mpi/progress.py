@@ -38,7 +38,8 @@ class Progress:
         if bar and not quiet:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, file=self.stream, unit="record", desc="dsi-mpi", dynamic_ncols=True)
+            self._bar = tqdm(total=total, file=self.stream, unit="record", desc="dsi-mpi",
+                             dynamic_ncols=True)
 
     def eta_s(self) -> float | None:
         """Seconds left at the mean pace so far (None before the first record)."""
@@ -49,8 +50,10 @@ class Progress:
     def line(self, record: dict) -> str:
         elapsed = time.monotonic() - self.started
         eta = self.eta_s()
-        return (f"dsi-mpi: {self.count}/{self.total} records ({100 * self.count / max(1, self.total):.0f}%), "
-                f"last {record.get('mode')} prompt {record.get('prompt_index')} repeat {record.get('repeat', 0)}, "
+        share = 100 * self.count / max(1, self.total)
+        return (f"dsi-mpi: {self.count}/{self.total} records ({share:.0f}%), "
+                f"last {record.get('mode')} prompt {record.get('prompt_index')} "
+                f"repeat {record.get('repeat', 0)}, "
                 f"{_clock(elapsed)} elapsed, ETA {_clock(eta or 0.0)}")
 
     def done(self, record: dict) -> None:
@@ -59,13 +62,15 @@ class Progress:
         if self.quiet:
             return
         if self._bar is not None:
-            self._bar.set_postfix_str(f"{record.get('mode')} prompt {record.get('prompt_index')}", refresh=False)
+            self._bar.set_postfix_str(f"{record.get('mode')} prompt {record.get('prompt_index')}",
+                                      refresh=False)
             self._bar.update(1)
             if self.count >= self.total:
                 self.close()
             return
         now = time.monotonic()
-        if self._printed is None or now - self._printed >= self.interval_s or self.count >= self.total:
+        due = self._printed is None or now - self._printed >= self.interval_s
+        if due or self.count >= self.total:
             self._printed = now
             print(self.line(record), file=self.stream, flush=True)
 

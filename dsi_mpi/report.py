@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 MODE_ORDER = ("dsi", "si", "nonsi")
-REQUIRED = ("mode", "lookahead", "sp", "prompt_index", "tokens", "num_new_tokens", "wall_time_s", "ttft_s", "tpot_s",
-            "accepted", "rejected", "forced")
+REQUIRED = ("mode", "lookahead", "sp", "prompt_index", "tokens", "num_new_tokens", "wall_time_s",
+            "ttft_s", "tpot_s", "accepted", "rejected", "forced")
 
 
 class ReportError(ValueError):
@@ -94,12 +94,14 @@ def read(paths: Sequence[str]) -> list[Group]:
                     raise KeyError(", ".join(missing))
                 key = (path, r["mode"], int(r["lookahead"]), int(r["sp"]))
             except (ValueError, KeyError, TypeError) as exc:
-                raise ReportError(f"{path}, line {number}: not a dsi-mpi run record (missing or bad {exc})") from None
+                raise ReportError(f"{path}, line {number}: not a dsi-mpi run record "
+                                  f"(missing or bad {exc})") from None
             groups.setdefault(key, Group(*key)).records.append(r)
     if not groups:
         raise ReportError("no records in " + ", ".join(paths))
     order = {m: i for i, m in enumerate(MODE_ORDER)}
-    return sorted(groups.values(), key=lambda g: (paths.index(g.file), order.get(g.mode, 9), g.lookahead, g.sp))
+    return sorted(groups.values(),
+                  key=lambda g: (paths.index(g.file), order.get(g.mode, 9), g.lookahead, g.sp))
 
 
 def _fmt(value: float | None, digits: int = 3, scale: float = 1.0) -> str:
@@ -113,8 +115,8 @@ def _median(values: Sequence[float]) -> float | None:
 def mode_table(groups: Sequence[Group], many_files: bool) -> str:
     head = ["file"] if many_files else []
     head += ["configuration", "records", "wall median (s)", "wall mean (s)", "TTFT median (ms)",
-             "TPOT median (ms)", "tokens/s", "acceptance", "mean accepted length", "wasted target time",
-             "target busy (mean)"]
+             "TPOT median (ms)", "tokens/s", "acceptance", "mean accepted length",
+             "wasted target time", "target busy (mean)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         rs = g.records
@@ -125,12 +127,14 @@ def mode_table(groups: Sequence[Group], many_files: bool) -> str:
         if all("wasted_target_time_s" in r for r in rs):
             total = sum(r["target_time_s"] for r in rs)
             wasted = sum(r["wasted_target_time_s"] for r in rs) / total if total else 0.0
-            busy = statistics.fmean(f for r in rs for f in r["target_busy_fraction"]) if rs else None
+            busy = statistics.fmean(f for r in rs for f in r["target_busy_fraction"])
         row = [os.path.basename(g.file)] if many_files else []
         row += [g.label, str(len(rs)), _fmt(_median(walls)), _fmt(statistics.fmean(walls)),
-                _fmt(_median([r["ttft_s"] for r in rs]), 1, 1e3), _fmt(_median([r["tpot_s"] for r in rs]), 2, 1e3),
+                _fmt(_median([r["ttft_s"] for r in rs]), 1, 1e3),
+                _fmt(_median([r["tpot_s"] for r in rs]), 2, 1e3),
                 _fmt(tokens / sum(walls) if sum(walls) else None, 1), _fmt(rate), _fmt(length, 2),
-                "-" if wasted is None else f"{100 * wasted:.1f}%", "-" if busy is None else f"{100 * busy:.0f}%"]
+                "-" if wasted is None else f"{100 * wasted:.1f}%",
+                "-" if busy is None else f"{100 * busy:.0f}%"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -161,8 +165,8 @@ def speedup_table(rows: Sequence[dict], many_files: bool) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         row = ([os.path.basename(r["file"])] if many_files else []) + [
-            r["dsi"], r["baseline"], str(r["prompts"]), f"{r['mean_ratio']:.2f}x", f"{r['median_ratio']:.2f}x",
-            f"{r['identical']}/{r['prompts']}"]
+            r["dsi"], r["baseline"], str(r["prompts"]), f"{r['mean_ratio']:.2f}x",
+            f"{r['median_ratio']:.2f}x", f"{r['identical']}/{r['prompts']}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -180,8 +184,8 @@ def plot_latency(groups: Sequence[Group], path: str, many_files: bool) -> None:
     fig = Figure(figsize=(max(5.0, 1.1 * len(groups) + 2), 4))
     ax = fig.add_subplot()
     ax.boxplot([g.walls() for g in groups], showmeans=True)
-    ax.set_xticks(range(1, len(groups) + 1), [_name(g, many_files) for g in groups], rotation=20, ha="right",
-                  fontsize=8)
+    ax.set_xticks(range(1, len(groups) + 1), [_name(g, many_files) for g in groups], rotation=20,
+                  ha="right", fontsize=8)
     ax.set_ylabel("wall time per generation (s)")
     ax.set_title("Latency per configuration (box: quartiles; triangle: mean)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -223,7 +227,8 @@ def plot_against(groups: Sequence[Group], knob: str, path: str) -> bool:
     for g in groups:
         if g.mode == "nonsi" or (knob == "sp" and g.mode != "dsi"):
             continue
-        lines.setdefault((g.file, g.mode, getattr(g, other)), []).append((getattr(g, knob), _median(g.walls())))
+        point = (getattr(g, knob), _median(g.walls()))
+        lines.setdefault((g.file, g.mode, getattr(g, other)), []).append(point)
     lines = {k: sorted(v) for k, v in lines.items() if len(v) >= 2}
     if not lines:
         return False
@@ -252,11 +257,12 @@ def report(paths: Sequence[str], out_dir: str) -> tuple[str, list[str]]:
     os.makedirs(out_dir, exist_ok=True)
     parts = [f"# dsi-mpi report\n\nRecords from {', '.join(f'`{p}`' for p in paths)}.\n"]
     for mode in [m for m in MODE_ORDER if any(g.mode == m for g in groups)]:
-        parts.append(f"## {mode}\n\n" + mode_table([g for g in groups if g.mode == mode], many_files) + "\n")
+        table = mode_table([g for g in groups if g.mode == mode], many_files)
+        parts.append(f"## {mode}\n\n{table}\n")
     rows = speedups(groups)
     if rows:
-        parts.append("## DSI's speedups\n\nEach from one file's records, over the prompts both configurations "
-                     "ran.\n\n" + speedup_table(rows, many_files) + "\n")
+        parts.append("## DSI's speedups\n\nEach from one file's records, over the prompts both "
+                     "configurations ran.\n\n" + speedup_table(rows, many_files) + "\n")
     written = []
     plots = [("latency.png", "Latency per configuration")]
     plot_latency(groups, os.path.join(out_dir, "latency.png"), many_files)

@@ -44,7 +44,8 @@ def load(path: str) -> dict:
     return doc
 
 
-def choose(doc: dict, prompt: int | None = None, mode: str | None = None, repeat: int | None = None) -> dict:
+def choose(doc: dict, prompt: int | None = None, mode: str | None = None,
+           repeat: int | None = None) -> dict:
     """The generation asked for: the first timed (not warm-up) one that matches."""
     generations = doc["otherData"]["generations"]
     matches = [g for g in generations if not g["warmup"]
@@ -52,22 +53,26 @@ def choose(doc: dict, prompt: int | None = None, mode: str | None = None, repeat
                and (repeat is None or g["repeat"] == repeat)]
     if not matches:
         have = sorted({(g["mode"], g["prompt"]) for g in generations if not g["warmup"]})
-        raise TraceError(f"no generation with prompt {prompt}, mode {mode}, repeat {repeat} in the trace; "
+        raise TraceError(f"no generation with prompt {prompt}, mode {mode}, repeat {repeat} in the "
+                         "trace; "
                          f"it has (mode, prompt): {have}")
     return matches[0]
 
 
 def rows(doc: dict) -> list[tuple[int, str]]:
     """(rank, name) of every process, in rank order."""
-    names = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"}
+    names = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "process_name"}
     return sorted(names.items())
 
 
 def events_of(doc: dict, generation: int) -> list[dict]:
-    return [e for e in doc["traceEvents"] if e["ph"] != "M" and e["args"].get("generation") == generation]
+    return [e for e in doc["traceEvents"]
+            if e["ph"] != "M" and e["args"].get("generation") == generation]
 
 
-def draw(doc: dict, out: str, prompt: int | None = None, mode: str | None = None, repeat: int | None = None,
+def draw(doc: dict, out: str, prompt: int | None = None, mode: str | None = None,
+         repeat: int | None = None,
          width: float = 12.0) -> dict:
     """Draw one generation to ``out`` (PNG); returns the generation drawn."""
     from matplotlib.figure import Figure
@@ -90,8 +95,9 @@ def draw(doc: dict, out: str, prompt: int | None = None, mode: str | None = None
         y, name, args = y_of[e["pid"]], e["name"], e["args"]
         if e["ph"] == "X" and name in ("prefill", "draft", "verify"):
             outcome = args.get("outcome", "stale")
-            ax.broken_barh([(ms(e["ts"]), e["dur"] / 1e3)], (y - 0.35, 0.7), facecolors=COLOURS.get(outcome, "k"),
-                           edgecolors="white", linewidth=0.5, hatch="///" if name == "prefill" else None)
+            ax.broken_barh([(ms(e["ts"]), e["dur"] / 1e3)], (y - 0.35, 0.7),
+                           facecolors=COLOURS.get(outcome, "k"), edgecolors="white", linewidth=0.5,
+                           hatch="///" if name == "prefill" else None)
             seen.add(outcome)
             right = max(right, ms(e["ts"] + e["dur"]))
         elif e["ph"] == "X" and name == "commit":
@@ -99,7 +105,8 @@ def draw(doc: dict, out: str, prompt: int | None = None, mode: str | None = None
             ax.axvline(t, color="k", alpha=0.12, linewidth=0.8, zorder=0)
             ax.plot([t], [y], marker="|", markersize=14, color="k", markeredgewidth=1.5)
         elif e["ph"] == "i" and name == "cancel":
-            ax.plot([ms(e["ts"])], [y + 0.3], marker="x", markersize=6, color="#d62728", markeredgewidth=1.5)
+            ax.plot([ms(e["ts"])], [y + 0.3], marker="x", markersize=6, color="#d62728",
+                    markeredgewidth=1.5)
             right = max(right, ms(e["ts"]))
         elif e["ph"] == "i" and name == "rollback":
             ax.plot([ms(e["ts"])], [y - 0.3], marker="^", markersize=6, color="#9467bd")
@@ -108,19 +115,26 @@ def draw(doc: dict, out: str, prompt: int | None = None, mode: str | None = None
     ax.set_xlim(0, right * 1.01 if right > 0 else 1)
     ax.set_xlabel("time since the prompt began (ms)")
     wall_ms = (gen["end_us"] - gen["start_us"]) / 1e3
-    detail = f"lookahead {gen['lookahead']}, SP {gen['sp']}" if gen["mode"] != "nonsi" else "one target"
-    ax.set_title(f"{gen['mode']} ({detail}), prompt {gen['prompt']}, repeat {gen['repeat']}: {gen['tokens']} tokens "
-                 f"in {wall_ms:.1f} ms; {gen['accepted']} drafts accepted, {gen['rejected']} rejected, "
+    detail = f"lookahead {gen['lookahead']}, SP {gen['sp']}"
+    if gen["mode"] == "nonsi":
+        detail = "one target"
+    ax.set_title(f"{gen['mode']} ({detail}), prompt {gen['prompt']}, repeat {gen['repeat']}: "
+                 f"{gen['tokens']} tokens in {wall_ms:.1f} ms; {gen['accepted']} drafts accepted, "
+                 f"{gen['rejected']} rejected, "
                  f"{gen['target_forwards']} target forwards finished", fontsize=10)
     ax.axvline(wall_ms, color="k", linestyle="--", linewidth=0.8)
-    handles: list[Any] = [Patch(facecolor=COLOURS[o], label=EXPLAIN[o]) for o in COLOURS if o in seen]
+    handles: list[Any] = [Patch(facecolor=COLOURS[o], label=EXPLAIN[o])
+                          for o in COLOURS if o in seen]
     handles.append(Patch(facecolor="white", edgecolor="k", hatch="///", label="prefill"))
     handles += [ax.plot([], [], marker=m, linestyle="", color=c, label=label)[0]
-                for m, c, label in (("|", "k", "commit"), ("x", "#d62728", "cancel"), ("^", "#9467bd", "rollback"))]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.25 / len(lanes)), ncol=5,
+                for m, c, label in (("|", "k", "commit"), ("x", "#d62728", "cancel"),
+                                    ("^", "#9467bd", "rollback"))]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.25 / len(lanes)),
+              ncol=5,
               fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    fig.text(0.99, 0.005, doc["otherData"].get("clock_note", ""), ha="right", va="bottom", fontsize=6, alpha=0.6)
+    note = doc["otherData"].get("clock_note", "")
+    fig.text(0.99, 0.005, note, ha="right", va="bottom", fontsize=6, alpha=0.6)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return gen

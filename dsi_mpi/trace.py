@@ -52,11 +52,14 @@ class Recorder:
 
     enabled = True
 
-    def __init__(self, rank: int = 0, role: str = "", offset_s: float = 0.0, uncertainty_s: float = 0.0) -> None:
+    def __init__(self, rank: int = 0, role: str = "", offset_s: float = 0.0,
+                 uncertainty_s: float = 0.0) -> None:
         self.rank, self.role = rank, role
-        self.events: list[tuple[str, str, float, float, dict[str, Any]]] = []  # (ph, name, t, dur, args)
+        # (ph, name, t, dur, args)
+        self.events: list[tuple[str, str, float, float, dict[str, Any]]] = []
         self.prompts: list[dict[str, Any]] = []  # rank 0: one entry per generation
-        self.sync = {"t_start": self.now(), "offset_start": offset_s, "uncertainty_start": uncertainty_s}
+        self.sync = {"t_start": self.now(), "offset_start": offset_s,
+                     "uncertainty_start": uncertainty_s}
 
     now = staticmethod(time.perf_counter)
 
@@ -69,17 +72,18 @@ class Recorder:
     # ------------------------------------------------------------ hooks, one per role loop
 
     def target_forward(self, msg: Verify, reply: Message, start: float, end: float) -> None:
-        self.complete("prefill" if msg.keep == 0 else "verify", start, end, task=msg.task_id, epoch=msg.epoch,
-                      keep=msg.keep, fed=len(msg.tokens), first_position=msg.first_position,
+        self.complete("prefill" if msg.keep == 0 else "verify", start, end, task=msg.task_id,
+                      epoch=msg.epoch, keep=msg.keep, fed=len(msg.tokens),
+                      first_position=msg.first_position,
                       outcome="cancelled" if isinstance(reply, Cancelled) else "done")
 
     def target_cancel(self, msg: Cancel, late: bool) -> None:
         self.instant("cancel", task=msg.task_id, epoch=msg.epoch, late=late)
 
-    def drafter_forward(self, cold: bool, epoch: int, position: int, token: int | None, start: float,
-                        end: float) -> None:
-        self.complete("prefill" if cold else "draft", start, end, epoch=epoch, position=position, token=token,
-                      outcome="preempted" if token is None else "done")
+    def drafter_forward(self, cold: bool, epoch: int, position: int, token: int | None,
+                        start: float, end: float) -> None:
+        self.complete("prefill" if cold else "draft", start, end, epoch=epoch, position=position,
+                      token=token, outcome="preempted" if token is None else "done")
 
     def drafter_message(self, msg: Message) -> None:
         if isinstance(msg, Start):
@@ -89,14 +93,14 @@ class Recorder:
         elif isinstance(msg, Stop):
             self.instant("stop", epoch=msg.epoch)
 
-    def coordinator_step(self, received: float, actions: Sequence[tuple[int, Message]], committed: int | None,
-                         policy: Any | None) -> None:
+    def coordinator_step(self, received: float, actions: Sequence[tuple[int, Message]],
+                         committed: int | None, policy: Any | None) -> None:
         """The coordinator handled one message (received at ``received``) and sent ``actions``;
         ``committed``: the output's length before, so a commit shows as an event."""
         end = self.now()
         if policy is not None and committed is not None and len(policy.output) > committed:
-            self.complete("commit", received, end, epoch=policy.epoch, tokens=len(policy.output) - committed,
-                          committed=len(policy.output))
+            self.complete("commit", received, end, epoch=policy.epoch,
+                          tokens=len(policy.output) - committed, committed=len(policy.output))
         for to, msg in actions:
             if isinstance(msg, Cancel):
                 self.instant("cancel", end, task=msg.task_id, epoch=msg.epoch, server=to)
@@ -120,7 +124,8 @@ class Recorder:
     def part(self, offset_s: float, uncertainty_s: float) -> dict[str, Any]:
         """What this rank sends to rank 0: its events and both clock measurements."""
         sync = dict(self.sync, t_end=self.now(), offset_end=offset_s, uncertainty_end=uncertainty_s)
-        return {"rank": self.rank, "role": self.role, "events": self.events, "prompts": self.prompts, "sync": sync}
+        return {"rank": self.rank, "role": self.role, "events": self.events,
+                "prompts": self.prompts, "sync": sync}
 
 
 class _NoTrace(Recorder):
@@ -196,7 +201,8 @@ class _Join:
                 if role == "target":
                     out["outcome"] = prompt["tasks"].get(args["task"], "stale")
                 else:
-                    out["outcome"] = prompt["drafts"].get((args["epoch"], args["position"]), "stale")
+                    draft = (args["epoch"], args["position"])
+                    out["outcome"] = prompt["drafts"].get(draft, "stale")
         else:
             out.update(prompt=None, mode=None)
         return out
@@ -216,14 +222,17 @@ def chrome(parts: Sequence[dict], meta: dict | None = None) -> dict:
         t0, offset0, drift = _mapping(part["sync"])
         sync = part["sync"]
         clock.append({"rank": rank, "role": names[rank], "offset_us": offset0 * 1e6,
-                      "uncertainty_us": max(sync["uncertainty_start"], sync["uncertainty_end"]) * 1e6,
+                      "uncertainty_us": 1e6 * max(sync["uncertainty_start"],
+                                                  sync["uncertainty_end"]),
                       "drift_us": (sync["offset_end"] - sync["offset_start"]) * 1e6})
-        events.append({"ph": "M", "name": "process_name", "pid": rank, "tid": 0, "args": {"name": names[rank]}})
-        events.append({"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
+        events.append({"ph": "M", "name": "process_name", "pid": rank, "tid": 0,
+                       "args": {"name": names[rank]}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0,
+                       "args": {"sort_index": rank}})
         for ph, name, t, dur, args in part["events"]:
             ts = (t + offset0 + drift * (t - t0) - origin) * 1e6
-            event = {"ph": ph, "name": name, "cat": part["role"], "pid": rank, "tid": 0, "ts": round(ts, 3),
-                     "args": join.annotate(part["role"], args)}
+            event = {"ph": ph, "name": name, "cat": part["role"], "pid": rank, "tid": 0,
+                     "ts": round(ts, 3), "args": join.annotate(part["role"], args)}
             if ph == "X":
                 event["dur"] = round(dur * 1e6, 3)
             else:
@@ -235,12 +244,14 @@ def chrome(parts: Sequence[dict], meta: dict | None = None) -> dict:
                         "start_us": round((p["start"] - origin) * 1e6, 3),
                         "end_us": round((p["end"] - origin) * 1e6, 3),
                         "target_forwards": p["counters"]["target_forwards"],
-                        "accepted": p["counters"]["accepted"], "rejected": p["counters"]["rejected"]})
+                        "accepted": p["counters"]["accepted"],
+                        "rejected": p["counters"]["rejected"]})
     worst = max((c["uncertainty_us"] for c in clock), default=0.0)
     other = {
         "clock": clock,
-        "clock_note": (f"every rank's perf_counter mapped to rank 0's by ping-pong at the start and the end "
-                       f"(best of {ROUNDS} round trips each): aligned within +-{worst:.1f} us"),
+        "clock_note": ("every rank's perf_counter mapped to rank 0's by ping-pong at the start "
+                       f"and the end (best of {ROUNDS} round trips each): aligned within "
+                       f"+-{worst:.1f} us"),
         "generations": prompts,
         **(meta or {}),
     }
