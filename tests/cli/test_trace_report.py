@@ -27,13 +27,20 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("traced")
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": ids}) + "\n" for ids in PROMPTS))
-    proc = launch(5, "run", "--target", TARGET, "--drafter", DRAFTER, "--mode", "dsi,si,nonsi", "--lookahead", "3",
-                  "--max-new-tokens", "24", "--prompt-file", str(prompts), "--warmup", "1",
-                  "--output", str(tmp / "out.jsonl"), "--trace", str(tmp / "trace.json"), "--timeout", "60")
+    proc = launch(5, "run", "--target", TARGET, "--drafter", DRAFTER, "--mode", "dsi,si,nonsi",
+                  "--lookahead", "3", "--max-new-tokens", "24", "--prompt-file", str(prompts),
+                  "--warmup", "1", "--output", str(tmp / "out.jsonl"),
+                  "--trace", str(tmp / "trace.json"), "--timeout", "60")
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (tmp / "out.jsonl").read_text().splitlines()]
     doc = json.loads((tmp / "trace.json").read_text())  # valid JSON
     return {"dir": tmp, "proc": proc, "records": records, "doc": doc}
+
+
+def _labels(event: dict) -> tuple:
+    """(mode, prompt, repeat, warmup) of a trace event."""
+    args = event["args"]
+    return args["mode"], args["prompt"], args["repeat"], args["warmup"]
 
 
 def _events(doc: dict) -> list[dict]:
@@ -67,7 +74,8 @@ def test_events_are_well_nested_on_every_rank(traced: dict) -> None:
         for start, end, name in sorted(spans, key=lambda s: (s[0], -s[1])):
             while stack and stack[-1][1] <= start + 1e-3:
                 stack.pop()
-            assert not stack or end <= stack[-1][1] + 1e-3, f"rank {rank}: {name} overlaps {stack[-1]}"
+            assert not stack or end <= stack[-1][1] + 1e-3, (
+                f"rank {rank}: {name} overlaps {stack[-1]}")
             stack.append((start, end, name))
 
 
@@ -77,16 +85,17 @@ def test_the_trace_counts_the_records_forwards(traced: dict) -> None:
     assert len(records) == 9
     aborted = 0
     for r in records:
+        labels = (r["mode"], r["prompt_index"], r["repeat"], False)
         mine = [e for e in events if e["pid"] >= 2 and e["ph"] == "X" and e["name"] in FORWARDS
-                and (e["args"]["mode"], e["args"]["prompt"], e["args"]["repeat"], e["args"]["warmup"])
-                == (r["mode"], r["prompt_index"], r["repeat"], False)]
+                and _labels(e) == labels]
         finished = [e for e in mine if e["args"]["outcome"] != "cancelled"]
         cancelled = [e for e in mine if e["args"]["outcome"] == "cancelled"]
         assert len(finished) == r["target_forwards"], r["mode"]
         assert len(cancelled) == r["verifications_aborted"], r["mode"]
-        assert {e["args"]["outcome"] for e in finished} <= {"accepted", "rejected", "unused", "stale"}
+        outcomes = {e["args"]["outcome"] for e in finished}
+        assert outcomes <= {"accepted", "rejected", "unused", "stale"}
         commits = [e for e in events if e["pid"] == 0 and e["name"] == "commit"
-                   and (e["args"]["mode"], e["args"]["prompt"], e["args"]["warmup"]) == (r["mode"], r["prompt_index"], False)]
+                   and _labels(e) == labels]
         assert sum(e["args"]["tokens"] for e in commits) == r["num_new_tokens"]
         aborted += r["verifications_aborted"]
     assert aborted > 0, "no forward was cancelled part-way: the run shows nothing of cancellation"
@@ -100,7 +109,8 @@ def test_records_carry_the_new_metrics(traced: dict) -> None:
     for r in traced["records"]:
         by_outcome = r["target_time_by_outcome_s"]
         assert r["target_time_s"] == pytest.approx(sum(by_outcome.values()))
-        assert r["wasted_target_time_s"] == pytest.approx(by_outcome["stale"] + by_outcome["cancelled"])
+        wasted = by_outcome["stale"] + by_outcome["cancelled"]
+        assert r["wasted_target_time_s"] == pytest.approx(wasted)
         assert (by_outcome["cancelled"] > 0) == (r["verifications_aborted"] > 0)
         assert len(r["target_busy_fraction"]) == len(r["target_ranks"]) == r["sp"]
         assert all(0.0 <= f <= 1.0 for f in r["target_busy_fraction"])
@@ -110,7 +120,8 @@ def test_records_carry_the_new_metrics(traced: dict) -> None:
         else:
             assert r["blocks_verified"] > 0
             assert len(r["acceptance_per_position"]) == len(r["blocks_per_position"]) <= 3 * (3 + 1)
-            assert all(0 <= a <= b for a, b in zip(r["accepted_per_position"], r["blocks_per_position"], strict=True))
+            pairs = zip(r["accepted_per_position"], r["blocks_per_position"], strict=True)
+            assert all(0 <= a <= b for a, b in pairs)
 
 
 def test_progress_lines_appear_on_a_non_terminal_stderr(traced: dict) -> None:
@@ -123,9 +134,10 @@ def test_an_untraced_run_survives_its_cancellations(traced: dict, tmp_path: Path
     """The traced run's DSI again without --trace: the role loops' hooks are then NO_TRACE's,
     and a target that notices a Cancel mid-forward calls one of them."""
     out = tmp_path / "out.jsonl"
-    proc = launch(5, "run", "--target", TARGET, "--drafter", DRAFTER, "--mode", "dsi", "--lookahead", "3",
-                  "--max-new-tokens", "24", "--prompt-file", str(traced["dir"] / "prompts.jsonl"),
-                  "--output", str(out), "--timeout", "60", "--quiet")
+    proc = launch(5, "run", "--target", TARGET, "--drafter", DRAFTER, "--mode", "dsi",
+                  "--lookahead", "3", "--max-new-tokens", "24",
+                  "--prompt-file", str(traced["dir"] / "prompts.jsonl"), "--output", str(out),
+                  "--timeout", "60", "--quiet")
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sum(r["verifications_aborted"] for r in records) > 0, "no forward was cancelled part-way"
@@ -134,26 +146,29 @@ def test_an_untraced_run_survives_its_cancellations(traced: dict, tmp_path: Path
 
 
 def test_quiet_silences_the_progress(tmp_path: Path) -> None:
-    proc = launch(2, "run", "--target", TARGET, "--mode", "nonsi", "--max-new-tokens", "3", "--prompt-ids", "1,2",
-                  "--output", str(tmp_path / "o.jsonl"), "--quiet")
+    proc = launch(2, "run", "--target", TARGET, "--mode", "nonsi", "--max-new-tokens", "3",
+                  "--prompt-ids", "1,2", "--output", str(tmp_path / "o.jsonl"), "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "records (" not in proc.stderr
 
 
 def _dsi_mpi(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsi_mpi", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dsi_mpi", *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_timeline_draws_a_generation(traced: dict) -> None:
     out = traced["dir"] / "timeline.png"
-    proc = _dsi_mpi("timeline", str(traced["dir"] / "trace.json"), "--out", str(out), "--mode", "dsi", "--prompt", "1")
+    trace = str(traced["dir"] / "trace.json")
+    proc = _dsi_mpi("timeline", trace, "--out", str(out), "--mode", "dsi", "--prompt", "1")
     assert proc.returncode == 0, proc.stderr
     assert "dsi prompt 1 repeat 0" in proc.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-    bad = _dsi_mpi("timeline", str(traced["dir"] / "trace.json"), "--out", str(out), "--prompt", "7")
+    bad = _dsi_mpi("timeline", trace, "--out", str(out), "--prompt", "7")
     assert bad.returncode == 2 and "no generation with prompt 7" in bad.stderr
     wrong = _dsi_mpi("timeline", str(traced["dir"] / "out.jsonl"), "--out", str(out))
-    assert wrong.returncode == 2 and "dsi-mpi: error:" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert wrong.returncode == 2 and "dsi-mpi: error:" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
 
 
 def test_report_writes_tables_and_plots(traced: dict) -> None:
@@ -172,6 +187,7 @@ def test_report_writes_tables_and_plots(traced: dict) -> None:
 
 
 def test_a_trace_in_a_missing_directory_is_bad_input(tmp_path: Path) -> None:
-    proc = launch(2, "run", "--target", TARGET, "--mode", "nonsi", "--prompt-ids", "1,2", "--output",
-                  str(tmp_path / "o.jsonl"), "--trace", str(tmp_path / "no" / "t.json"), timeout=60)
+    proc = launch(2, "run", "--target", TARGET, "--mode", "nonsi", "--prompt-ids", "1,2",
+                  "--output", str(tmp_path / "o.jsonl"), "--trace", str(tmp_path / "no" / "t.json"),
+                  timeout=60)
     assert proc.returncode == 2 and "--trace: directory" in proc.stderr

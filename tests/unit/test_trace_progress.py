@@ -19,30 +19,33 @@ def _sync(offset_start: float, offset_end: float, t_start: float = 100.0, t_end:
 
 def _parts() -> list[dict]:
     prompts = [
-        {"labels": {"mode": "dsi", "prompt": 0, "repeat": 0, "warmup": False, "generation": 0, "lookahead": 2,
-                    "sp": 2},
+        {"labels": {"mode": "dsi", "prompt": 0, "repeat": 0, "warmup": False, "generation": 0,
+                    "lookahead": 2, "sp": 2},
          "epochs": (1, 3), "tasks": {0: "accepted", 1: "cancelled", 2: "stale"},
-         "drafts": {(1, 5): "accepted", (2, 6): "rejected"}, "start": 100.5, "end": 101.0, "tokens": 4,
-         "counters": {"target_forwards": 2, "accepted": 3, "rejected": 1}},
-        {"labels": {"mode": "si", "prompt": 0, "repeat": 0, "warmup": False, "generation": 1, "lookahead": 2,
-                    "sp": 1},
-         "epochs": (4, 6), "tasks": {3: "rejected"}, "drafts": {}, "start": 102.0, "end": 103.0, "tokens": 4,
-         "counters": {"target_forwards": 1, "accepted": 0, "rejected": 1}},
+         "drafts": {(1, 5): "accepted", (2, 6): "rejected"}, "start": 100.5, "end": 101.0,
+         "tokens": 4, "counters": {"target_forwards": 2, "accepted": 3, "rejected": 1}},
+        {"labels": {"mode": "si", "prompt": 0, "repeat": 0, "warmup": False, "generation": 1,
+                    "lookahead": 2, "sp": 1},
+         "epochs": (4, 6), "tasks": {3: "rejected"}, "drafts": {}, "start": 102.0, "end": 103.0,
+         "tokens": 4, "counters": {"target_forwards": 1, "accepted": 0, "rejected": 1}},
     ]
     coordinator = {"rank": 0, "role": "coordinator", "prompts": prompts, "sync": _sync(0.0, 0.0),
                    "events": [("X", "generate", 100.5, 0.5, prompts[0]["labels"]),
                               ("X", "commit", 100.6, 0.001, {"epoch": 2, "tokens": 2})]}
+    def draft(t: float, epoch: int, position: int) -> tuple:
+        return ("X", "draft", t, 0.01, {"epoch": epoch, "position": position, "token": 9,
+                                        "outcome": "done"})
+
     drafter = {"rank": 1, "role": "drafter", "prompts": [], "sync": _sync(1.0, 1.0),
-               "events": [("X", "draft", 99.6, 0.01, {"epoch": 1, "position": 5, "token": 9, "outcome": "done"}),
-                          ("X", "draft", 99.7, 0.01, {"epoch": 2, "position": 6, "token": 9, "outcome": "done"}),
-                          ("X", "draft", 99.8, 0.01, {"epoch": 2, "position": 7, "token": 9, "outcome": "done"}),
+               "events": [draft(99.6, 1, 5), draft(99.7, 2, 6), draft(99.8, 2, 7),
                           ("X", "draft", 99.9, 0.005, {"epoch": 3, "position": 7, "token": None,
                                                        "outcome": "preempted"}),
                           ("i", "rollback", 99.95, 0.0, {"epoch": 5, "keep": 3})]}
     # This rank's clock runs 1 ms slow over the 10 s between the two alignments.
     target = {"rank": 2, "role": "target", "prompts": [], "sync": _sync(-2.0, -2.001),
               "events": [("X", "verify", 105.0, 0.02, {"task": 0, "epoch": 1, "outcome": "done"}),
-                         ("X", "verify", 105.1, 0.01, {"task": 1, "epoch": 1, "outcome": "cancelled"}),
+                         ("X", "verify", 105.1, 0.01,
+                          {"task": 1, "epoch": 1, "outcome": "cancelled"}),
                          ("X", "verify", 110.0, 0.02, {"task": 3, "epoch": 4, "outcome": "done"}),
                          ("i", "cancel", 105.1, 0.0, {"task": 1, "epoch": 1, "late": False})]}
     return [coordinator, drafter, target]
@@ -67,7 +70,8 @@ def test_events_get_their_generation_outcome_and_rank_0_time() -> None:
     rollback = [e for e in events if e["name"] == "rollback"][0]
     assert rollback["args"]["mode"] == "si" and rollback["ph"] == "i"
     clock = {c["rank"]: c for c in doc["otherData"]["clock"]}
-    assert clock[2]["drift_us"] == pytest.approx(-1000.0) and clock[2]["uncertainty_us"] == pytest.approx(2.0)
+    assert clock[2]["drift_us"] == pytest.approx(-1000.0)
+    assert clock[2]["uncertainty_us"] == pytest.approx(2.0)
     assert [g["mode"] for g in doc["otherData"]["generations"]] == ["dsi", "si"]
 
 

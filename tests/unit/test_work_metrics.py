@@ -25,7 +25,8 @@ from tests.unit.test_policy import GREEDY, _emulated, _policy, _RandomDriver, se
         ([(1, 1), (3, 0)], [1], [2, 1, 1], [0.5, 0.0, 0.0]),
     ],
 )
-def test_acceptance_per_position_is_vllms(blocks, accepted, per_block, rates) -> None:  # noqa: ANN001
+def test_acceptance_per_position_is_vllms(blocks: list, accepted: list, per_block: list,
+                                          rates: list) -> None:
     c = Counters()
     for size, n in blocks:
         for i in range(min(n + 1, size)):
@@ -37,7 +38,8 @@ def test_acceptance_per_position_is_vllms(blocks, accepted, per_block, rates) ->
     # Entry i is the chance that a block commits more than i drafts: their sum is the mean
     # number of drafts a block commits when every block is full.
     if all(size == 3 for size, _ in blocks):
-        assert sum(c.acceptance_per_position) == pytest.approx(sum(n for _, n in blocks) / len(blocks))
+        mean_committed = sum(n for _, n in blocks) / len(blocks)
+        assert sum(c.acceptance_per_position) == pytest.approx(mean_committed)
 
 
 def test_si_policy_and_the_reference_count_blocks_alike() -> None:
@@ -47,11 +49,13 @@ def test_si_policy_and_the_reference_count_blocks_alike() -> None:
     for lookahead in (1, 3, 5):
         reference = generate_si(_emulated(), _emulated(0.7), prompt, 40, lookahead, GREEDY).counters
         policy = _policy("si", 1, lookahead, 40)
-        _RandomDriver(policy, {0: _emulated()}, _emulated(0.7), GREEDY, random.Random(lookahead)).run(prompt)
+        rng = random.Random(lookahead)
+        _RandomDriver(policy, {0: _emulated()}, _emulated(0.7), GREEDY, rng).run(prompt)
         c = policy.counters
         assert reference.blocks_verified > 0
-        assert (c.blocks_verified, c.accepted_per_position, c.blocks_per_position) == (
-            reference.blocks_verified, reference.accepted_per_position, reference.blocks_per_position)
+        assert c.blocks_verified == reference.blocks_verified
+        assert c.accepted_per_position == reference.accepted_per_position
+        assert c.blocks_per_position == reference.blocks_per_position
 
 
 def test_outcomes_of_a_scripted_dsi_run() -> None:
@@ -120,12 +124,14 @@ def test_outcomes_add_up_in_any_message_order(mode: str, acceptance: float) -> N
         assert sum(o != "cancelled" for o in outcomes.values()) == c.target_forwards
         assert sum(o == "rejected" for o in outcomes.values()) == c.rejected
         assert sum(c.accepted_per_position) <= c.accepted
-        assert all(a <= b for a, b in zip(c.accepted_per_position, c.blocks_per_position, strict=False))
+        pairs = zip(c.accepted_per_position, c.blocks_per_position, strict=False)
+        assert all(a <= b for a, b in pairs)
         assert len(c.accepted_per_position) <= len(c.blocks_per_position)
         assert c.blocks_per_position[:1] == ([c.blocks_verified] if c.blocks_verified else [])
         assert c.accepted_per_position[:1] == [] or c.accepted_per_position[0] <= c.accepted
         if mode != "nonsi" and acceptance == 1.0:
-            assert c.blocks_verified > 0 and c.acceptance_per_position == [1.0] * len(c.blocks_per_position)
+            assert c.blocks_verified > 0
+            assert c.acceptance_per_position == [1.0] * len(c.blocks_per_position)
         drafts = policy.draft_outcomes()
         assert sum(v == "accepted" for v in drafts.values()) == c.accepted
         assert sum(v == "rejected" for v in drafts.values()) == c.rejected
@@ -138,10 +144,12 @@ def test_dsi_with_lookahead_1_has_blocks_of_one() -> None:
     the target computed: blocks of one, and their acceptance is the acceptance rate."""
     prompt = [3, 1, 4, 1, 5]
     policy = _policy("dsi", 4, 1, 40)
-    _RandomDriver(policy, {s: _emulated() for s in range(4)}, _emulated(0.8), GREEDY, random.Random(3)).run(prompt)
+    servers = {s: _emulated() for s in range(4)}
+    _RandomDriver(policy, servers, _emulated(0.8), GREEDY, random.Random(3)).run(prompt)
     c = policy.counters
     assert c.blocks_verified > 10 and len(c.blocks_per_position) == 1
-    assert c.accepted_per_position[0] <= c.accepted and c.blocks_per_position[0] <= c.accepted + c.rejected
+    assert c.accepted_per_position[0] <= c.accepted
+    assert c.blocks_per_position[0] <= c.accepted + c.rejected
     assert 0.0 < c.acceptance_per_position[0] < 1.0
 
 
