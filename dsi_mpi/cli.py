@@ -61,7 +61,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
                         "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
     p.add_argument("--trace", metavar="FILE.json",
-                   help="write what every rank did, on one clock, as a Chrome trace (Perfetto; dsi-mpi timeline)")
+                   help="write what every rank did, on one clock, as a Chrome trace "
+                        "(Perfetto; dsi-mpi timeline)")
     p.add_argument("--quiet", action="store_true", help="no progress report on stderr")
 
 
@@ -143,7 +144,9 @@ def run_command(args: argparse.Namespace) -> int:
     from dsi_mpi.progress import Progress
     from dsi_mpi.runtime import run
 
-    progress = Progress(len(configs) * len(prompts) * args.repeats, quiet=args.quiet) if rank == 0 else None
+    progress = None
+    if rank == 0:
+        progress = Progress(len(configs) * len(prompts) * args.repeats, quiet=args.quiet)
     outcome = run(comm, configs, prompts if rank == 0 else (), tokenizer if rank == 0 else None,
                   repeats=args.repeats, warmup=args.warmup, trace=args.trace, progress=progress)
     if rank == 0:
@@ -154,8 +157,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(_summary(outcome.records), flush=True)
         print(f"wrote {len(outcome.records)} records to {args.output}", flush=True)
         if args.trace:
-            print(f"wrote the trace of {comm.Get_size()} ranks to {args.trace} (dsi-mpi timeline {args.trace})",
-                  flush=True)
+            print(f"wrote the trace of {comm.Get_size()} ranks to {args.trace} "
+                  f"(dsi-mpi timeline {args.trace})", flush=True)
     return 0
 
 
@@ -374,8 +377,8 @@ def timeline_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.trace}: {exc.strerror or exc}") from None
     except (timeline.TraceError, json.JSONDecodeError) as exc:
         raise ConfigError(str(exc)) from None
-    print(f"wrote {args.out}: {gen['mode']} prompt {gen['prompt']} repeat {gen['repeat']}, {gen['tokens']} tokens "
-          f"in {(gen['end_us'] - gen['start_us']) / 1e3:.1f} ms")
+    print(f"wrote {args.out}: {gen['mode']} prompt {gen['prompt']} repeat {gen['repeat']}, "
+          f"{gen['tokens']} tokens in {(gen['end_us'] - gen['start_us']) / 1e3:.1f} ms")
     return 0
 
 
@@ -399,7 +402,8 @@ def _need_matplotlib(command: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError(f"dsi-mpi {command} draws with matplotlib: pip install matplotlib (or dsi_mpi[plot])")
+        raise ConfigError(f"dsi-mpi {command} draws with matplotlib: pip install matplotlib "
+                          "(or dsi_mpi[plot])")
 
 
 def _writable(path: str, flag: str) -> None:
@@ -431,8 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = make_parser().parse_args(argv)
         commands = {"run": run_command, "simulate": simulate_command, "plan": plan_command,
-                    "heatmap": heatmap_command, "profile": profile_command, "timeline": timeline_command,
-                    "report": report_command}
+                    "heatmap": heatmap_command, "profile": profile_command,
+                    "timeline": timeline_command, "report": report_command}
         return commands[args.command](args)
     except ConfigError as exc:
         if _rank() == 0:

@@ -27,7 +27,8 @@ class PromptResult:
     wall_time_s: float
     ttft_s: float
     policy: Policy
-    forwards: dict[int, tuple[int, float]] = field(default_factory=dict)  # task id -> (server, seconds)
+    # task id -> (server, seconds its forward ran)
+    forwards: dict[int, tuple[int, float]] = field(default_factory=dict)
     start: float = 0.0  # perf_counter at the prompt's start and end (the trace's clock)
     end: float = 0.0
 
@@ -65,11 +66,13 @@ class Coordinator:
         while not policy.idle:  # replies to cancelled tasks; stale drafts are dropped
             incoming = self.transport.wait(what="replies to cancelled tasks")
             self._execute(self._handle(policy, incoming, forwards), trace.now())
-        return PromptResult(policy.mode, list(policy.output), end - start, (first_token or end) - start, policy,
-                            forwards, start, end)
+        ttft = (first_token or end) - start
+        return PromptResult(policy.mode, list(policy.output), end - start, ttft, policy, forwards,
+                            start, end)
 
     @staticmethod
-    def _handle(policy: Policy, incoming: Incoming, forwards: dict[int, tuple[int, float]]) -> list[Send]:
+    def _handle(policy: Policy, incoming: Incoming,
+                forwards: dict[int, tuple[int, float]]) -> list[Send]:
         source, msg = incoming
         if isinstance(msg, Draft):
             q = msg.probs[0] if msg.probs is not None else None

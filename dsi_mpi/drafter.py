@@ -28,8 +28,8 @@ from dsi_mpi.worker import DrafterWorker
 COORDINATOR = 0
 
 
-def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams, eos_ids: frozenset[int],
-                  trace: Recorder = NO_TRACE) -> None:
+def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams,
+                  eos_ids: frozenset[int], trace: Recorder = NO_TRACE) -> None:
     """Draft until Shutdown; ``eos_ids`` are the target's."""
     worker = DrafterWorker(backend, params, eos_ids)
 
@@ -50,6 +50,7 @@ def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams
             continue  # apply everything that has arrived before the next forward
         cold, position, start = worker.cold, len(worker.seq), trace.now()
         draft = worker.step(should_cancel=preempted)
-        trace.drafter_forward(cold, worker.epoch, position, None if draft is None else draft.token, start, trace.now())
+        token = None if draft is None else draft.token
+        trace.drafter_forward(cold, worker.epoch, position, token, start, trace.now())
         if draft is not None:
             transport.send(COORDINATOR, draft)

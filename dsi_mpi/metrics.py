@@ -58,8 +58,8 @@ class Counters:
         With blocks of one size (vLLM's, SI's) the denominators are all the number of blocks; DSI
         also sends shorter blocks (a task with the drafts there are when a position has no
         verifier), which count only where they held a draft."""
-        return [a / b for a, b in zip(self.accepted_per_position + [0] * len(self.blocks_per_position),
-                                      self.blocks_per_position, strict=False)]
+        accepted = self.accepted_per_position + [0] * len(self.blocks_per_position)
+        return [a / b for a, b in zip(accepted, self.blocks_per_position, strict=False)]
 
     def observe_block(self, drafted: int, accepted: int, committed: int) -> None:
         """One SI verification of ``drafted`` drafts, ``accepted`` of them accepted, of which
@@ -108,8 +108,8 @@ def _add(counts: list[int], end: int, start: int = 0) -> None:
         counts[i] += 1
 
 
-def target_work(forwards: Mapping[int, tuple[int, float]], outcomes: Mapping[int, str], servers: Sequence[int],
-                wall_time_s: float) -> dict:
+def target_work(forwards: Mapping[int, tuple[int, float]], outcomes: Mapping[int, str],
+                servers: Sequence[int], wall_time_s: float) -> dict:
     """What the target servers spent on one generation, from each task's forward time.
 
     ``forwards``: task id -> (server, seconds its forward ran), as the replies said;
@@ -126,5 +126,6 @@ def target_work(forwards: Mapping[int, tuple[int, float]], outcomes: Mapping[int
         "target_time_by_outcome_s": by_outcome,
         "wasted_target_time_s": sum(by_outcome[o] for o in WASTED),
         "target_ranks": list(servers),
-        "target_busy_fraction": [min(1.0, busy[s] / wall_time_s) if wall_time_s > 0 else 0.0 for s in servers],
+        "target_busy_fraction": [min(1.0, busy[s] / wall_time_s) if wall_time_s > 0 else 0.0
+                                 for s in servers],
     }

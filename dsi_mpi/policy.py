@@ -247,10 +247,12 @@ class _Prompt:
     finished: bool = False
     first_epoch: int = 0
     # What became of the work, for the record and the trace:
-    origin: dict[int, Task] = field(default_factory=dict)  # position -> task whose token is kept for it
+    # position -> the task whose token is kept for it
+    origin: dict[int, Task] = field(default_factory=dict)
     answered: dict[int, Task] = field(default_factory=dict)  # task id -> tasks that got their reply
     outcome: dict[int, str] = field(default_factory=dict)  # task id -> accepted/rejected/cancelled
-    drafts: dict[tuple[int, int], str] = field(default_factory=dict)  # (epoch, position) -> accepted/rejected/late
+    # (epoch, position) -> accepted, rejected or late
+    drafts: dict[tuple[int, int], str] = field(default_factory=dict)
     blocks: set[int] = field(default_factory=set)  # tasks whose block's first draft was verified
 
     @property
@@ -340,7 +342,8 @@ class Policy:
         for task_id, task in s.answered.items():
             outcome = s.outcome.get(task_id)
             if outcome is None:  # finished but no token of it committed
-                outcome = "unused" if list(task.context) == committed[: len(task.context)] else "stale"
+                on_committed = list(task.context) == committed[: len(task.context)]
+                outcome = "unused" if on_committed else "stale"
             out[task_id] = outcome
         return out
 
@@ -365,7 +368,8 @@ class Policy:
         self.ids.next_epoch()
         s = self._prompt = _Prompt(seed=self.seed if seed is None else seed, proposed=list(prompt), n=n,
                                    last_position=n + self.max_new_tokens - 1, limit=n + self.run_ahead,
-                                   covered_end=n - 1, uses_drafter=self.uses_drafter, first_epoch=self.epoch)
+                                   covered_end=n - 1, uses_drafter=self.uses_drafter,
+                                   first_epoch=self.epoch)
         actions: list[Send] = []
         if self.uses_drafter:
             # Drafting the last position is wasted work: the target's token there is committed

@@ -74,10 +74,12 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         # acceptance by position in a block (vLLM's definition; docs/records.md)
         "blocks_verified": counters.blocks_verified,
         "blocks_per_position": counters.blocks_per_position,
-        "accepted_per_position": _padded(counters.accepted_per_position, len(counters.blocks_per_position), 0),
+        "accepted_per_position": _padded(counters.accepted_per_position,
+                                         len(counters.blocks_per_position), 0),
         "acceptance_per_position": counters.acceptance_per_position,
         # the target servers' forward time: by outcome, wasted, and each server's busy fraction
-        **target_work(result.forwards, result.policy.task_outcomes(), result.policy.servers, result.wall_time_s),
+        **target_work(result.forwards, result.policy.task_outcomes(), result.policy.servers,
+                      result.wall_time_s),
     }
     if tokenizer is not None:
         out["text"] = tokenizer.decode(result.tokens)
@@ -123,8 +125,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
         transport.barrier("every rank to load its model")
         recorder = tracing.start(transport, rank, role) if trace else tracing.NO_TRACE
         if role == "coordinator":
-            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats, warmup, eos,
-                                          recorder, progress)
+            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats,
+                                          warmup, eos, recorder, progress)
         else:
             if role == "target":
                 serve_target(transport, backend, base.sampling, recorder)
@@ -149,8 +151,9 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
 
 
 def _describe(config: RunConfig) -> dict:
-    return {"mode": config.mode, "lookahead": config.lookahead, "sp": config.sp, "target": config.target,
-            "drafter": config.drafter, "max_new_tokens": config.max_new_tokens}
+    return {"mode": config.mode, "lookahead": config.lookahead, "sp": config.sp,
+            "target": config.target, "drafter": config.drafter,
+            "max_new_tokens": config.max_new_tokens}
 
 
 def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfig], prompts: Sequence[Prompt],
@@ -162,7 +165,8 @@ def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfi
         for config in configs:
             policy = coordinator.make_policy(config)
             sp = len(layout.active_targets(config.mode, config.sp))
-            labels = {"mode": config.mode, "lookahead": config.lookahead if config.mode != "nonsi" else 0, "sp": sp}
+            lookahead = config.lookahead if config.mode != "nonsi" else 0
+            labels = {"mode": config.mode, "lookahead": lookahead, "sp": sp}
             for w in range(warmup):
                 result = coordinator.generate(policy, prompts[0].ids, prompts[0].seed)
                 trace.generation(result, **labels, prompt=0, repeat=w, warmup=True)

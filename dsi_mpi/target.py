@@ -28,7 +28,8 @@ from dsi_mpi.worker import TargetWorker
 COORDINATOR = 0
 
 
-def serve_target(transport: Transport, backend: Backend, params: SamplingParams, trace: Recorder = NO_TRACE) -> None:
+def serve_target(transport: Transport, backend: Backend, params: SamplingParams,
+                 trace: Recorder = NO_TRACE) -> None:
     worker = TargetWorker(backend, params)
     current = -1
 

@@ -231,7 +231,8 @@ class Transport:
         deadline = time.monotonic() + self.timeout_s
         while not self.comm.Iprobe(source=0, tag=Tag.CLOCK):
             if time.monotonic() > deadline:
-                raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s for the clock alignment")
+                raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s "
+                                  "for the clock alignment")
             time.sleep(1e-4)
         for _ in range(rounds):
             self.comm.Recv([buf, MPI.DOUBLE], source=0, tag=Tag.CLOCK)
