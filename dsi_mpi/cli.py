@@ -175,6 +175,8 @@ def run_command(args: argparse.Namespace) -> int:
             kept = len(resumed.done) + output.written
             if isinstance(exc, Stopped):
                 reason = f"{ending.reason} after {kept} of {total} prompts; rerun with --resume to finish"
+            elif kept == 0:
+                reason = f"error: {ending.reason}; no prompt had finished"
             else:
                 reason = (f"error: {ending.reason}; {kept} of {total} prompts are in {args.output}: rerun with "
                           "--resume to finish")

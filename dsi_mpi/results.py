@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from dsi_mpi.config import ConfigError
 
 Key = tuple[str, int, int]  # (mode, prompt_index, repeat): one record of a run
-# Record fields that tell which run wrote a record (``runtime.identity`` computes them).
-IDENTITY = ("prompt_tokens", "lookahead", "sp", "verify", "temperature", "seed", "target", "drafter")
+# Record fields that tell which run wrote a record (``runtime.planned`` computes them).
+IDENTITY = ("prompt_tokens", "lookahead", "sp", "verify", "temperature", "seed", "target", "drafter",
+            "max_new_tokens")
 
 
 def key_of(record: Mapping) -> Key:
@@ -113,18 +114,22 @@ def _resume(path: str, planned: Mapping[Key, Mapping]) -> Resumed:
 
 
 class ResultsFile:
-    """Appends records to the output, each line written whole and on disk before the next."""
+    """Appends records to the output, each line written whole and on disk before the next.
 
-    def __init__(self, path: str, truncate: bool = False) -> None:
+    The file is created by the first record: a run that ends before any prompt finished
+    leaves no file (and the next run needs neither ``--resume`` nor ``--overwrite``)."""
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        created = not os.path.exists(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
-        self._fd = os.open(path, flags, 0o644)
-        if created:  # the new directory entry survives a crash too
-            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        self._fd = -1
         self.written = 0  # records appended by this run
 
     def append(self, record: Mapping) -> None:
+        if self._fd < 0:
+            created = not os.path.exists(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if created:  # the new directory entry survives a crash too
+                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         data = (json.dumps(record) + "\n").encode("utf-8")
         view = memoryview(data)
         while view:  # one write for a regular file; a short write (a full disk) continues
@@ -153,11 +158,13 @@ def _fsync_dir(path: str) -> None:
 
 def open_output(path: str, resume: bool, overwrite: bool,
                 planned: Mapping[Key, Mapping]) -> tuple[ResultsFile, Resumed]:
-    """The output, ready for appending: emptied with ``overwrite`` (so a failed run never
+    """The output, ready for appending: removed with ``overwrite`` (so a failed run never
     leaves the old file looking like its own), checked and trimmed with ``resume``.
     ``planned`` maps each record this run writes to its :data:`IDENTITY` fields."""
     check_flags(path, resume, overwrite)
     resumed = Resumed(frozenset(), False)
     if resume and os.path.exists(path):
         resumed = _resume(path, planned)
-    return ResultsFile(path, truncate=overwrite), resumed
+    if overwrite and os.path.exists(path):
+        os.unlink(path)
+    return ResultsFile(path), resumed

@@ -84,6 +84,7 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "seed": config.sampling.seed if seed is None else seed,
         "target": config.target,
         "drafter": config.drafter if config.mode != "nonsi" else None,
+        "max_new_tokens": config.max_new_tokens,
     }
     if tokenizer is not None:
         out["text"] = tokenizer.decode(result.tokens)
@@ -108,6 +109,7 @@ def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prom
                     "seed": config.sampling.seed if prompt.seed is None else prompt.seed,
                     "target": config.target,
                     "drafter": config.drafter if config.mode != "nonsi" else None,
+                    "max_new_tokens": config.max_new_tokens,
                 }
     return out
 
