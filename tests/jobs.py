@@ -8,8 +8,10 @@ Hydra starts each rank in a session of its own too, so a signal to mpiexec reach
 only as mpiexec forwards it (it forwards SIGINT and SIGTERM).
 
 ``close()`` never leaves anything behind: it SIGKILLs every process that still carries the
-marker (a stopped one too) and removes the MPICH shared-memory segments the job created and
-no live process maps (stale segments can make a later job with the same id hang in MPI_Init).
+marker (a stopped one too) and removes the MPICH shared-memory segments that the job's own
+ranks were seen to map and that no live process maps any more (a rank killed by a test leaves
+its segment in /dev/shm, and stale segments can make a later job spin in MPI_Init). Segments
+are noted whenever the job's ranks are looked up, and before every signal.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _mapped_shm() -> set[str]:
-    """Names of /dev/shm files some live process maps."""
+def _shm_of(pids: object) -> set[str]:
+    """Names of the /dev/shm files that the processes ``pids`` (all of them: None) map."""
     names = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+    paths = Path("/proc").glob("[0-9]*/maps") if pids is None else (Path(f"/proc/{p}/maps") for p in pids)
+    for maps in paths:
         try:
             text = maps.read_text()
         except OSError:
@@ -76,7 +79,7 @@ class Job:
         self.workdir = Path(workdir)
         self.stdout_path = self.workdir / f"job-{self.marker[:8]}.out"
         self.stderr_path = self.workdir / f"job-{self.marker[:8]}.err"
-        self._shm_before = {p.name for p in SHM.glob("mpich_shm_*")} if SHM.is_dir() else set()
+        self._shm: set[str] = set()  # MPICH segments the job's ranks map (removed by close)
         full_env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
         full_env[MARKER] = self.marker
         cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", module, *args]
@@ -100,8 +103,10 @@ class Job:
         return out
 
     def ranks(self) -> dict[int, int]:
-        """rank -> pid of the live ranks."""
-        return {int(env["PMI_RANK"]): pid for pid, env in self.processes().items() if "PMI_RANK" in env}
+        """rank -> pid of the live ranks (and notes the shared memory they map)."""
+        ranks = {int(env["PMI_RANK"]): pid for pid, env in self.processes().items() if "PMI_RANK" in env}
+        self._shm |= {name for name in _shm_of(ranks.values()) if name.startswith("mpich_shm_")}
+        return ranks
 
     def wait_for_ranks(self, timeout_s: float = 60.0) -> dict[int, int]:
         deadline = time.monotonic() + timeout_s
@@ -121,10 +126,12 @@ class Job:
 
     def signal_launcher(self, sig: int) -> None:
         """What a terminal's Ctrl-C (SIGINT) or a ``kill`` of mpiexec does."""
+        self.ranks()
         os.killpg(self.proc.pid, sig)
 
     def signal_all(self, sig: int) -> None:
         """Every process of the job at once, as Slurm does at a time limit."""
+        self.ranks()
         for pid in self.processes():
             try:
                 os.kill(pid, sig)
@@ -169,6 +176,8 @@ class Job:
 
     def close(self) -> None:
         """Kill whatever is left of the job, reap mpiexec, remove its stale shared memory."""
+        if self.poll() is None:
+            self.ranks()
         for _ in range(50):
             left = self.processes()
             if not left:
@@ -185,15 +194,12 @@ class Job:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.poll()
-        if SHM.is_dir():
-            new = {p.name for p in SHM.glob("mpich_shm_*")} - self._shm_before
-            if new:
-                in_use = _mapped_shm()
-                for name in new - in_use:
-                    try:
-                        (SHM / name).unlink()
-                    except OSError:
-                        pass
+        if self._shm:
+            for name in self._shm - _shm_of(None):
+                try:
+                    (SHM / name).unlink()
+                except OSError:
+                    pass
 
     def __enter__(self) -> Job:
         return self
