@@ -74,6 +74,12 @@ def _key(r: dict) -> tuple:
 def _flags(base: list[str], replace: list[str]) -> list[str]:
     """``base`` with the flags in ``replace`` set (a flag then value, or a flag alone)."""
     out = list(base)
+    sources = ("--prompt", "--prompt-file", "--prompt-ids")  # one of them: a new one replaces the old
+    for flag in sources:
+        if flag in replace and flag not in out:
+            for old in sources:
+                if old in out:
+                    del out[out.index(old): out.index(old) + 2]
     i = 0
     while i < len(replace):
         flag = replace[i]
@@ -87,14 +93,15 @@ def _flags(base: list[str], replace: list[str]) -> list[str]:
     return out
 
 
-def _summary(stderr: str) -> dict:
+def _summary(stderr: str, stdout: str) -> dict:
+    """What the user saw on stderr (MPICH prints its banner on stdout: looked for in both)."""
     lines = [x for x in stderr.splitlines() if x.strip()]
-    banner = re.search(r"PID (\d+) RUNNING AT", stderr)
+    banner = re.search(r"PID (\d+) RUNNING AT", stderr + stdout)
     return {
         "stderr_lines": len(lines),
         "tracebacks": stderr.count("Traceback (most recent call last)"),
         "abort_lines": sum("Abort(" in x for x in lines),
-        "banner": "BAD TERMINATION" in stderr,
+        "banner": "BAD TERMINATION" in stderr + stdout,
         "banner_pid": int(banner.group(1)) if banner else None,
         "segfault": "signal 11" in stderr or "Segmentation fault" in stderr,
         "dsi_lines": [x for x in lines if x.startswith("dsi-mpi")][:4],
@@ -186,10 +193,10 @@ class Bench:
                     "finished_estimate": self.estimated_finished(struck - job.started),
                     "rank_pids": pids,
                 }
-            stderr = job.stderr()
+            stderr, stdout = job.stderr(), job.stdout()
         records, torn = _read_records(out)
         row |= {"records_kept": len(records), "torn_lines": torn, "output_exists": out.exists()}
-        row |= _summary(stderr)
+        row |= _summary(stderr, stdout)
         if row.get("banner_pid") is not None and "rank_pids" in row:
             names = {pid: rank for rank, pid in row["rank_pids"].items()}
             row["banner_rank"] = names.get(row["banner_pid"])
