@@ -81,7 +81,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-run-ahead", type=int, help="drafts the drafter may hold beyond the committed text")
     p.add_argument("--reuse-cache", action="store_true",
                    help="keep KV caches across prompts and reuse shared prefixes (off: each prompt pays its prefill)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds the coordinator waits for a reply before aborting the job")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a rank may stay silent (hung or gone: it is named) before the job ends")
     p.add_argument("--poll", choices=POLL_CHOICES, default="auto",
                    help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
                         "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
