@@ -74,20 +74,26 @@ def _key(r: dict) -> tuple:
 def _flags(base: list[str], replace: list[str]) -> list[str]:
     """``base`` with the flags in ``replace`` set (a flag then value, or a flag alone)."""
     out = list(base)
-    sources = ("--prompt", "--prompt-file", "--prompt-ids")  # one of them: a new one replaces the old
+    sources = (
+        "--prompt",
+        "--prompt-file",
+        "--prompt-ids",
+    )  # one of them: a new one replaces the old
     for flag in sources:
         if flag in replace and flag not in out:
             for old in sources:
                 if old in out:
-                    del out[out.index(old): out.index(old) + 2]
+                    del out[out.index(old) : out.index(old) + 2]
     i = 0
     while i < len(replace):
         flag = replace[i]
-        value = replace[i + 1] if i + 1 < len(replace) and not replace[i + 1].startswith("--") else None
+        value = (
+            replace[i + 1] if i + 1 < len(replace) and not replace[i + 1].startswith("--") else None
+        )
         if flag in out:
             j = out.index(flag)
             has_value = j + 1 < len(out) and not out[j + 1].startswith("--")
-            del out[j: j + (2 if has_value else 1)]
+            del out[j : j + (2 if has_value else 1)]
         out += [flag] + ([value] if value is not None else [])
         i += 2 if value is not None else 1
     return out
@@ -115,27 +121,56 @@ class Bench:
         self.workdir = workdir
         self.env = dict(os.environ)
         if args.code:
-            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.code, self.env.get("PYTHONPATH")]))
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [args.code, self.env.get("PYTHONPATH")])
+            )
         prompts = workdir / "prompts.jsonl"
         with open(prompts, "w") as fh:
             for i in range(args.prompts):
-                fh.write(json.dumps({"prompt_ids": [1 + i, 7, 3 + 2 * i, 11, 5 + i % 7, 2, 9]}) + "\n")
-        self.base = ["run", "--target", EMU_T, "--drafter", EMU_D, "--mode", "dsi", "--lookahead", "3",
-                     "--max-new-tokens", str(args.tokens), "--prompt-file", str(prompts)]
-        help_text = subprocess.run([sys.executable, "-m", "dsi_mpi", "run", "--help"], env=self.env,
-                                   capture_output=True, text=True, timeout=60).stdout
+                fh.write(
+                    json.dumps({"prompt_ids": [1 + i, 7, 3 + 2 * i, 11, 5 + i % 7, 2, 9]}) + "\n"
+                )
+        self.base = [
+            "run",
+            "--target",
+            EMU_T,
+            "--drafter",
+            EMU_D,
+            "--mode",
+            "dsi",
+            "--lookahead",
+            "3",
+            "--max-new-tokens",
+            str(args.tokens),
+            "--prompt-file",
+            str(prompts),
+        ]
+        help_text = subprocess.run(
+            [sys.executable, "-m", "dsi_mpi", "run", "--help"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         self.has_resume = "--resume" in help_text
         self.clean: dict[tuple, list[int]] = {}
         self.startup_s = self.clean_s = 0.0
         self.clean_walls: list[float] = []
 
     def launch(self, args: list[str], output: Path, env: dict[str, str] | None = None) -> Job:
-        return Job(self.args.ranks, [*args, "--output", str(output)], self.workdir, env=self.env | (env or {}))
+        return Job(
+            self.args.ranks,
+            [*args, "--output", str(output)],
+            self.workdir,
+            env=self.env | (env or {}),
+        )
 
     def reference(self) -> None:
         """The start-up time (a one-token run) and the uninterrupted run."""
         out = self.workdir / "startup.jsonl"
-        with self.launch(_flags(self.base, ["--max-new-tokens", "1", "--num-prompts", "1"]), out) as job:
+        with self.launch(
+            _flags(self.base, ["--max-new-tokens", "1", "--num-prompts", "1"]), out
+        ) as job:
             assert job.wait(300) == 0, job.stderr()
             self.startup_s = job.ended - job.started
         out = self.workdir / "clean.jsonl"
@@ -171,7 +206,10 @@ class Bench:
         with self.launch(args, out, fault.env) as job:
             if fault.act is None:
                 code = job.wait(fault.bound_s)
-                row |= {"exit": code, "message_s": round(job.ended - job.started, 2) if code is not None else None}
+                row |= {
+                    "exit": code,
+                    "message_s": round(job.ended - job.started, 2) if code is not None else None,
+                }
             else:
                 job.wait_for_ranks()
                 pids = job.ranks()
@@ -181,7 +219,9 @@ class Bench:
                 finished, _ = _read_records(out)
                 struck = time.monotonic()
                 if job.poll() is not None:
-                    raise RuntimeError(f"{fault.name}: the run ended before its fault; use more prompts")
+                    raise RuntimeError(
+                        f"{fault.name}: the run ended before its fault; use more prompts"
+                    )
                 fault.act(job)
                 code = job.wait(fault.bound_s)
                 gone = job.wait_gone(5.0 if code is not None else 0.0)
@@ -208,8 +248,14 @@ class Bench:
         with self.launch(args + ["--resume"], out) as job:
             code = job.wait(600)
         records, torn = _read_records(out)
-        same = {_key(r): r["tokens"] for r in records} == self.clean and len(records) == len(self.clean)
-        return {"resume_exit": code, "resume_records": len(records), "resume_equals_clean": same and torn == 0}
+        same = {_key(r): r["tokens"] for r in records} == self.clean and len(records) == len(
+            self.clean
+        )
+        return {
+            "resume_exit": code,
+            "resume_records": len(records),
+            "resume_equals_clean": same and torn == 0,
+        }
 
 
 def faults(bench: Bench, tiny: dict[str, str]) -> list[Fault]:
@@ -246,45 +292,103 @@ def faults(bench: Bench, tiny: dict[str, str]) -> list[Fault]:
         Fault("SIGKILL rank 2 (target)", kill(2), resume=True),
         Fault("SIGKILL rank 4 (target)", kill(4), resume=True),
         Fault("SIGTERM to mpiexec", lambda job: job.signal_launcher(signal.SIGTERM), resume=True),
-        Fault("SIGTERM to every process (Slurm time limit)", lambda job: job.signal_all(signal.SIGTERM),
-              resume=True),
-        Fault("SIGTERM to rank 3 alone", lambda job: job.signal_rank(3, signal.SIGTERM), resume=True),
-        Fault("Ctrl-C (SIGINT to mpiexec's process group)", lambda job: job.signal_launcher(signal.SIGINT),
-              resume=True),
+        Fault(
+            "SIGTERM to every process (Slurm time limit)",
+            lambda job: job.signal_all(signal.SIGTERM),
+            resume=True,
+        ),
+        Fault(
+            "SIGTERM to rank 3 alone", lambda job: job.signal_rank(3, signal.SIGTERM), resume=True
+        ),
+        Fault(
+            "Ctrl-C (SIGINT to mpiexec's process group)",
+            lambda job: job.signal_launcher(signal.SIGINT),
+            resume=True,
+        ),
         Fault("target hung (SIGSTOP rank 3), --timeout 20", stop(3), hung, bound_s=hang_bound),
         Fault("drafter hung (SIGSTOP rank 1), --timeout 20", stop(1), hung, bound_s=hang_bound),
         Fault("coordinator hung (SIGSTOP rank 0), --timeout 20", stop(0), hung, bound_s=hang_bound),
-        Fault("--target HuggingFaceTB/SmolLM2-135M (a hub id), offline", None,
-              ["--target", "HuggingFaceTB/SmolLM2-135M", "--mode", "nonsi", "--prompt-ids", "1,2,3"],
-              env={"HF_HUB_OFFLINE": "1"}, bound_s=120),
-        Fault("--target HuggingFaceTB/SmolLM2-135M (a hub id), no network", None,
-              ["--target", "HuggingFaceTB/SmolLM2-135M", "--mode", "nonsi", "--prompt-ids", "1,2,3"],
-              bound_s=120),
-        Fault("an empty folder as --target", None, ["--target", str(wd / "empty"), "--mode", "nonsi",
-                                                   "--prompt-ids", "1,2,3"], setup=empty, bound_s=120),
-        Fault('"prompt_ids": [1, "abc", 3]', None, ["--prompt-file", str(wd / "abc.jsonl")],
-              setup=prompt_file("abc.jsonl", '{"prompt_ids": [1, "abc", 3]}'), bound_s=120),
-        Fault('"prompt_ids": 5', None, ["--prompt-file", str(wd / "five.jsonl")],
-              setup=prompt_file("five.jsonl", '{"prompt_ids": 5}'), bound_s=120),
-        Fault("a model folder with config.json but no weights", None,
-              ["--target", str(wd / "no-weights"), "--drafter", str(wd / "no-weights"), "--prompt-ids",
-               "1,2,3", "--max-new-tokens", "8"], setup=no_weights, bound_s=180),
+        Fault(
+            "--target HuggingFaceTB/SmolLM2-135M (a hub id), offline",
+            None,
+            ["--target", "HuggingFaceTB/SmolLM2-135M", "--mode", "nonsi", "--prompt-ids", "1,2,3"],
+            env={"HF_HUB_OFFLINE": "1"},
+            bound_s=120,
+        ),
+        Fault(
+            "--target HuggingFaceTB/SmolLM2-135M (a hub id), no network",
+            None,
+            ["--target", "HuggingFaceTB/SmolLM2-135M", "--mode", "nonsi", "--prompt-ids", "1,2,3"],
+            bound_s=120,
+        ),
+        Fault(
+            "an empty folder as --target",
+            None,
+            ["--target", str(wd / "empty"), "--mode", "nonsi", "--prompt-ids", "1,2,3"],
+            setup=empty,
+            bound_s=120,
+        ),
+        Fault(
+            '"prompt_ids": [1, "abc", 3]',
+            None,
+            ["--prompt-file", str(wd / "abc.jsonl")],
+            setup=prompt_file("abc.jsonl", '{"prompt_ids": [1, "abc", 3]}'),
+            bound_s=120,
+        ),
+        Fault(
+            '"prompt_ids": 5',
+            None,
+            ["--prompt-file", str(wd / "five.jsonl")],
+            setup=prompt_file("five.jsonl", '{"prompt_ids": 5}'),
+            bound_s=120,
+        ),
+        Fault(
+            "a model folder with config.json but no weights",
+            None,
+            [
+                "--target",
+                str(wd / "no-weights"),
+                "--drafter",
+                str(wd / "no-weights"),
+                "--prompt-ids",
+                "1,2,3",
+                "--max-new-tokens",
+                "8",
+            ],
+            setup=no_weights,
+            bound_s=180,
+        ),
         Fault("bad input: --lookahead 0", None, ["--lookahead", "0"], bound_s=120),
-        Fault("an existing --output file", None, ["--num-prompts", "2", "--max-new-tokens", "4"], setup=exists,
-              bound_s=120),
+        Fault(
+            "an existing --output file",
+            None,
+            ["--num-prompts", "2", "--max-new-tokens", "4"],
+            setup=exists,
+            bound_s=120,
+        ),
     ]
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| fault | exit | ended after | all gone after | stderr | kept / finished | message |", "|---|---|---|---|---|---|---|"]
+    out = [
+        "| fault | exit | ended after | all gone after | stderr | kept / finished | message |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "ended_s" in r:
-            ended = f"{r['ended_s']} s" if r["exit"] is not None else f"still running after {NEVER_S} s"
+            ended = (
+                f"{r['ended_s']} s" if r["exit"] is not None else f"still running after {NEVER_S} s"
+            )
             gone = f"{r['gone_s']} s" if r.get("gone_s") is not None else "-"
-            finished = r["finished_at_fault"] if r.get("finished_at_fault") is not None else f"~{r['finished_estimate']}"
+            finished = (
+                r["finished_at_fault"]
+                if r.get("finished_at_fault") is not None
+                else f"~{r['finished_estimate']}"
+            )
             kept = f"{r['records_kept']} / {finished}"
             if r.get("resume_exit") is not None:
-                kept += f"; resumed: {r['resume_records']}, {'equal' if r['resume_equals_clean'] else 'NOT equal'}"
+                same = "equal" if r["resume_equals_clean"] else "NOT equal"
+                kept += f"; resumed: {r['resume_records']}, {same}"
         else:
             ended = f"{r['message_s']} s" if r.get("message_s") is not None else "-"
             gone, kept = "-", f"{r['records_kept']} lines" if r["output_exists"] else "no file"
@@ -300,8 +404,10 @@ def table(rows: list[dict]) -> str:
             noise.append("segfault")
         stderr = f"{r['stderr_lines']} lines" + (f": {', '.join(noise)}" if noise else "")
         message = "; ".join(r["dsi_lines"][:2]) or r["last_line"]
-        out.append(f"| {r['fault']} | {r['exit']} | {ended} | {gone} | {stderr} | {kept} | "
-                   f"{message.replace('|', '/')[:220]} |")
+        out.append(
+            f"| {r['fault']} | {r['exit']} | {ended} | {gone} | {stderr} | {kept} | "
+            f"{message.replace('|', '/')[:220]} |"
+        )
     return "\n".join(out)
 
 
@@ -321,10 +427,17 @@ def main() -> None:
 
         tiny = build_suite(str(workdir / "tiny"))
         bench.reference()
-        meta = provenance(args.ranks) | {"code": args.code or str(REPO), "has_resume": bench.has_resume,
-                                         "startup_s": round(bench.startup_s, 2), "clean_s": round(bench.clean_s, 2),
-                                         "fault_at_s": round(bench.fault_time(), 2), "target": EMU_T,
-                                         "drafter": EMU_D, "prompts": args.prompts, "tokens": args.tokens}
+        meta = provenance(args.ranks) | {
+            "code": args.code or str(REPO),
+            "has_resume": bench.has_resume,
+            "startup_s": round(bench.startup_s, 2),
+            "clean_s": round(bench.clean_s, 2),
+            "fault_at_s": round(bench.fault_time(), 2),
+            "target": EMU_T,
+            "drafter": EMU_D,
+            "prompts": args.prompts,
+            "tokens": args.tokens,
+        }
         print(json.dumps(meta), flush=True)
         rows = []
         for fault in faults(bench, tiny):

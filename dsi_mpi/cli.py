@@ -70,18 +70,20 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt-file", help="text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
     src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
     _add_prompt_options(p)
-    p.add_argument("--output", required=True, help="JSONL file, one line per prompt and mode, written as each "
-                                                    "finishes")
+    p.add_argument("--output", required=True,
+                   help="JSONL file, one line per prompt and mode, written as each finishes")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
-                          help="keep the records in --output and run only the missing ones (a requeued job)")
+                          help="keep the records in --output and run only the missing ones "
+                               "(a requeued job)")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--repeats", type=int, default=1, help="run every prompt this many times per mode")
     p.add_argument("--warmup", type=int, default=0, help="untimed runs of the first prompt per mode")
     p.add_argument("--max-run-ahead", type=int, help="drafts the drafter may hold beyond the committed text")
     p.add_argument("--reuse-cache", action="store_true",
                    help="keep KV caches across prompts and reuse shared prefixes (off: each prompt pays its prefill)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a rank may stay silent (hung or gone: it is named) before the job ends")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a rank may stay silent (hung or gone: named) before the job ends")
     p.add_argument("--poll", choices=POLL_CHOICES, default="auto",
                    help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
                         "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
@@ -153,14 +155,16 @@ def run_command(args: argparse.Namespace) -> int:
     if kind == "bad":
         raise ConfigError(str(value))
     if kind == "stopped":
-        raise attach(Stopped(int(value)), Ending(signal_exit_code(int(value)),
-                                                 f"{Stopped(int(value))} before the run began", everyone=True))
+        stopped = Stopped(int(value))
+        reason = f"{stopped} before the run began"
+        raise attach(stopped, Ending(signal_exit_code(stopped.signum), reason, everyone=True))
     if kind == "failed":
         raise attach(RuntimeError(value), Ending(1, str(value), everyone=True))
     prompts, tokenizer, output, resumed = checked[1] if checked else ((), None, None, None)
     if kind == "done":
         if rank == 0:
-            print(f"nothing to do: {args.output} holds all {len(resumed.done)} records of this run", flush=True)
+            print(f"nothing to do: {args.output} holds all {len(resumed.done)} records of this run",
+                  flush=True)
         return EXIT_OK
 
     from dsi_mpi.runtime import run
@@ -168,20 +172,23 @@ def run_command(args: argparse.Namespace) -> int:
     total = len(configs) * args.repeats * len(prompts)
     try:
         run(comm, configs, prompts, tokenizer, repeats=args.repeats, warmup=args.warmup,
-            sink=output.append if output is not None else None, done=resumed.done if resumed else ())
+            sink=output.append if output is not None else None,
+            done=resumed.done if resumed else ())
     except BaseException as exc:
         ending = ending_of(exc)
         if output is not None:  # rank 0: how far the output got
             kept = len(resumed.done) + output.written
             if isinstance(exc, Stopped):
-                reason = f"{ending.reason} after {kept} of {total} prompts; rerun with --resume to finish"
+                reason = (f"{ending.reason} after {kept} of {total} prompts; rerun with --resume "
+                          "to finish")
             elif kept == 0:
                 reason = f"error: {ending.reason}; no prompt had finished"
             else:
-                reason = (f"error: {ending.reason}; {kept} of {total} prompts are in {args.output}: rerun with "
-                          "--resume to finish")
+                reason = (f"error: {ending.reason}; {kept} of {total} prompts are in "
+                          f"{args.output}: rerun with --resume to finish")
         else:
-            reason = f"error: {ending.reason}; the prompts finished are in {args.output}: rerun with --resume"
+            reason = (f"error: {ending.reason}; the prompts finished are in {args.output}: rerun "
+                      "with --resume")
         raise attach(exc, replace(ending, reason=reason)) from None
     finally:
         if output is not None:
@@ -207,8 +214,8 @@ def _check_on_rank_0(args: argparse.Namespace, configs: list[RunConfig], layout:
             out_dir = os.path.dirname(os.path.abspath(args.output))
             if not os.path.isdir(out_dir):
                 raise ConfigError(f"--output: directory {out_dir!r} does not exist")
-            prompts, tokenizer = preflight(configs[0], args.prompt, args.prompt_file, args.prompt_ids,
-                                           args.chat, args.num_prompts)
+            prompts, tokenizer = preflight(configs[0], args.prompt, args.prompt_file,
+                                           args.prompt_ids, args.chat, args.num_prompts)
             from dsi_mpi.runtime import planned
 
             plan = planned(configs, layout, prompts, args.repeats)
@@ -221,10 +228,11 @@ def _check_on_rank_0(args: argparse.Namespace, configs: list[RunConfig], layout:
         import traceback
 
         traceback.print_exc()
-        return ("failed", f"error: rank 0 failed checking the input: {type(exc).__name__}: {exc}"), None
+        failure = f"error: rank 0 failed checking the input: {type(exc).__name__}: {exc}"
+        return ("failed", failure), None
     if resumed.dropped_tail:
-        print(f"dsi-mpi: --resume: cut a torn last line off {args.output} (a write cut short)", file=sys.stderr,
-              flush=True)
+        print(f"dsi-mpi: --resume: cut a torn last line off {args.output} (a write cut short)",
+              file=sys.stderr, flush=True)
     if set(plan) <= resumed.done:
         output.close()
         return ("done", None), (prompts, tokenizer, None, resumed)
@@ -488,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()  # outside the run: a bug, its traceback helps
         # A clean ending is told by rank 0 alone; a rank that ends the job alone says why.
         speak = _rank() == 0 or not ending.everyone
-        return _exit(ending.code if speak else EXIT_OK, ending.reason if speak else None, ending.everyone)
+        return _exit(ending.code if speak else EXIT_OK, ending.reason if speak else None,
+                     ending.everyone)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dsi_mpi.protocol import Bye, Cancelled, Draft, ProtocolError, Ready, Result
 from dsi_mpi.roles import Layout
 from dsi_mpi.transport import Incoming, RemoteError, Transport, WaitTimeout
 
-CHECK_EVERY_S = 0.25  # how often the coordinator looks for silent workers (an eighth of --timeout at most)
+CHECK_EVERY_S = 0.25  # how often rank 0 looks for silent workers (at most --timeout / 8)
 
 
 @dataclass
@@ -53,7 +53,8 @@ class Coordinator:
         self.ids = Ids()
         self.workers = tuple(range(1, transport.size))
         self.timeout_s = transport.timeout_s
-        self._owed: dict[int, str] = {}  # rank -> what it owes (its task, a Bye), to name it if silent
+        # rank -> what it owes (its task, a Bye), to name it if it falls silent
+        self._owed: dict[int, str] = {}
         self._check_every = min(CHECK_EVERY_S, self.timeout_s / 8)
         self._check_due = 0.0
 
@@ -81,10 +82,12 @@ class Coordinator:
             left = start + self.timeout_s - now
             if left <= 0:
                 self._check(now)  # a silent worker is the likely reason: name it
-                raise WaitTimeout(f"rank 0 waited {self.timeout_s:.0f} s for {what}, and every worker is alive; "
-                                  "aborting (raise --timeout if forwards are this slow)")
+                raise WaitTimeout(f"rank 0 waited {self.timeout_s:.0f} s for {what}, and every "
+                                  "worker is alive; aborting (raise --timeout if forwards are "
+                                  "this slow)")
             try:
-                incoming = self.transport.wait(what=what, timeout_s=min(left, self._check_due - now))
+                incoming = self.transport.wait(what=what,
+                                               timeout_s=min(left, self._check_due - now))
             except WaitTimeout:
                 continue
             if isinstance(incoming.message, (Result, Cancelled, Bye)):
@@ -93,12 +96,16 @@ class Coordinator:
 
     def _check(self, now: float) -> None:
         """Raise :class:`Unresponsive` for the worker silent longest, if ``--timeout`` or more."""
-        silent, rank = max((now - self.transport.heard(r), r) for r in self.workers) if self.workers else (0, 0)
+        if not self.workers:
+            return
+        silent, rank = max((now - self.transport.heard(r), r) for r in self.workers)
         if silent >= self.timeout_s:
             owed = self._owed.get(rank)
-            did = f"has not answered {owed} for" if owed else "has sent nothing, not even a heartbeat, for"
-            raise Unresponsive(rank, f"rank {rank} ({self.layout.role(rank)}) {did} {silent:.0f} s: it is hung "
-                                     f"or gone (--timeout {self.timeout_s:g})")
+            did = (f"has not answered {owed} for" if owed
+                   else "has sent nothing, not even a heartbeat, for")
+            who = f"rank {rank} ({self.layout.role(rank)})"
+            raise Unresponsive(rank, f"{who} {did} {silent:.0f} s: it is hung or gone "
+                                     f"(--timeout {self.timeout_s:g})")
 
     def make_policy(self, config: RunConfig) -> Policy:
         servers = self.layout.active_targets(config.mode, config.sp)
@@ -111,7 +118,8 @@ class Coordinator:
         first_token = None
         self._execute(policy.begin(prompt, seed))
         while not policy.finished:
-            self._execute(self._handle(policy, self._receive("a reply from the drafter or a target server")))
+            reply = self._receive("a reply from the drafter or a target server")
+            self._execute(self._handle(policy, reply))
             if first_token is None and policy.output:
                 first_token = time.perf_counter()
         end = time.perf_counter()

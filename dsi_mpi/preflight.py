@@ -62,21 +62,23 @@ def check_model_source(spec: str, flag: str) -> None:
     if os.path.isdir(path):
         names = os.listdir(path)
         if not names:
-            raise ConfigError(f"{flag} {spec!r} is an empty folder: give a folder made by save_pretrained "
-                              "(config.json and the weights), a hub id or an emulated: spec")
+            raise ConfigError(f"{flag} {spec!r} is an empty folder: give a folder made by "
+                              "save_pretrained (config.json and the weights), a hub id or an "
+                              "emulated: spec")
         if "config.json" not in names:
-            raise ConfigError(f"{flag} {spec!r} has no config.json: not a model folder (save_pretrained writes "
-                              "config.json and the weights)")
+            raise ConfigError(f"{flag} {spec!r} has no config.json: not a model folder "
+                              "(save_pretrained writes config.json and the weights)")
         if not any(WEIGHT_FILE.match(name) for name in names):
-            raise ConfigError(f"{flag} {spec!r} has a config.json but no weights (model*.safetensors or "
-                              "pytorch_model*.bin): copy them in, or save the model again with save_pretrained")
+            raise ConfigError(f"{flag} {spec!r} has a config.json but no weights "
+                              "(model*.safetensors or pytorch_model*.bin): copy them in, or save "
+                              "the model again with save_pretrained")
         return
     if os.path.exists(path):
-        raise ConfigError(f"{flag} {spec!r} is a file: give a model folder, a .gguf file, a hub id or an "
-                          "emulated: spec")
+        raise ConfigError(f"{flag} {spec!r} is a file: give a model folder, a .gguf file, a hub "
+                          "id or an emulated: spec")
     if not is_hub_id(spec):
-        raise ConfigError(f"{flag}: model path {spec!r} does not exist; pass a directory made by save_pretrained, "
-                          "a .gguf file, a hub id (org/name) or an emulated: spec")
+        raise ConfigError(f"{flag}: model path {spec!r} does not exist; pass a directory made by "
+                          "save_pretrained, a .gguf file, a hub id (org/name) or an emulated: spec")
     _check_hub_id(spec, flag)
 
 
@@ -88,25 +90,26 @@ def _check_hub_id(repo: str, flag: str) -> None:
     if isinstance(try_to_load_from_cache(repo, "config.json"), str):
         return
     cache = constants.HF_HUB_CACHE
-    where = (f"{flag} {repo!r} is no local path, so it is a hub id, and it is not in the Hugging Face cache "
-             f"({cache}, set by HF_HUB_CACHE or HF_HOME)")
-    fetch = (f"download it once on a machine with network (hf download {repo}, with the same HF_HOME), "
-             "or pass a local folder")
+    where = (f"{flag} {repo!r} is no local path, so it is a hub id, and it is not in the "
+             f"Hugging Face cache ({cache}, set by HF_HUB_CACHE or HF_HOME)")
+    fetch = (f"download it once on a machine with network (hf download {repo}, with the same "
+             "HF_HOME), or pass a local folder")
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(f"{where}; HF_HUB_OFFLINE=1 forbids downloading: {fetch}")
     unreachable = _hub_unreachable(constants.ENDPOINT)
     if unreachable:
-        raise ConfigError(f"{where}, and the hub ({constants.ENDPOINT}) cannot be reached ({unreachable}): "
-                          f"{fetch}; on nodes without network set HF_HUB_OFFLINE=1 so the cache alone is used")
+        raise ConfigError(f"{where}, and the hub ({constants.ENDPOINT}) cannot be reached "
+                          f"({unreachable}): {fetch}; on nodes without network set "
+                          "HF_HUB_OFFLINE=1 so the cache alone is used")
 
 
 def _hub_unreachable(endpoint: str) -> str | None:
     """Why the hub cannot be reached within HUB_TIMEOUT_S, or None (a TCP connection is made:
     huggingface_hub itself would retry for about 20 s before giving up)."""
     url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        with socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
-                                      timeout=HUB_TIMEOUT_S):
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_TIMEOUT_S):
             return None
     except OSError as exc:
         return exc.strerror or type(exc).__name__
@@ -197,14 +200,15 @@ def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | 
                     if seed is not None and (not isinstance(seed, int) or seed < 0):
                         raise ConfigError(f"{prompt_file}:{number}: seed must be an integer >= 0")
                     if not isinstance(record, dict):
-                        raise ConfigError(f"{prompt_file}:{number}: a JSON line must be an object with "
-                                          "'prompt' or 'prompt_ids'")
+                        raise ConfigError(f"{prompt_file}:{number}: a JSON line must be an "
+                                          "object with 'prompt' or 'prompt_ids'")
                     if "prompt_ids" in record:
-                        texts.append((_ids_of(record["prompt_ids"], f"{prompt_file}:{number}"), seed))
+                        ids = _ids_of(record["prompt_ids"], f"{prompt_file}:{number}")
+                        texts.append((ids, seed))
                     elif "prompt" in record:
                         if not isinstance(record["prompt"], str):
-                            raise ConfigError(f"{prompt_file}:{number}: 'prompt' must be a string, got "
-                                              f"{record['prompt']!r}")
+                            raise ConfigError(f"{prompt_file}:{number}: 'prompt' must be a "
+                                              f"string, got {record['prompt']!r}")
                         texts.append((record["prompt"], seed))
                     else:
                         raise ConfigError(f"{prompt_file}:{number}: a JSON line needs 'prompt' or 'prompt_ids'")
@@ -257,7 +261,8 @@ def _lines(fh, path: str):  # noqa: ANN001, ANN202 - lines of a text file
 def _ids_of(value: object, where: str) -> list[int]:
     """A JSON line's prompt_ids: a non-empty list of integers."""
     if not isinstance(value, list) or not value or not all(type(x) is int for x in value):
-        raise ConfigError(f"{where}: 'prompt_ids' must be a non-empty list of integers, got {json.dumps(value)[:80]}")
+        raise ConfigError(f"{where}: 'prompt_ids' must be a non-empty list of integers, got "
+                          f"{json.dumps(value)[:80]}")
     return value
 
 

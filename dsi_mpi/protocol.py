@@ -212,8 +212,8 @@ class Signalled:
 # Messages that make a drafter's forward in flight stale: it abandons the forward for them.
 PREEMPTS_DRAFT = (Tag.START, Tag.ROLLBACK, Tag.STOP, Tag.SHUTDOWN)
 
-Message = (Verify | Cancel | Result | Cancelled | Start | Rollback | Advance | Stop | Draft | Shutdown | Ready
-           | Bye | Heartbeat | Error | Signalled)
+Message = (Verify | Cancel | Result | Cancelled | Start | Rollback | Advance | Stop | Draft
+           | Shutdown | Ready | Bye | Heartbeat | Error | Signalled)
 DrafterMessage = Start | Rollback | Advance | Stop
 
 
@@ -247,8 +247,9 @@ def _layout(cls: type) -> _Layout:
     return _Layout(cls, tuple(ints), frozenset(bools), tokens, probs)
 
 
-_LAYOUTS = {cls.TAG: _layout(cls) for cls in (Verify, Cancel, Result, Cancelled, Start, Rollback, Advance, Stop,
-                                              Draft, Shutdown, Ready, Bye, Heartbeat, Signalled)}
+_LAYOUTS = {cls.TAG: _layout(cls) for cls in (Verify, Cancel, Result, Cancelled, Start, Rollback,
+                                              Advance, Stop, Draft, Shutdown, Ready, Bye, Heartbeat,
+                                              Signalled)}
 
 
 def encode(msg: Message) -> np.ndarray | bytes:

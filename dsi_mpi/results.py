@@ -25,8 +25,17 @@ from dsi_mpi.config import ConfigError
 
 Key = tuple[str, int, int]  # (mode, prompt_index, repeat): one record of a run
 # Record fields that tell which run wrote a record (``runtime.planned`` computes them).
-IDENTITY = ("prompt_tokens", "lookahead", "sp", "verify", "temperature", "seed", "target", "drafter",
-            "max_new_tokens")
+IDENTITY = (
+    "prompt_tokens",
+    "lookahead",
+    "sp",
+    "verify",
+    "temperature",
+    "seed",
+    "target",
+    "drafter",
+    "max_new_tokens",
+)
 
 
 def key_of(record: Mapping) -> Key:
@@ -64,8 +73,10 @@ def check_flags(path: str, resume: bool, overwrite: bool) -> None:
     if os.path.isdir(path):
         raise ConfigError(f"--output {path!r} is a directory; give a file name (out.jsonl)")
     if os.path.exists(path) and not (resume or overwrite):
-        raise ConfigError(f"--output {path!r} exists: pass --resume to finish it (its records are kept and "
-                          "only the missing ones run) or --overwrite to replace it")
+        raise ConfigError(
+            f"--output {path!r} exists: pass --resume to finish it (its records are kept and "
+            "only the missing ones run) or --overwrite to replace it"
+        )
 
 
 @dataclass(frozen=True)
@@ -90,21 +101,27 @@ def _resume(path: str, planned: Mapping[Key, Mapping]) -> Resumed:
                 torn_at = torn_at or number
                 continue
             if torn_at is not None:
-                raise ConfigError(f"--resume: {path}:{torn_at} is not a record (a torn or edited line) and "
-                                  "records follow it: delete that line, or start again with --overwrite")
+                raise ConfigError(
+                    f"--resume: {path}:{torn_at} is not a record (a torn or edited line) and "
+                    "records follow it: delete that line, or start again with --overwrite"
+                )
             good_end += len(line)
             key = key_of(record)
             mode, index, repeat = key
             expected = planned.get(key)
             if expected is None:
-                raise ConfigError(f"--resume: {path}:{number} holds mode {mode}, prompt {index}, repeat {repeat}, "
-                                  "which this run does not make: resume with the command line that wrote it, "
-                                  "or start again with --overwrite")
+                raise ConfigError(
+                    f"--resume: {path}:{number} holds mode {mode}, prompt {index}, repeat "
+                    f"{repeat}, which this run does not make: resume with the command line that "
+                    "wrote it, or start again with --overwrite"
+                )
             for name in IDENTITY:
                 if name in record and record[name] != expected[name]:
-                    raise ConfigError(f"--resume: {path}:{number} was written with {name} {record[name]!r}, this "
-                                      f"run has {expected[name]!r}: resume with the command line that wrote it, "
-                                      "or start again with --overwrite")
+                    raise ConfigError(
+                        f"--resume: {path}:{number} was written with {name} {record[name]!r}, this "
+                        f"run has {expected[name]!r}: resume with the command line that wrote it, "
+                        "or start again with --overwrite"
+                    )
             done.add(key)
     if torn_at is not None:
         with open(path, "r+b") as fh:
@@ -133,7 +150,7 @@ class ResultsFile:
         data = (json.dumps(record) + "\n").encode("utf-8")
         view = memoryview(data)
         while view:  # one write for a regular file; a short write (a full disk) continues
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
         self.written += 1
 
@@ -156,8 +173,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def open_output(path: str, resume: bool, overwrite: bool,
-                planned: Mapping[Key, Mapping]) -> tuple[ResultsFile, Resumed]:
+def open_output(
+    path: str, resume: bool, overwrite: bool, planned: Mapping[Key, Mapping]
+) -> tuple[ResultsFile, Resumed]:
     """The output, ready for appending: removed with ``overwrite`` (so a failed run never
     leaves the old file looking like its own), checked and trimmed with ``resume``.
     ``planned`` maps each record this run writes to its :data:`IDENTITY` fields."""

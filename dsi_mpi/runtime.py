@@ -36,7 +36,7 @@ from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
 from dsi_mpi.transport import IDLE, CoordinatorLost, RemoteError, Transport, WaitTimeout
 
-HEARTBEAT_S = 1.0  # every rank tells its peers it is alive this often (a quarter of --timeout at most)
+HEARTBEAT_S = 1.0  # ranks tell their peers they are alive this often (at most --timeout / 4)
 END_GRACE_S = 1.5  # how long the ranks of a run that ends early wait for each other
 # A worker gives rank 0 this much longer than --timeout before it declares it lost: when a
 # worker hangs, rank 0 names it first (its sends to everyone may stall behind the hung rank's
@@ -91,7 +91,8 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
     return out
 
 
-def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prompt], repeats: int) -> dict:
+def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prompt],
+            repeats: int) -> dict:
     """Every record a run writes, by (mode, prompt index, repeat), with the fields that tell
     which run wrote it (``results.IDENTITY``, the values :func:`record` writes): what
     ``--resume`` checks an existing output against."""
@@ -116,7 +117,8 @@ def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prom
 
 def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt | Sequence[int]] = (),
         tokenizer: object | None = None, repeats: int = 1, warmup: int = 0,
-        sink: Callable[[dict], None] | None = None, done: Collection[tuple[str, int, int]] = ()) -> RunOutcome:
+        sink: Callable[[dict], None] | None = None,
+        done: Collection[tuple[str, int, int]] = ()) -> RunOutcome:
     """Run every config (one per mode) over every prompt; collective over ``comm``.
 
     The configs may differ in mode, lookahead and SP only: models and sampling are loaded once.
@@ -146,8 +148,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
         if coordinator is not None:
             if base.device == "cuda":
                 model_device(comm, layout, base.device)  # the split is collective over the node
-            _coordinate(coordinator, configs, prompts, tokenizer, repeats, warmup, sink or outcome.records.append,
-                        frozenset(done))
+            _coordinate(coordinator, configs, prompts, tokenizer, repeats, warmup,
+                        sink or outcome.records.append, frozenset(done))
         else:
             _serve(transport, layout, configs, eos)
     except ConfigError:
@@ -159,7 +161,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     return outcome
 
 
-def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig], eos: frozenset[int]) -> None:
+def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
+           eos: frozenset[int]) -> None:
     """A worker: load the model, say Ready, serve until Shutdown, say Bye."""
     base = configs[0]
     comm, role = transport.comm, layout.role(transport.rank)
@@ -168,8 +171,9 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig], e
         if role == "target":
             backend = load_backend(base.target, base.dtype, model_device(comm, layout, base.device))
         elif any(c.uses_drafter for c in configs):
-            backend = load_backend(base.drafter or "", base.dtype, model_device(comm, layout, base.device),
-                                   target=base.target)  # a self:layers=N drafter is built from the target
+            # A self:layers=N drafter is built from the target.
+            backend = load_backend(base.drafter or "", base.dtype,
+                                   model_device(comm, layout, base.device), target=base.target)
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
     transport.send(0, Ready())
@@ -181,7 +185,8 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig], e
     elif backend is not None:
         serve_drafter(transport, backend, base.sampling, eos)
     else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
-        while not isinstance(transport.wait(source=0, what="shutdown", timeout_s=IDLE).message, Shutdown):
+        while not isinstance(transport.wait(source=0, what="shutdown", timeout_s=IDLE).message,
+                             Shutdown):
             pass
     transport.unwatch()
     transport.stop_heartbeats()  # nothing may follow the Bye
@@ -200,8 +205,8 @@ def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts:
     transport.start_heartbeats(coordinator.workers, _heartbeat_s(transport.timeout_s))
     coordinator.wait_ready()
     for config in configs:
-        todo = [(repeat, index, prompt) for repeat in range(repeats) for index, prompt in enumerate(prompts)
-                if (config.mode, index, repeat) not in done]
+        todo = [(repeat, index, prompt) for repeat in range(repeats)
+                for index, prompt in enumerate(prompts) if (config.mode, index, repeat) not in done]
         if not todo:
             continue  # a resumed run: this mode is complete, warm-up included
         policy = coordinator.make_policy(config)
@@ -246,7 +251,8 @@ def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int,
         transport.close(timeout_s=0.0)
         return Ending(EXIT_FAILED, f"rank {rank} ({role}): {exc}", everyone=False)
     if isinstance(exc, Stopped):
-        code, reason, report = signal_exit_code(exc.signum), f"{exc} on rank {rank} ({role})", Signalled(exc.signum)
+        code, reason = signal_exit_code(exc.signum), f"{exc} on rank {rank} ({role})"
+        report: Signalled | Error = Signalled(exc.signum)
     else:
         _print_traceback(exc, rank, role)
         code, reason = EXIT_FAILED, f"rank {rank} ({role}) failed: {type(exc).__name__}: {exc}"
@@ -258,7 +264,8 @@ def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int,
         transport.send(0, report)
         deadline = time.monotonic() + END_GRACE_S
         while not answered and (left := deadline - time.monotonic()) > 0:
-            answered = isinstance(transport.wait(source=0, what="Shutdown", timeout_s=left).message, Shutdown)
+            reply = transport.wait(source=0, what="Shutdown", timeout_s=left)
+            answered = isinstance(reply.message, Shutdown)
         transport.send(0, Bye())
     except BaseException:  # noqa: BLE001 - rank 0 did not answer: the job is aborted
         answered = False
@@ -296,5 +303,6 @@ def _print_traceback(exc: BaseException, rank: int, role: str) -> None:
     one-line reason is printed by the exit path."""
     if os.environ.get("DSI_MPI_QUIET_ERRORS") != "1":
         lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        print(f"dsi-mpi: rank {rank} ({role}): traceback of its failure:\n{''.join(lines).rstrip()}",
-              file=sys.stderr, flush=True)
+        text = "".join(lines).rstrip()
+        print(f"dsi-mpi: rank {rank} ({role}): traceback of its failure:\n{text}", file=sys.stderr,
+              flush=True)

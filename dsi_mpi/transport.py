@@ -174,8 +174,8 @@ class Transport:
             self._heard[src] = time.monotonic()
             if kind != Tag.HEARTBEAT:
                 break
-            self.comm.Recv([np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64), MPI.INT64_T], source=src,
-                           tag=kind)
+            beat = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+            self.comm.Recv([beat, MPI.INT64_T], source=src, tag=kind)
         if kind == Tag.ERROR:
             payload: np.ndarray | bytearray = bytearray(status.Get_count(MPI.BYTE))
             self.comm.Recv([payload, MPI.BYTE], source=src, tag=kind)
@@ -293,8 +293,8 @@ class Transport:
             self._heard[self._watched] = now
         silent = now - self._heard[self._watched]
         if silent > self._watch_s:
-            raise CoordinatorLost(f"the coordinator (rank {self._watched}) has sent nothing, not even a heartbeat, "
-                                  f"for {silent:.0f} s: it is hung or gone")
+            raise CoordinatorLost(f"the coordinator (rank {self._watched}) has sent nothing, not "
+                                  f"even a heartbeat, for {silent:.0f} s: it is hung or gone")
 
     # ------------------------------------------------------------------ collective helpers
 

@@ -55,7 +55,11 @@ def _alive(pid: int) -> bool:
 def _shm_of(pids: object) -> set[str]:
     """Names of the /dev/shm files that the processes ``pids`` (all of them: None) map."""
     names = set()
-    paths = Path("/proc").glob("[0-9]*/maps") if pids is None else (Path(f"/proc/{p}/maps") for p in pids)
+    paths = (
+        Path("/proc").glob("[0-9]*/maps")
+        if pids is None
+        else (Path(f"/proc/{p}/maps") for p in pids)
+    )
     for maps in paths:
         try:
             text = maps.read_text()
@@ -70,8 +74,14 @@ def _shm_of(pids: object) -> set[str]:
 class Job:
     """``mpiexec -n N python -m mpi4py -m dsi_mpi ARGS`` with its output in files."""
 
-    def __init__(self, n: int, args: list[str], workdir: Path, env: dict[str, str] | None = None,
-                 module: str = "dsi_mpi") -> None:
+    def __init__(
+        self,
+        n: int,
+        args: list[str],
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        module: str = "dsi_mpi",
+    ) -> None:
         if MPIEXEC is None:
             raise RuntimeError("mpiexec not found (pip install mpich)")
         self.n = n
@@ -84,8 +94,9 @@ class Job:
         full_env[MARKER] = self.marker
         cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", module, *args]
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env, cwd=self.workdir,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=err, env=full_env, cwd=self.workdir, start_new_session=True
+            )
         self.started = time.monotonic()
         self.returncode: int | None = None
         self.ended: float | None = None  # when mpiexec exited (monotonic)
@@ -104,7 +115,9 @@ class Job:
 
     def ranks(self) -> dict[int, int]:
         """rank -> pid of the live ranks (and notes the shared memory they map)."""
-        ranks = {int(env["PMI_RANK"]): pid for pid, env in self.processes().items() if "PMI_RANK" in env}
+        ranks = {
+            int(env["PMI_RANK"]): pid for pid, env in self.processes().items() if "PMI_RANK" in env
+        }
         self._shm |= {name for name in _shm_of(ranks.values()) if name.startswith("mpich_shm_")}
         return ranks
 
@@ -117,7 +130,9 @@ class Job:
             if self.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"the job's {self.n} ranks did not all start: {self.ranks()}; {self.stderr()[-2000:]}")
+        raise RuntimeError(
+            f"the job's {self.n} ranks did not all start: {self.ranks()}; {self.stderr()[-2000:]}"
+        )
 
     # ------------------------------------------------------------------ faults
 

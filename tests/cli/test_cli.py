@@ -98,7 +98,8 @@ def test_a_folder_without_weights_is_bad_input(tiny_suite: dict[str, str], tmp_p
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_a_failing_rank_aborts_the_job_with_its_message(tiny_suite: dict[str, str], tmp_path: Path) -> None:
+def test_a_failing_rank_aborts_the_job_with_its_message(tiny_suite: dict[str, str],
+                                                        tmp_path: Path) -> None:
     """Weights present but unreadable: the input checks pass, loading fails on the model ranks;
     the job ends with the failing rank's message and leaves no output file."""
     broken = tmp_path / "broken"
@@ -108,6 +109,7 @@ def test_a_failing_rank_aborts_the_job_with_its_message(tiny_suite: dict[str, st
     proc = launch(3, "run", "--target", str(broken), "--drafter", str(broken), "--prompt", "hi",
                   "--output", str(tmp_path / "o.jsonl"), "--timeout", "30", timeout=120)
     assert proc.returncode == 1, proc.stderr
-    assert "failed:" in proc.stderr and ("(target)" in proc.stderr or "(drafter)" in proc.stderr), proc.stderr
+    assert "failed:" in proc.stderr, proc.stderr
+    assert "(target)" in proc.stderr or "(drafter)" in proc.stderr, proc.stderr
     assert "no prompt had finished" in proc.stderr, proc.stderr
     assert not (tmp_path / "o.jsonl").exists()

@@ -32,8 +32,23 @@ BAD_INPUT_S = 3.0  # the message of a bad input at 5 ranks
 
 
 def _base(prompts: Path) -> list[str]:
-    return ["run", "--target", EMU_T, "--drafter", EMU_D, "--mode", "dsi", "--lookahead", "3",
-            "--max-new-tokens", "60", "--prompt-file", str(prompts), "--timeout", "60"]
+    return [
+        "run",
+        "--target",
+        EMU_T,
+        "--drafter",
+        EMU_D,
+        "--mode",
+        "dsi",
+        "--lookahead",
+        "3",
+        "--max-new-tokens",
+        "60",
+        "--prompt-file",
+        str(prompts),
+        "--timeout",
+        "60",
+    ]
 
 
 def _records(path: Path) -> list[dict]:
@@ -54,8 +69,12 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The prompts and one uninterrupted run, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("faults")
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_ids": [1 + i, 7, 3 + 2 * i, 11, 5 + i % 7]}) + "\n"
-                               for i in range(PROMPTS)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt_ids": [1 + i, 7, 3 + 2 * i, 11, 5 + i % 7]}) + "\n"
+            for i in range(PROMPTS)
+        )
+    )
     out = root / "clean.jsonl"
     with Job(RANKS, [*_base(prompts), "--output", str(out)], root) as job:
         assert job.wait(120) == 0, job.stderr()
@@ -64,7 +83,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "prompts": prompts, "clean": _tokens(clean)}
 
 
-def _run_until(work: dict, tmp_path: Path, records: int, extra: tuple[str, ...] = ()) -> tuple[Job, Path]:
+def _run_until(
+    work: dict, tmp_path: Path, records: int, extra: tuple[str, ...] = ()
+) -> tuple[Job, Path]:
     """A job started and waited for until its output holds ``records`` records."""
     out = tmp_path / "out.jsonl"
     job = Job(RANKS, [*_base(work["prompts"]), *extra, "--output", str(out)], tmp_path)
@@ -94,7 +115,9 @@ def _one_line(job: Job) -> str:
 
 
 @pytest.mark.parametrize("rank", [3, 0])
-def test_sigkill_keeps_every_finished_prompt_and_resume_completes(work: dict, tmp_path: Path, rank: int) -> None:
+def test_sigkill_keeps_every_finished_prompt_and_resume_completes(
+    work: dict, tmp_path: Path, rank: int
+) -> None:
     job, out = _run_until(work, tmp_path, 3)
     with job:
         finished = len(_records(out))
@@ -109,9 +132,16 @@ def test_sigkill_keeps_every_finished_prompt_and_resume_completes(work: dict, tm
 
 @pytest.mark.parametrize(
     ("how", "sig"),
-    [("launcher", signal.SIGTERM), ("all", signal.SIGTERM), ("rank 3", signal.SIGTERM), ("launcher", signal.SIGINT)],
+    [
+        ("launcher", signal.SIGTERM),
+        ("all", signal.SIGTERM),
+        ("rank 3", signal.SIGTERM),
+        ("launcher", signal.SIGINT),
+    ],
 )
-def test_a_signal_stops_with_one_line_and_resume_completes(work: dict, tmp_path: Path, how: str, sig: int) -> None:
+def test_a_signal_stops_with_one_line_and_resume_completes(
+    work: dict, tmp_path: Path, how: str, sig: int
+) -> None:
     """mpiexec signalled (Ctrl-C: SIGINT), every process (a Slurm time limit) or one rank."""
     job, out = _run_until(work, tmp_path, 3)
     with job:
@@ -131,14 +161,18 @@ def test_a_signal_stops_with_one_line_and_resume_completes(work: dict, tmp_path:
         kept = len(_records(out))
         name = signal.Signals(sig).name
         where = " on rank 3" if how == "rank 3" else ""
-        assert line == (f"dsi-mpi: stopped by {name}{where} after {kept} of {PROMPTS} prompts; rerun with "
-                        "--resume to finish"), line
+        assert line == (
+            f"dsi-mpi: stopped by {name}{where} after {kept} of {PROMPTS} prompts; rerun with "
+            "--resume to finish"
+        ), line
     assert kept >= finished
     _resume_completes(work, out, tmp_path)
 
 
 @pytest.mark.parametrize(("rank", "role"), [(3, "target"), (1, "drafter"), (0, None)])
-def test_a_hung_rank_is_named_and_the_job_ends(work: dict, tmp_path: Path, rank: int, role: str | None) -> None:
+def test_a_hung_rank_is_named_and_the_job_ends(
+    work: dict, tmp_path: Path, rank: int, role: str | None
+) -> None:
     """SIGSTOP: a hung worker is named by rank 0; a hung coordinator is found by the workers."""
     job, out = _run_until(work, tmp_path, 2, ("--timeout", str(HANG_TIMEOUT_S)))
     with job:
@@ -151,8 +185,10 @@ def test_a_hung_rank_is_named_and_the_job_ends(work: dict, tmp_path: Path, rank:
         stderr = job.stderr()
         assert "Traceback" not in stderr and "signal 11" not in stderr, stderr
         if role is not None:
-            assert re.search(rf"dsi-mpi: error: rank {rank} \({role}\) has (not answered task \d+|sent nothing)",
-                             stderr), stderr
+            assert re.search(
+                rf"dsi-mpi: error: rank {rank} \({role}\) has (not answered task \d+|sent nothing)",
+                stderr,
+            ), stderr
         else:
             assert "the coordinator (rank 0) has sent nothing" in stderr, stderr
     assert all(work["clean"][k] == v for k, v in _tokens(_records(out)).items())
@@ -181,16 +217,26 @@ def _bad(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("hub id, offline", "is no local path, so it is a hub id, and it is not in the Hugging Face cache"),
+        (
+            "hub id, offline",
+            "is no local path, so it is a hub id, and it is not in the Hugging Face cache",
+        ),
         ("empty folder", "is an empty folder"),
         ("ids with text", "'prompt_ids' must be a non-empty list of integers, got [1, \"abc\", 3]"),
         ("ids a number", "'prompt_ids' must be a non-empty list of integers, got 5"),
         ("existing output", "exists: pass --resume to finish it"),
     ],
 )
-def test_bad_input_one_line_exit_2_fast(work: dict, tmp_path: Path, name: str, message: str) -> None:
+def test_bad_input_one_line_exit_2_fast(
+    work: dict, tmp_path: Path, name: str, message: str
+) -> None:
     flags, env = _bad(tmp_path, name)
-    args = [*_base(work["prompts"]), *flags, "--output", str(tmp_path / "out.jsonl")]  # the last flag wins
+    args = [
+        *_base(work["prompts"]),
+        *flags,
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    ]  # the last flag wins
     with Job(RANKS, args, tmp_path, env=dict(os.environ) | env) as job:
         code = job.wait(60)
         took = job.ended - job.started
@@ -200,19 +246,33 @@ def test_bad_input_one_line_exit_2_fast(work: dict, tmp_path: Path, name: str, m
     if name == "hub id, offline":
         assert "HF_HUB_OFFLINE" in line
     if name == "existing output":
-        assert (tmp_path / "out.jsonl").read_text() == '{"an": "old file"}\n' and "--overwrite" in line
+        assert (
+            tmp_path / "out.jsonl"
+        ).read_text() == '{"an": "old file"}\n' and "--overwrite" in line
 
 
-def test_overwrite_replaces_and_a_complete_file_resumes_to_nothing(work: dict, tmp_path: Path) -> None:
+def test_overwrite_replaces_and_a_complete_file_resumes_to_nothing(
+    work: dict, tmp_path: Path
+) -> None:
     out = tmp_path / "out.jsonl"
     shutil.copy(work["root"] / "clean.jsonl", out)
-    args = [*_base(work["prompts"]), "--num-prompts", "2", "--max-new-tokens", "5", "--output", str(out)]
+    args = [
+        *_base(work["prompts"]),
+        "--num-prompts",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--output",
+        str(out),
+    ]
     with Job(RANKS, [*args, "--overwrite"], tmp_path) as job:
         assert job.wait(60) == 0, job.stderr()
     assert [r["prompt_index"] for r in _records(out)] == [0, 1]
     with Job(RANKS, [*args, "--resume"], tmp_path) as job:
         assert job.wait(60) == 0, job.stderr()
         assert "nothing to do" in job.stdout()
-    with Job(RANKS, [*args, "--max-new-tokens", "6", "--resume"], tmp_path) as job:  # the last flag wins
+    with Job(
+        RANKS, [*args, "--max-new-tokens", "6", "--resume"], tmp_path
+    ) as job:  # the last flag wins
         assert job.wait(60) == 2
         assert "was written with max_new_tokens 5, this run has 6" in _one_line(job)

@@ -250,8 +250,8 @@ def test_a_job_stopped_before_its_time_limit_requeues_and_resumes(slurm: dict[st
     run_args = ["--target", "emulated:tpot_ms=3,ttft_ms=4", "--drafter",
                 "emulated:tpot_ms=1,ttft_ms=1,acceptance=0.8", "--mode", "dsi,nonsi",
                 "--prompt-file", str(prompts), "--max-new-tokens", "40", "--output", str(out)]
-    env = slurm | {"DSI_MPI_PLUGIN": "pmi2", "DSI_PYTHON": sys.executable,
-                   "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = slurm | {"DSI_MPI_PLUGIN": "pmi2", "DSI_PYTHON": sys.executable, "PYTHONPATH": path}
     proc = subprocess.run(["sbatch", "--parsable", "--ntasks=4", "--gpus-per-node=0",
                            str(SLURM_DIR / "dsi_node.sbatch"), *run_args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)

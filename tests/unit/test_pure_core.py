@@ -9,8 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker", "sequences", "config",
-        "exits", "results")
+PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker",
+        "sequences", "config", "exits", "results")
 
 SCRIPT = """
 import sys
@@ -49,6 +49,8 @@ from dsi_mpi.cli import main
 sys.exit(main(["run", "--target", "emulated:tpot_ms=1", "--drafter", "emulated:tpot_ms=1",
                "--lookahead", "0", "--prompt-ids", "1,2", "--output", "o.jsonl"]))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip() == "dsi-mpi: error: --lookahead must be >= 1, got 0: a task verifies at least one draft"
+    assert out.stderr.strip() == ("dsi-mpi: error: --lookahead must be >= 1, got 0: a task "
+                                  "verifies at least one draft")

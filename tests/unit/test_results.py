@@ -15,8 +15,15 @@ PLAN = {("dsi", i, 0): {"prompt_tokens": 3, "lookahead": 2, "target": "t"} for i
 
 
 def _record(index: int, **extra: object) -> dict:
-    return {"mode": "dsi", "prompt_index": index, "repeat": 0, "tokens": [index], "prompt_tokens": 3,
-            "lookahead": 2, "target": "t"} | extra
+    return {
+        "mode": "dsi",
+        "prompt_index": index,
+        "repeat": 0,
+        "tokens": [index],
+        "prompt_tokens": 3,
+        "lookahead": 2,
+        "target": "t",
+    } | extra
 
 
 def test_each_record_is_on_disk_as_it_is_appended_and_no_file_before(tmp_path: Path) -> None:
@@ -44,7 +51,9 @@ def test_overwrite_removes_the_old_file_before_the_run(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_text(json.dumps(_record(0)) + "\n")
     out, resumed = open_output(str(path), False, True, PLAN)
-    assert not path.exists() and not resumed.done  # a failed run leaves nothing that looks like its own
+    assert (
+        not path.exists() and not resumed.done
+    )  # a failed run leaves nothing that looks like its own
     out.close()
 
 
@@ -52,7 +61,9 @@ def test_resume_skips_what_is_there_and_cuts_a_torn_tail(tmp_path: Path) -> None
     path = tmp_path / "out.jsonl"
     good = json.dumps(_record(0)) + "\n" + json.dumps(_record(2)) + "\n"
     path.write_text(good + '{"mode": "dsi", "prompt_in')
-    assert len(read_records(str(path))[0]) == 2 and read_records(str(path))[1] == 1  # a reader skips it
+    assert (
+        len(read_records(str(path))[0]) == 2 and read_records(str(path))[1] == 1
+    )  # a reader skips it
     out, resumed = open_output(str(path), True, False, PLAN)
     assert resumed.done == {("dsi", 0, 0), ("dsi", 2, 0)} and resumed.dropped_tail
     assert path.read_text() == good
@@ -76,7 +87,9 @@ def test_resume_refuses_a_file_of_another_run(tmp_path: Path, lines: list, messa
         open_output(str(path), True, False, PLAN)
 
 
-def test_org_name_is_a_hub_id_unless_such_a_path_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_org_name_is_a_hub_id_unless_such_a_path_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert is_hub_id("HuggingFaceTB/SmolLM2-135M") and is_hub_id("gpt2")
     (tmp_path / "HuggingFaceTB" / "SmolLM2-135M").mkdir(parents=True)
