@@ -25,9 +25,9 @@
 # the time limit, resuming (their #SBATCH lines must stay in each script, as sbatch reads
 # only the file it is given: `--requeue` and `--signal=B:TERM@120`). Bash runs a trap only
 # between commands, so the step runs in the background and is waited for (`srun ... & wait`):
-# a TERM to this shell (120 s before the time limit) is passed to srun, which passes it to
-# every rank; dsi-mpi stops within 2 s, keeping every record written, and the job requeues
-# itself. A requeued job (SLURM_RESTART_COUNT > 0; Slurm also requeues after a preemption or
+# a TERM to this shell (120 s before the time limit) is passed to every rank of the step
+# (`scancel --signal=TERM`: srun itself would kill the step); dsi-mpi stops within 2 s,
+# keeping every record written, and the job requeues itself. A requeued job (SLURM_RESTART_COUNT > 0; Slurm also requeues after a preemption or
 # a node failure) runs with --resume (an --overwrite is dropped): it appends the missing
 # records to the same output, and the file ends equal to one uninterrupted run's.
 
@@ -171,11 +171,13 @@ run_dsi() {
 stopping=0 step_pid=""
 
 # stop_step -- the TERM trap (Slurm's --signal=B:TERM@120 before the time limit, a preemption,
-# scancel --signal=TERM --batch): pass it to the step, whose ranks keep what they wrote.
+# scancel --signal=TERM --batch): pass it to the ranks of the job's steps, which stop and keep
+# what they wrote. Not to srun itself: srun answers a TERM by killing the step.
 stop_step() {
     stopping=1
     echo "$job: SIGTERM: stopping the run (its finished records are kept)"
-    [[ -z $step_pid ]] || kill -TERM "$step_pid" 2>/dev/null || true
+    scancel --signal=TERM "${SLURM_JOB_ID:?}" ||
+        { [[ -z $step_pid ]] || kill -TERM "$step_pid" 2>/dev/null || true; }
 }
 
 # requeue_job -- after a TERM: put the job back in the queue; it runs again with --resume.
