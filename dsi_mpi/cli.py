@@ -87,6 +87,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll", choices=POLL_CHOICES, default="auto",
                    help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
                         "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
+    p.add_argument("--trace", metavar="FILE.json",
+                   help="write what every rank did, on one clock, as a Chrome trace "
+                        "(Perfetto; dsi-mpi timeline)")
+    p.add_argument("--quiet", action="store_true", help="no progress report on stderr")
 
 
 def _add_prompt_options(p: argparse.ArgumentParser) -> None:
@@ -167,13 +171,17 @@ def run_command(args: argparse.Namespace) -> int:
                   flush=True)
         return EXIT_OK
 
+    from dsi_mpi.progress import Progress
     from dsi_mpi.runtime import run
 
     total = len(configs) * args.repeats * len(prompts)
+    progress = None
+    if rank == 0:  # the records this run makes (a resumed run has some already)
+        progress = Progress(total - len(resumed.done if resumed else ()), quiet=args.quiet)
     try:
         run(comm, configs, prompts, tokenizer, repeats=args.repeats, warmup=args.warmup,
             sink=output.append if output is not None else None,
-            done=resumed.done if resumed else ())
+            done=resumed.done if resumed else (), trace=args.trace, progress=progress)
     except BaseException as exc:
         ending = ending_of(exc)
         if output is not None:  # rank 0: how far the output got
@@ -191,6 +199,8 @@ def run_command(args: argparse.Namespace) -> int:
                       "with --resume")
         raise attach(exc, replace(ending, reason=reason)) from None
     finally:
+        if progress is not None:
+            progress.close()
         if output is not None:
             output.close()
     if rank == 0:
@@ -198,6 +208,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(_summary(records), flush=True)
         before = f" ({len(resumed.done)} were there already)" if resumed.done else ""
         print(f"wrote {output.written} records to {args.output}{before}", flush=True)
+        if args.trace:
+            print(f"wrote the trace of {comm.Get_size()} ranks to {args.trace} "
+                  f"(dsi-mpi timeline {args.trace})", flush=True)
     return EXIT_OK
 
 
@@ -211,9 +224,9 @@ def _check_on_rank_0(args: argparse.Namespace, configs: list[RunConfig], layout:
     try:
         with interruptible():  # nothing to keep yet: a signal stops the checks at once
             results.check_flags(args.output, args.resume, args.overwrite)
-            out_dir = os.path.dirname(os.path.abspath(args.output))
-            if not os.path.isdir(out_dir):
-                raise ConfigError(f"--output: directory {out_dir!r} does not exist")
+            _writable(args.output, "--output")
+            if args.trace:
+                _writable(args.trace, "--trace")
             prompts, tokenizer = preflight(configs[0], args.prompt, args.prompt_file,
                                            args.prompt_ids, args.chat, args.num_prompts)
             from dsi_mpi.runtime import planned
@@ -429,12 +442,73 @@ def profile_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_views(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("timeline", help="one generation of a --trace file as a Gantt chart (PNG)")
+    p.add_argument("trace", help="a file written by dsi-mpi run --trace")
+    p.add_argument("--out", default="timeline.png", help="PNG file to write")
+    p.add_argument("--prompt", type=int, help="prompt index (default: the first traced)")
+    p.add_argument("--mode", choices=MODES, help="dsi, si or nonsi (default: the first traced)")
+    p.add_argument("--repeat", type=int, help="which repeat (default: the first)")
+
+    p = sub.add_parser("report", help="Markdown tables, speedups and plots from run records")
+    p.add_argument("records", nargs="+", help="JSONL files written by dsi-mpi run --output")
+    p.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
+
+
+def timeline_command(args: argparse.Namespace) -> int:
+    from dsi_mpi import timeline
+
+    _need_matplotlib("timeline")
+    _writable(args.out, "--out")
+    try:
+        doc = timeline.load(args.trace)
+        gen = timeline.draw(doc, args.out, args.prompt, args.mode, args.repeat)
+    except OSError as exc:
+        raise ConfigError(f"{args.trace}: {exc.strerror or exc}") from None
+    except (timeline.TraceError, json.JSONDecodeError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"wrote {args.out}: {gen['mode']} prompt {gen['prompt']} repeat {gen['repeat']}, "
+          f"{gen['tokens']} tokens in {(gen['end_us'] - gen['start_us']) / 1e3:.1f} ms")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from dsi_mpi import report
+
+    _need_matplotlib("report")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out: directory {parent!r} does not exist")
+    try:
+        markdown, written = report.report(args.records, args.out)
+    except report.ReportError as exc:
+        raise ConfigError(str(exc)) from None
+    print(markdown)
+    print(f"wrote {', '.join(written)}")
+    return 0
+
+
+def _need_matplotlib(command: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(f"dsi-mpi {command} draws with matplotlib: pip install matplotlib "
+                          "(or dsi_mpi[plot])")
+
+
+def _writable(path: str, flag: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"{flag}: directory {out_dir!r} does not exist")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsi-mpi", description="Distributed Speculative Inference over MPI")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
     _add_offline(sub)
     _add_profile(sub)
+    _add_views(sub)
     return parser
 
 
@@ -484,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = make_parser().parse_args(argv)
         commands = {"run": run_command, "simulate": simulate_command, "plan": plan_command,
-                    "heatmap": heatmap_command, "profile": profile_command}
+                    "heatmap": heatmap_command, "profile": profile_command,
+                    "timeline": timeline_command, "report": report_command}
         return _exit(commands[args.command](args), None, everyone=True)
     except ConfigError as exc:  # found alike on every rank (or broadcast by rank 0)
         return _exit(EXIT_BAD_INPUT, f"error: {exc}" if _rank() == 0 else None, everyone=True)

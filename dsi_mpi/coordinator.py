@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dsi_mpi.config import RunConfig
 from dsi_mpi.exits import Stopped
 from dsi_mpi.policy import DRAFTER, Ids, Policy, Send
 from dsi_mpi.protocol import Bye, Cancelled, Draft, ProtocolError, Ready, Result, Shutdown, Verify
 from dsi_mpi.roles import Layout
+from dsi_mpi.trace import NO_TRACE, Recorder
 from dsi_mpi.transport import Incoming, RemoteError, Transport, WaitTimeout
 
 CHECK_EVERY_S = 0.25  # how often rank 0 looks for silent workers (at most --timeout / 8)
@@ -33,6 +34,10 @@ class PromptResult:
     wall_time_s: float
     ttft_s: float
     policy: Policy
+    # task id -> (server, seconds its forward ran)
+    forwards: dict[int, tuple[int, float]] = field(default_factory=dict)
+    start: float = 0.0  # perf_counter at the prompt's start and end (the trace's clock)
+    end: float = 0.0
 
 
 class Unresponsive(TimeoutError):
@@ -44,10 +49,12 @@ class Unresponsive(TimeoutError):
 
 
 class Coordinator:
-    def __init__(self, transport: Transport, layout: Layout, eos_ids: frozenset[int]) -> None:
+    def __init__(self, transport: Transport, layout: Layout, eos_ids: frozenset[int],
+                 trace: Recorder = NO_TRACE) -> None:
         self.transport = transport
         self.layout = layout
         self.eos_ids = eos_ids
+        self.trace = trace
         # Epochs and task ids keep growing across policies, so no stale message is ever
         # mistaken for a current one by a server or the drafter.
         self.ids = Ids()
@@ -114,32 +121,43 @@ class Coordinator:
                       seed=config.sampling.seed, reuse_cache=config.reuse_cache, ids=self.ids)
 
     def generate(self, policy: Policy, prompt: Sequence[int], seed: int | None = None) -> PromptResult:
+        trace = self.trace
+        forwards: dict[int, tuple[int, float]] = {}
         start = time.perf_counter()
         first_token = None
-        self._execute(policy.begin(prompt, seed))
+        self._execute(policy.begin(prompt, seed), trace.now())
         while not policy.finished:
             reply = self._receive("a reply from the drafter or a target server")
-            self._execute(self._handle(policy, reply))
+            received, committed = trace.now(), len(policy.output)
+            self._execute(self._handle(policy, reply, forwards), received, committed, policy)
             if first_token is None and policy.output:
                 first_token = time.perf_counter()
         end = time.perf_counter()
         while not policy.idle:  # replies to cancelled tasks; stale drafts are dropped
-            self._execute(self._handle(policy, self._receive("replies to cancelled tasks")))
-        return PromptResult(policy.mode, list(policy.output), end - start, (first_token or end) - start, policy)
+            reply = self._receive("replies to cancelled tasks")
+            self._execute(self._handle(policy, reply, forwards), trace.now())
+        ttft = (first_token or end) - start
+        return PromptResult(policy.mode, list(policy.output), end - start, ttft, policy, forwards,
+                            start, end)
 
     @staticmethod
-    def _handle(policy: Policy, incoming: Incoming) -> list[Send]:
+    def _handle(policy: Policy, incoming: Incoming,
+                forwards: dict[int, tuple[int, float]]) -> list[Send]:
         source, msg = incoming
         if isinstance(msg, Draft):
             q = msg.probs[0] if msg.probs is not None else None
             return policy.on_draft(msg.epoch, msg.position, msg.token, q)
         if isinstance(msg, Result):
+            forwards[msg.task_id] = (source, msg.forward_us * 1e-6)
             return policy.on_result(source, msg.task_id, msg.first_position, msg.tokens, msg.probs)
         if isinstance(msg, Cancelled):
+            forwards[msg.task_id] = (source, msg.forward_us * 1e-6)
             return policy.on_cancelled(source, msg.task_id)
         raise ProtocolError(f"coordinator got unexpected {type(msg).__name__} from rank {source}")
 
-    def _execute(self, actions: Sequence[Send]) -> None:
+    def _execute(self, actions: Sequence[Send], received: float, committed: int | None = None,
+                 policy: Policy | None = None) -> None:
+        """Send the policy's actions; the trace notes what they did since ``received``."""
         drafter = self.layout.drafters[0] if self.layout.drafters else None
         for to, msg in actions:
             if to == DRAFTER:
@@ -148,6 +166,7 @@ class Coordinator:
                 self.transport.send(to, msg)
                 if isinstance(msg, Verify):
                     self._owed[to] = f"task {msg.task_id}"
+        self.trace.coordinator_step(received, actions, committed, policy)
 
     def shutdown(self) -> None:
         """Tell every worker to stop and wait for each one's Bye (bounded by ``--timeout``)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dsi_mpi.backends.base import Backend
 from dsi_mpi.protocol import PREEMPTS_DRAFT, Shutdown
+from dsi_mpi.trace import NO_TRACE, Recorder
 from dsi_mpi.transport import IDLE, Transport
 from dsi_mpi.verify import SamplingParams
 from dsi_mpi.worker import DrafterWorker
@@ -27,7 +28,8 @@ from dsi_mpi.worker import DrafterWorker
 COORDINATOR = 0
 
 
-def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams, eos_ids: frozenset[int]) -> None:
+def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams,
+                  eos_ids: frozenset[int], trace: Recorder = NO_TRACE) -> None:
     """Draft until Shutdown; ``eos_ids`` are the target's."""
     worker = DrafterWorker(backend, params, eos_ids)
 
@@ -44,7 +46,11 @@ def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams
             if isinstance(msg.message, Shutdown):
                 return
             worker.apply(msg.message)
+            trace.drafter_message(msg.message)
             continue  # apply everything that has arrived before the next forward
+        cold, position, start = worker.cold, len(worker.seq), trace.now()
         draft = worker.step(should_cancel=preempted)
+        token = None if draft is None else draft.token
+        trace.drafter_forward(cold, worker.epoch, position, token, start, trace.now())
         if draft is not None:
             transport.send(COORDINATOR, draft)

@@ -245,6 +245,15 @@ class _Prompt:
     counters: Counters = field(default_factory=Counters)
     output: list[int] = field(default_factory=list)
     finished: bool = False
+    first_epoch: int = 0
+    # What became of the work, for the record and the trace:
+    # position -> the task whose token is kept for it
+    origin: dict[int, Task] = field(default_factory=dict)
+    answered: dict[int, Task] = field(default_factory=dict)  # task id -> tasks that got their reply
+    outcome: dict[int, str] = field(default_factory=dict)  # task id -> accepted/rejected/cancelled
+    # (epoch, position) -> accepted, rejected or late
+    drafts: dict[tuple[int, int], str] = field(default_factory=dict)
+    blocks: set[int] = field(default_factory=set)  # tasks whose block's first draft was verified
 
     @property
     def drafter_stopped(self) -> bool:
@@ -316,6 +325,34 @@ class Policy:
         """Tasks waiting for a free server."""
         return 0 if self._prompt is None else len(self._prompt.queue)
 
+    @property
+    def epochs(self) -> tuple[int, int]:
+        """The first and the last epoch of the current (or last) prompt: every message about
+        it carries an epoch in this range, and no other prompt's does."""
+        return (0, 0) if self._prompt is None else (self._prompt.first_epoch, self.epoch)
+
+    def task_outcomes(self) -> dict[int, str]:
+        """What became of every task of the prompt answered so far, by task id: one of
+        :data:`dsi_mpi.metrics.TARGET_OUTCOMES` (final once the prompt is finished and idle)."""
+        s = self._prompt
+        if s is None:
+            return {}
+        committed = s.proposed[: s.n]
+        out = {}
+        for task_id, task in s.answered.items():
+            outcome = s.outcome.get(task_id)
+            if outcome is None:  # finished but no token of it committed
+                on_committed = list(task.context) == committed[: len(task.context)]
+                outcome = "unused" if on_committed else "stale"
+            out[task_id] = outcome
+        return out
+
+    def draft_outcomes(self) -> dict[tuple[int, int], str]:
+        """What became of the drafts verified so far, by (epoch, position): accepted, rejected,
+        or late (arrived after the target alone had committed its position). A draft not here
+        was dropped unverified (an old epoch, or the output was complete)."""
+        return {} if self._prompt is None else dict(self._prompt.drafts)
+
     # ----------------------------------------------------------------- events in
 
     def begin(self, prompt: Sequence[int], seed: int | None = None) -> list[Send]:
@@ -331,7 +368,8 @@ class Policy:
         self.ids.next_epoch()
         s = self._prompt = _Prompt(seed=self.seed if seed is None else seed, proposed=list(prompt), n=n,
                                    last_position=n + self.max_new_tokens - 1, limit=n + self.run_ahead,
-                                   covered_end=n - 1, uses_drafter=self.uses_drafter)
+                                   covered_end=n - 1, uses_drafter=self.uses_drafter,
+                                   first_epoch=self.epoch)
         actions: list[Send] = []
         if self.uses_drafter:
             # Drafting the last position is wasted work: the target's token there is committed
@@ -354,6 +392,7 @@ class Policy:
             # A late draft for a position committed without it (a forced commit): right, and the
             # drafter's later drafts stand; wrong, and they build on a token that is not ours.
             s.counters.drafts_late += 1
+            s.drafts[(epoch, position)] = "late"
             if int(token) == s.proposed[position]:
                 return []
             return self._restart(position, committed=True) + self._dispatch()
@@ -373,6 +412,7 @@ class Policy:
         assert s is not None, "a result before any prompt"
         task = self.pool.reply(server, task_id, completed=True)
         s.counters.target_forwards += 1
+        s.answered[task_id] = task
         if first_position != task.first_position or len(tokens) != task.num_outputs:
             raise ProtocolError(f"task {task_id}: result for positions {first_position}+{len(tokens)}, "
                                 f"asked {task.first_position}..{task.length}")
@@ -381,16 +421,20 @@ class Policy:
         # renews) the tasks whose context is all committed, such as a zero-draft task.
         if task.epoch == self.epoch and not s.finished:
             for i, token in enumerate(tokens):
-                if first_position + i >= s.n:
-                    s.target.setdefault(first_position + i, int(token))
+                if first_position + i >= s.n and first_position + i not in s.target:
+                    s.target[first_position + i] = int(token)
+                    s.origin[first_position + i] = task
                     if probs is not None:
-                        s.p.setdefault(first_position + i, probs[i])
+                        s.p[first_position + i] = probs[i]
             actions += self._verify_in_order()
         return actions + self._dispatch()
 
     def on_cancelled(self, server: int, task_id: int) -> list[Send]:
         """A server abandoned a task; its cache holds the task's first ``keep`` positions."""
-        self.pool.reply(server, task_id, completed=False)
+        task = self.pool.reply(server, task_id, completed=False)
+        if self._prompt is not None:
+            self._prompt.answered[task_id] = task
+            self._prompt.outcome[task_id] = "cancelled"
         self.counters.verifications_aborted += 1
         return self._dispatch()
 
@@ -470,6 +514,7 @@ class Policy:
         while not s.finished and s.n in s.target:
             j = s.n
             accepted, token = self._target_choice(j)
+            self._account(j, accepted)
             if accepted:
                 s.counters.accepted += 1
             elif accepted is None and not self.restart_on_forced:
@@ -507,6 +552,29 @@ class Policy:
                 start = s.n if learned is None else learned
                 actions.append(Send(DRAFTER, Advance(self.epoch, s.limit, start, tuple(s.proposed[start:s.n]))))
         return actions
+
+    def _account(self, j: int, accepted: bool | None) -> None:
+        """Note what the verdict at ``j`` says of the task that gave its token and of the draft
+        there (for the record and the trace; decides nothing)."""
+        s = self._prompt
+        assert s is not None
+        task = s.origin.pop(j)
+        s.outcome[task.task_id] = "rejected" if accepted is False else "accepted"
+        if accepted is None:
+            return
+        s.drafts[(self.epoch, j)] = "accepted" if accepted else "rejected"
+        # A block is the drafts at the positions one target forward verified, first_position ..
+        # length (vLLM's, where they are the drafts one step proposed). The last one may have
+        # come after the task was sent: DSI drafts on while the target computes, and with
+        # lookahead 1 each DSI task verifies only that draft. A task's verdicts come in one
+        # pass, so the drafts there are now are all the block will have.
+        index = j - task.first_position
+        if index == 0:
+            s.blocks.add(task.task_id)
+        elif task.task_id not in s.blocks:
+            return  # its first position was verified with another task's token: no block of its own
+        block = min(task.length, len(s.proposed) - 1) - task.first_position + 1
+        s.counters.observe_draft(index, accepted, block)
 
     def _commit(self, token: int) -> None:
         s = self._prompt
@@ -552,6 +620,7 @@ class Policy:
         s.covered_end = s.n - 1
         actions = self._cancel_outstanding(keep_committed=True)
         s.target.clear()
+        s.origin.clear()
         s.p.clear()
         s.q.clear()
         s.drafter_eos = False

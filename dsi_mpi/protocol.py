@@ -13,8 +13,9 @@ Target -> coordinator:   Ready, Result [+ PROBS], Cancelled, Error, Signalled, B
 Coordinator -> drafter:  Start, Rollback, Advance, Stop, Shutdown, Heartbeat
 Drafter -> coordinator:  Ready, Draft [+ PROBS], Error, Signalled, Bye
 
-Heartbeat is the transport's own (``transport.py`` sends and swallows it): while a run is
-active a worker hears from rank 0 at least this often, or ends the job.
+A Result or Cancelled says how long its forward took (``forward_us``): the coordinator learns
+each server's busy time. Heartbeat is the transport's own (``transport.py`` sends and swallows
+it): while a run is active a worker hears from rank 0 at least this often, or ends the job.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Tag(IntEnum):
     HEARTBEAT = 14
     SIGNALLED = 15
     READY = 16
+    CLOCK = 17  # not a message: the clock alignment of a traced run (Transport.clock_offset)
 
 
 # ----------------------------------------------------------------- coordinator -> target
@@ -93,6 +95,7 @@ class Result:
     first_position: int
     tokens: tuple[int, ...]  # the target's token for first_position, first_position + 1, ...
     probs: np.ndarray | None = field(default=None, compare=False)  # [len(tokens), vocab] p
+    forward_us: int = 0  # how long the server's forward took (its busy time, for the record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,7 @@ class Cancelled:
     TAG: ClassVar[Tag] = Tag.CANCELLED
     epoch: int
     task_id: int
+    forward_us: int = 0  # how long the abandoned forward ran
 
 
 # ----------------------------------------------------------------- coordinator -> drafter

@@ -24,13 +24,16 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
+from dsi_mpi import trace as tracing
 from dsi_mpi.backends import Backend, load_backend
 from dsi_mpi.config import ConfigError, RunConfig
 from dsi_mpi.coordinator import Coordinator, PromptResult, Unresponsive
 from dsi_mpi.devices import model_device
 from dsi_mpi.drafter import serve_drafter
 from dsi_mpi.exits import EXIT_FAILED, Ending, Stopped, attach, interruptible, signal_exit_code
+from dsi_mpi.metrics import target_work
 from dsi_mpi.preflight import Prompt
+from dsi_mpi.progress import Progress
 from dsi_mpi.protocol import Bye, Error, Ready, Shutdown, Signalled
 from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
@@ -85,10 +88,23 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "target": config.target,
         "drafter": config.drafter if config.mode != "nonsi" else None,
         "max_new_tokens": config.max_new_tokens,
+        # acceptance by position in a block (vLLM's definition; docs/records.md)
+        "blocks_verified": counters.blocks_verified,
+        "blocks_per_position": counters.blocks_per_position,
+        "accepted_per_position": _padded(counters.accepted_per_position,
+                                         len(counters.blocks_per_position), 0),
+        "acceptance_per_position": counters.acceptance_per_position,
+        # the target servers' forward time: by outcome, wasted, and each server's busy fraction
+        **target_work(result.forwards, result.policy.task_outcomes(), result.policy.servers,
+                      result.wall_time_s),
     }
     if tokenizer is not None:
         out["text"] = tokenizer.decode(result.tokens)
     return out
+
+
+def _padded(values: list, length: int, fill: float) -> list:
+    return values + [fill] * (length - len(values))
 
 
 def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prompt],
@@ -118,13 +134,16 @@ def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prom
 def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt | Sequence[int]] = (),
         tokenizer: object | None = None, repeats: int = 1, warmup: int = 0,
         sink: Callable[[dict], None] | None = None,
-        done: Collection[tuple[str, int, int]] = ()) -> RunOutcome:
+        done: Collection[tuple[str, int, int]] = (), trace: str | None = None,
+        progress: Progress | None = None) -> RunOutcome:
     """Run every config (one per mode) over every prompt; collective over ``comm``.
 
     The configs may differ in mode, lookahead and SP only: models and sampling are loaded once.
     ``prompts`` (rank 0 only) are token lists or :class:`Prompt` with their own seeds. Rank 0
     hands each record to ``sink`` as its prompt finishes (default: ``RunOutcome.records``) and
     skips the (mode, prompt index, repeat) in ``done`` (a resumed run).
+    ``trace`` (the same on every rank): write a trace of every rank to this file (rank 0).
+    ``progress`` (rank 0): told of every record as it is made.
 
     A run that ends early re-raises, on every rank, the exception that ended it there, with an
     :class:`~dsi_mpi.exits.Ending` attached (``exits.ending_of``): the other ranks were told
@@ -148,10 +167,15 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
         if coordinator is not None:
             if base.device == "cuda":
                 model_device(comm, layout, base.device)  # the split is collective over the node
-            _coordinate(coordinator, configs, prompts, tokenizer, repeats, warmup,
-                        sink or outcome.records.append, frozenset(done))
+            recorder = _coordinate(coordinator, configs, prompts, tokenizer, repeats, warmup,
+                                   sink or outcome.records.append, frozenset(done), trace,
+                                   progress)
         else:
-            _serve(transport, layout, configs, eos)
+            recorder = _serve(transport, layout, configs, eos, trace is not None)
+        if trace:  # every rank has finished (rank 0 has every Bye): gather the events
+            parts = tracing.gather(recorder, transport)
+            if parts is not None:
+                tracing.write(trace, parts, {"configs": [_describe(c) for c in configs]})
     except ConfigError:
         raise  # bad input (e.g. too few GPUs) is found alike on every rank: rank 0 reports it
     except BaseException as exc:
@@ -161,9 +185,16 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     return outcome
 
 
+def _describe(config: RunConfig) -> dict:
+    return {"mode": config.mode, "lookahead": config.lookahead, "sp": config.sp,
+            "target": config.target, "drafter": config.drafter,
+            "max_new_tokens": config.max_new_tokens}
+
+
 def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
-           eos: frozenset[int]) -> None:
-    """A worker: load the model, say Ready, serve until Shutdown, say Bye."""
+           eos: frozenset[int], trace: bool = False) -> tracing.Recorder:
+    """A worker: load the model, say Ready, serve until Shutdown, say Bye; returns what it
+    recorded (``trace``: with rank 0's clock aligned once every rank is ready)."""
     base = configs[0]
     comm, role = transport.comm, layout.role(transport.rank)
     backend: Backend | None = None
@@ -177,13 +208,14 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
     transport.send(0, Ready())
+    recorder = tracing.start(transport, transport.rank, role) if trace else tracing.NO_TRACE
     # While the run is active, each side hears from the other at least every heartbeat.
     transport.start_heartbeats([0], _heartbeat_s(base.timeout_s))
     transport.watch(0, base.timeout_s + LOST_AFTER_S[transport.rank != 1])
     if role == "target":
-        serve_target(transport, backend, base.sampling)
+        serve_target(transport, backend, base.sampling, recorder)
     elif backend is not None:
-        serve_drafter(transport, backend, base.sampling, eos)
+        serve_drafter(transport, backend, base.sampling, eos, recorder)
     else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
         while not isinstance(transport.wait(source=0, what="shutdown", timeout_s=IDLE).message,
                              Shutdown):
@@ -192,6 +224,7 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
     transport.stop_heartbeats()  # nothing may follow the Bye
     transport.flush()
     transport.send(0, Bye())
+    return recorder
 
 
 def _heartbeat_s(timeout_s: float) -> float:
@@ -200,10 +233,13 @@ def _heartbeat_s(timeout_s: float) -> float:
 
 def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts: Sequence[Prompt],
                 tokenizer: object | None, repeats: int, warmup: int, sink: Callable[[dict], None],
-                done: frozenset[tuple[str, int, int]]) -> None:
+                done: frozenset[tuple[str, int, int]], trace: str | None = None,
+                progress: Progress | None = None) -> tracing.Recorder:
     layout, transport = coordinator.layout, coordinator.transport
     transport.start_heartbeats(coordinator.workers, _heartbeat_s(transport.timeout_s))
     coordinator.wait_ready()
+    if trace:  # every worker is ready and aligning its clock with rank 0's
+        coordinator.trace = tracing.start(transport, 0, "coordinator")
     for config in configs:
         todo = [(repeat, index, prompt) for repeat in range(repeats)
                 for index, prompt in enumerate(prompts) if (config.mode, index, repeat) not in done]
@@ -211,12 +247,21 @@ def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts:
             continue  # a resumed run: this mode is complete, warm-up included
         policy = coordinator.make_policy(config)
         sp = len(layout.active_targets(config.mode, config.sp))
-        for _ in range(warmup):
-            coordinator.generate(policy, prompts[0].ids, prompts[0].seed)
+        lookahead = config.lookahead if config.mode != "nonsi" else 0
+        labels = {"mode": config.mode, "lookahead": lookahead, "sp": sp}
+        for w in range(warmup):
+            result = coordinator.generate(policy, prompts[0].ids, prompts[0].seed)
+            coordinator.trace.generation(result, **labels, prompt=0, repeat=w, warmup=True)
         for repeat, index, prompt in todo:
             result = coordinator.generate(policy, prompt.ids, prompt.seed)
-            sink(record(result, config, sp, index, len(prompt.ids), tokenizer, repeat, prompt.seed))
+            coordinator.trace.generation(result, **labels, prompt=index, repeat=repeat,
+                                         warmup=False)
+            out = record(result, config, sp, index, len(prompt.ids), tokenizer, repeat, prompt.seed)
+            sink(out)
+            if progress is not None:
+                progress.done(out)
     coordinator.shutdown()
+    return coordinator.trace
 
 
 def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int, role: str,

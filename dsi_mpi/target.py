@@ -3,8 +3,8 @@
 Messages (rank 0 is the coordinator)::
 
     coordinator -> Verify(epoch, task, keep, first_position, tokens, want_probs, seed)
-    target      -> Result(epoch, task, first_position, tokens) [+ PROBS]
-                 | Cancelled(epoch, task)              exactly one reply per Verify
+    target      -> Result(epoch, task, first_position, tokens, forward_us) [+ PROBS]
+                 | Cancelled(epoch, task, forward_us)  exactly one reply per Verify
     coordinator -> Cancel(epoch, task)                 may arrive before, during or after it
     coordinator -> Shutdown ;  target -> Bye
 
@@ -15,8 +15,12 @@ coordinator then assumes the cache holds (:class:`dsi_mpi.worker.TargetWorker`).
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 from dsi_mpi.backends.base import Backend
 from dsi_mpi.protocol import Cancel, ProtocolError, Shutdown, Tag, Verify
+from dsi_mpi.trace import NO_TRACE, Recorder
 from dsi_mpi.transport import IDLE, Transport
 from dsi_mpi.verify import SamplingParams
 from dsi_mpi.worker import TargetWorker
@@ -25,7 +29,8 @@ COORDINATOR = 0
 ENDS_TASK = (Tag.SHUTDOWN,)  # a run that ends early does not wait for the forward in flight
 
 
-def serve_target(transport: Transport, backend: Backend, params: SamplingParams) -> None:
+def serve_target(transport: Transport, backend: Backend, params: SamplingParams,
+                 trace: Recorder = NO_TRACE) -> None:
     worker = TargetWorker(backend, params)
     current = -1
 
@@ -34,6 +39,7 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams)
         # reply reached the coordinator): never a later one, since the coordinator sends a
         # Verify only to a server with no request outstanding.
         while (msg := transport.poll(source=COORDINATOR, tag=Tag.CANCEL)) is not None:
+            trace.target_cancel(msg.message, late=msg.message.task_id != current)
             if msg.message.task_id == current:
                 return True
         return transport.pending_any(COORDINATOR, ENDS_TASK)  # the job ends: drop the task
@@ -43,8 +49,13 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams)
         if isinstance(msg, Shutdown):
             return
         if isinstance(msg, Cancel):
+            trace.target_cancel(msg, late=True)
             continue  # for a task already answered
         if not isinstance(msg, Verify):
             raise ProtocolError(f"target got unexpected {type(msg).__name__}")
         current = msg.task_id
-        transport.send(COORDINATOR, worker.verify(msg, should_cancel))
+        start = time.perf_counter()
+        reply = worker.verify(msg, should_cancel)
+        end = time.perf_counter()
+        trace.target_forward(msg, reply, start, end)
+        transport.send(COORDINATOR, replace(reply, forward_us=round((end - start) * 1e6)))

@@ -314,6 +314,43 @@ class Transport:
             delay = min(max(delay * 2, 1e-5), 0.01)
             time.sleep(delay)
 
+    def clock_offset(self, rounds: int = 20) -> tuple[float, float]:
+        """This rank's ``time.perf_counter`` against rank 0's, by ping-pong (collective): the
+        offset to add to a local time to get rank 0's, and its uncertainty, half the shortest of
+        ``rounds`` round trips (Cristian's method). Rank 0 gets (0, 0). Ranks wait for their
+        turn asleep, so the ones being measured have the cores."""
+        buf = np.zeros(1, dtype=np.float64)
+        if self.rank == 0:
+            for peer in range(1, self.size):
+                best, offset = float("inf"), 0.0
+                for _ in range(rounds):
+                    sent = time.perf_counter()
+                    self.comm.Send([buf, MPI.DOUBLE], dest=peer, tag=Tag.CLOCK)
+                    self.comm.Recv([buf, MPI.DOUBLE], source=peer, tag=Tag.CLOCK)
+                    back = time.perf_counter()
+                    if back - sent < best:
+                        best, offset = back - sent, (sent + back) / 2 - float(buf[0])
+                self.comm.Send([np.array([offset, best / 2]), MPI.DOUBLE], dest=peer, tag=Tag.CLOCK)
+            return 0.0, 0.0
+        deadline = time.monotonic() + self.timeout_s
+        while not self.comm.Iprobe(source=0, tag=Tag.CLOCK):
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s "
+                                  "for the clock alignment")
+            time.sleep(1e-4)
+        for _ in range(rounds):
+            self.comm.Recv([buf, MPI.DOUBLE], source=0, tag=Tag.CLOCK)
+            buf[0] = time.perf_counter()
+            self.comm.Send([buf, MPI.DOUBLE], dest=0, tag=Tag.CLOCK)
+        result = np.zeros(2, dtype=np.float64)
+        self.comm.Recv([result, MPI.DOUBLE], source=0, tag=Tag.CLOCK)
+        return float(result[0]), float(result[1])
+
+    def gather(self, obj: object) -> list | None:
+        """Every rank's ``obj`` on rank 0 (None elsewhere); pickled: for the end of a run, never
+        on the message path. Call it after :meth:`barrier`, so every rank is known to be here."""
+        return self.comm.gather(obj, root=0)
+
     # ------------------------------------------------------------------ shutdown
 
     def flush(self, timeout_s: float = 10.0) -> int:

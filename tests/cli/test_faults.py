@@ -109,7 +109,9 @@ def _resume_completes(work: dict, out: Path, tmp_path: Path) -> None:
 
 
 def _one_line(job: Job) -> str:
-    lines = [x for x in job.stderr().splitlines() if x.strip()]
+    """The one line that says how the job ended (rank 0's progress lines aside)."""
+    lines = [x for x in job.stderr().splitlines()
+             if x.strip() and not re.match(r"dsi-mpi: \d+/\d+ records \(", x)]
     assert len(lines) == 1, job.stderr()
     return lines[0]
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker",
-        "sequences", "config", "exits", "results")
+        "sequences", "config", "exits", "results", "trace", "progress", "report", "timeline")
 
 SCRIPT = """
 import sys
