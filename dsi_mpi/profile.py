@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from dsi_mpi.backends import Backend, load_backend
 from dsi_mpi.config import RunConfig
+from dsi_mpi.translate import TranslatingDrafter, load_drafter, method_for
 from dsi_mpi.verify import SamplingParams
 
 GREEDY = SamplingParams()
@@ -132,6 +133,8 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
     for _ in range(warmup):
         tokens, _ = generate(target, prompts[0], max_new_tokens)
         follow(drafter, prompts[0], tokens)
+    if hasattr(drafter, "drafter_forwards"):
+        drafter.drafter_forwards = 0  # a translating drafter's model forwards: measured ones only
     per_prompt, matches, target_timings, drafter_timings = [], [], [], []
     for index, prompt in enumerate(prompts):
         tokens, t_timing = generate(target, prompt, max_new_tokens)
@@ -175,8 +178,17 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
     import transformers
 
     target = load_backend(config.target, config.dtype, config.device)
-    drafter = load_backend(config.drafter or "", config.dtype, config.device, target=config.target)
+    # A drafter with another vocabulary drafts through a translating drafter (translate.py): its
+    # forwards, timings and matches are per target token, as the planner needs them.
+    drafter = load_drafter(config.drafter or "", config.target, config.dtype, config.device,
+                           target_eos=target.eos_token_ids)
     result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup)
+    result["translation"] = None
+    if isinstance(drafter, TranslatingDrafter):
+        result["translation"] = method_for(config.verify)
+        # Drafter model forwards per target token drafted (SLEM runs the drafter's model as
+        # often as its text needs, and holds back the last, unstable target token).
+        result["drafter"]["model_forwards"] = drafter.drafter_forwards
     result["target"]["spec"], result["drafter"]["spec"] = config.target, config.drafter
     for name, backend in (("target", target), ("drafter", drafter)):
         config_ = getattr(backend, "config", None)
@@ -206,4 +218,9 @@ def table(result: dict) -> str:
     lines.append(f"acceptance {result['acceptance']:.3f} over {result['tokens']} target tokens of "
                  f"{result['prompts']} prompts; per draft position in blocks of {result['lookahead']}: "
                  f"{per_position or '- (too few tokens per prompt)'}")
+    if result.get("translation"):
+        drafter = result["drafter"]
+        per_token = drafter["model_forwards"] / drafter["forwards"]
+        lines.append(f"the drafter's vocabulary differs: drafts translated "
+                     f"({result['translation']}), {per_token:.2f} drafter forwards a target token")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from dsi_mpi.preflight import Prompt
 from dsi_mpi.protocol import Bye, Tag
 from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
+from dsi_mpi.translate import load_drafter, method_for, vocabularies_differ
 from dsi_mpi.transport import IDLE, Transport
 
 
@@ -36,7 +37,8 @@ class RunOutcome:
 
 
 def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, prompt_len: int,
-           tokenizer: object | None, repeat: int = 0, seed: int | None = None) -> dict:
+           tokenizer: object | None, repeat: int = 0, seed: int | None = None,
+           translation: str | None = None) -> dict:
     counters = result.policy.counters
     n = len(result.tokens)
     out = {
@@ -67,6 +69,9 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "seed": config.sampling.seed if seed is None else seed,
         "target": config.target,
         "drafter": config.drafter if config.mode != "nonsi" else None,
+        # How drafts reach the target's vocabulary: None (the drafter's is the target's), slem or
+        # tli (dsi_mpi/translate.py); drafts, acceptance and counters are in target tokens.
+        "translation": translation if config.mode != "nonsi" else None,
     }
     if tokenizer is not None:
         out["text"] = tokenizer.decode(result.tokens)
@@ -95,16 +100,23 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     outcome = RunOutcome(role=role)
     try:
         backend: Backend | None = None
+        translated = False
         if role == "target":
             backend = load_backend(base.target, base.dtype, model_device(comm, layout, base.device))
         elif role == "drafter" and any(c.uses_drafter for c in configs):
-            backend = load_backend(base.drafter or "", base.dtype, model_device(comm, layout, base.device),
-                                   target=base.target)  # a self:layers=N drafter is built from the target
+            # A self:layers=N drafter is built from the target; one with another vocabulary is
+            # wrapped in a translating drafter (dsi_mpi/translate.py).
+            backend = load_drafter(base.drafter or "", base.target, base.dtype,
+                                   model_device(comm, layout, base.device), target_eos=eos)
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
+        if role == "coordinator" and any(c.uses_drafter for c in configs):
+            # Read the tokenizers while the other ranks load their models.
+            translated = vocabularies_differ(base.target, base.drafter or "")
         transport.barrier("every rank to load its model")
         if role == "coordinator":
-            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats, warmup, eos)
+            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats,
+                                          warmup, eos, translated)
         else:
             if role == "target":
                 serve_target(transport, backend, base.sampling)
@@ -125,7 +137,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
 
 
 def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfig], prompts: Sequence[Prompt],
-                tokenizer: object | None, repeats: int, warmup: int, eos: frozenset[int]) -> list[dict]:
+                tokenizer: object | None, repeats: int, warmup: int, eos: frozenset[int],
+                translated: bool = False) -> list[dict]:
     coordinator = Coordinator(transport, layout, eos)
     records = []
     try:
@@ -137,7 +150,9 @@ def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfi
             for repeat in range(repeats):
                 for index, prompt in enumerate(prompts):
                     result = coordinator.generate(policy, prompt.ids, prompt.seed)
-                    records.append(record(result, config, sp, index, len(prompt.ids), tokenizer, repeat, prompt.seed))
+                    method = method_for(config.verify) if translated else None
+                    records.append(record(result, config, sp, index, len(prompt.ids), tokenizer,
+                                          repeat, prompt.seed, method))
     except BaseException:
         try:  # release the workers quickly; a failed one never says BYE
             coordinator.shutdown(timeout_s=5.0)

