@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -299,7 +300,9 @@ class TranslatingDrafter(Backend):
         self._logits = None  # torch [vocab_d], after self.drafted
         self._next: int | None = None
         self._agree = 0
-        self.drafter_forwards = 0
+        self.drafter_forwards = 0  # the drafter model's forwards
+        self.timed = False  # profile: also time them (synchronising a GPU), in model_seconds
+        self.model_seconds = 0.0
 
     # ----------------------------------------------------------------- Backend
 
@@ -369,8 +372,16 @@ class TranslatingDrafter(Backend):
 
     def _feed(self, tokens: list[int], should_cancel: Callable[[], bool] | None) -> None:
         """Append ``tokens`` to the drafter's cache and keep its logits after them."""
+        start = time.perf_counter() if self.timed else 0.0
         logits = self.drafter.forward_logits(tokens, num_outputs=1, should_cancel=should_cancel)
         self.drafter_forwards += 1
+        if self.timed:
+            device = getattr(logits, "device", None)
+            if device is not None and device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(device)
+            self.model_seconds += time.perf_counter() - start
         for t in tokens:
             self.drafted.append(t)
             self._d_text += self.source.piece(t)

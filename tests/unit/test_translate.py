@@ -345,7 +345,9 @@ def test_profile_counts_acceptance_in_target_tokens(tiny_mixed: dict[str, str],
                        lookahead=3, max_new_tokens=12, dtype="float64", device=device)
     prompts = _prompts(tiny_mixed["target"])
     result = profile(config, prompts, warmup=0)
-    assert result["translation"] == "slem" and result["drafter"]["model_forwards"] > 0
+    drafter = result["drafter"]
+    assert result["translation"] == "slem" and drafter["model_forwards"] > 0
+    assert drafter["model_ms_per_token"] > 0 and drafter["translation_ms_per_token"] > 0
     expected = [_generate(tiny_mixed["target"], ids, 12, device) for ids in prompts]
     assert [p["tokens"] for p in result["per_prompt"]] == expected  # target tokens
     assert result["tokens"] == sum(map(len, expected)) and 0 < result["acceptance"] < 1
