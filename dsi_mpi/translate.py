@@ -325,7 +325,7 @@ class TranslatingDrafter(Backend):
         del self.tokens[length:]
         del self._ends[length:]
         self._text = self._text[: self._ends[-1]] if self._ends else b""
-        self._agree = min(self._agree, bisect.bisect_right(self._d_ends, len(self._text)))
+        self._agree = min(self._agree, self._inside(len(self._text)))
 
     def reset(self) -> None:
         self.crop(0)
@@ -354,7 +354,7 @@ class TranslatingDrafter(Backend):
             self.tokens.append(t)
             self._ends.append((self._ends[-1] if self._ends else 0) + len(self.target.piece(t)))
         self._text = text
-        self._agree = bisect.bisect_right(self._d_ends, len(text))
+        self._agree = self._inside(len(text))
         return StepOutput(position, np.asarray([token], dtype=np.int64), probs)
 
     # ----------------------------------------------------------------- the drafter's side
@@ -389,6 +389,15 @@ class TranslatingDrafter(Backend):
         self._logits = logits[-1]
         self._next = None
 
+    def _inside(self, length: int) -> int:
+        """How many of the drafter's leading tokens lie wholly inside the first ``length`` bytes
+        (a token that spells nothing and stands at ``length`` is not inside: the text may go on
+        without it)."""
+        k = bisect.bisect_right(self._d_ends, length)
+        while k and self._d_ends[k - 1] == length and (self._d_ends[k - 2] if k > 1 else 0) == length:
+            k -= 1
+        return k
+
     def _agrees(self, index: int, token: int, start: int, text: bytes) -> bool:
         """Whether drafter token ``token``, the ``index``-th, spelling from byte ``start``, agrees
         with the target's ``text``: it starts beyond it, or spells what the text has there."""
@@ -407,7 +416,7 @@ class TranslatingDrafter(Backend):
         chosen = self.drafted + ([self._next] if self._next is not None else [])
         ends = self._d_ends + ([len(self._d_text) + len(self.source.piece(self._next))]
                                if self._next is not None else [])
-        m = min(self._agree, bisect.bisect_right(self._d_ends, len(self._text)))
+        m = min(self._agree, self._inside(len(self._text)))
         while m < len(chosen) and self._agrees(m, chosen[m], ends[m - 1] if m else 0, text):
             m += 1
         if exact:
@@ -432,7 +441,7 @@ class TranslatingDrafter(Backend):
             self._feed(feed, should_cancel)
         elif self._logits is None and self._next is None:
             self._refeed(should_cancel)
-        self._agree = bisect.bisect_right(self._d_ends, len(self._text))
+        self._agree = self._inside(len(self._text))
 
     def _refeed(self, should_cancel: Callable[[], bool] | None) -> None:
         """Logits after the drafter's tokens when none are kept: feed the last token again."""
