@@ -1,9 +1,10 @@
 """The paper's Table 2, three ways in one run: the paper, the simulator, the MPI runtime.
 
-For every row of shared/paper/table2.csv (TTFT from table3_ttft_over_tpot.csv): the paper's
-DSI/SI; the simulator's DSI/SI and DSI/non-SI; and DSI/SI and DSI/non-SI measured by the MPI
-runtime on real ranks (coordinator, one drafter, 7 targets) with emulated models that sleep
-the row's latencies; and the runtime's time over the simulator's ideal for each mode.
+For every row of bench/table2.csv (the paper's Table 2 as emulated models; the sweep job
+slurm/dsi_sweep.sbatch reads the same file): the paper's DSI/SI; the simulator's DSI/SI and
+DSI/non-SI; and DSI/SI and DSI/non-SI measured by the MPI runtime on real ranks (coordinator,
+one drafter, 7 targets) with emulated models that sleep the row's latencies; and the
+runtime's time over the simulator's ideal for each mode.
 
 Lookahead as the paper chose it: from {1, 5, 10}, for DSI subject to Eq. 1 with SP <= 7,
 each algorithm taking its best by the simulator. The SI measured is classic SI (Leviathan et
@@ -38,29 +39,19 @@ from dsi_mpi.runtime import run
 from dsi_mpi.simulate import Latencies, servers_needed, simulate, simulate_once
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER = Path(os.environ.get("DSI_PAPER_DIR", REPO.parent / "shared" / "paper"))
+TABLE2 = REPO / "bench" / "table2.csv"
 LOOKAHEADS = (1, 5, 10)
 SP = 7
 
 
-def read_rows(paper_dir: Path) -> list[dict]:
-    """Table 2 rows with TTFT ratios; table3 lists each target followed by its drafter."""
-    with open(paper_dir / "table3_ttft_over_tpot.csv", newline="") as fh:
-        t3 = list(csv.DictReader(fh))
-    names = {"Starcoder-15B": "starcoder", "Starcoder-168M": "tiny_starcoder_py", "Vicuna-13B": "vicuna-13b-v1.3",
-             "Vicuna-7B": "vicuna-7b-v1.3", "Vicuna-68M": "vicuna-68m"}
-    ratios = {}
-    for target, drafter in zip(t3[::2], t3[1::2], strict=True):
-        ratios[(target["model"], drafter["model"], target["dataset"])] = (
-            float(target["ttft_over_tpot"]), float(drafter["ttft_over_tpot"]))
-    rows = []
-    with open(paper_dir / "table2.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            t_ratio, d_ratio = ratios[(names[r["target"]], names[r["drafter"]], r["dataset"])]
-            t, d = float(r["target_tpot_ms"]), float(r["drafter_tpot_ms"])
-            rows.append({**r, "latencies": Latencies(t, d, round(t * t_ratio, 3), round(d * d_ratio, 3)),
-                         "acceptance": float(r["acceptance_rate"]), "paper": float(r["paper_dsi_over_si"])})
-    return rows
+def read_rows(path: Path = TABLE2) -> list[dict]:
+    """The rows of Table 2 with their latencies (lines starting with # are notes)."""
+    with open(path, newline="") as fh:
+        table = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    return [{**r, "latencies": Latencies(float(r["target_tpot_ms"]), float(r["drafter_tpot_ms"]),
+                                         float(r["target_ttft_ms"]), float(r["drafter_ttft_ms"])),
+             "acceptance": float(r["acceptance_rate"]), "paper": float(r["paper_dsi_over_si"])}
+            for r in table]
 
 
 def choose_lookaheads(lat: Latencies, acceptance: float, tokens: int, repeats: int) -> tuple[int, int]:
@@ -97,7 +88,7 @@ def main() -> int:
             print(f"launch with mpiexec -n {2 + SP} (coordinator, drafter, {SP} targets)", file=sys.stderr)
         return 2
     rank = comm.Get_rank()
-    rows = read_rows(PAPER)
+    rows = read_rows()
     results = []
     for row in rows:
         lat, a = row["latencies"], row["acceptance"]

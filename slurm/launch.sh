@@ -1,0 +1,145 @@
+# shellcheck shell=bash
+# launch.sh -- what the job scripts in slurm/ share; each one sources it, places its ranks
+# (place_node or place_nodes) and hands its arguments to run_dsi, which adds the output
+# place, builds the srun line (MPI plugin, CPUs, binding check), prints it and runs
+#
+#   srun ... python -m mpi4py -m dsi_mpi run --output DSI_OUTPUT_DIR/JOB.jsonl ARGS...
+#
+# The run's settings are `dsi-mpi run` flags, passed through as they are: dsi-mpi's argparse
+# holds the only defaults (`python -m dsi_mpi run --help`). Flags the launcher adds come
+# first, so yours win (argparse takes the last). The job's settings are environment
+# variables, which sbatch hands to the job:
+#
+#   DSI_PYTHON [python]       the interpreter with dsi_mpi installed (a venv's bin/python)
+#   DSI_MPI_PLUGIN [pmix]     srun --mpi=...: pmix, or pmi2 for the pip mpich and other MPICH
+#                             builds without PMIx; empty: the site's MpiDefault
+#   DSI_SRUN_ARGS             more srun flags, e.g. "--cpu-bind=cores"
+#   DSI_CHECK_BINDING [0]     1: first print each rank's node and GPU (a dry run, no model)
+#   DSI_MPI_SHARE_GPUS [0]    1: let model ranks share a node's GPUs (dsi_mpi/devices.py)
+#   DSI_OUTPUT_DIR [$SLURM_SUBMIT_DIR/dsi-out]   where the JSONL goes when --output is not given
+#   DSI_SMOKE [0]             1: a CPU check of the setup: the first row of bench/table2.csv as
+#                             emulated models, all three modes, prompt ids 1..8 (unless a
+#                             --prompt* flag is given)
+#
+# Whatever every job step needs is done here and nowhere else: requeueing, a signal before
+# the time limit, resuming (their #SBATCH lines must stay in each script, as sbatch reads
+# only the file it is given). Bash runs a trap only between commands, so a TERM handler
+# needs the step started in the background and waited for (`srun ... & wait $!`).
+
+DSI_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TABLE2=$DSI_REPO/bench/table2.csv
+EMULATED_PROMPT=(--prompt-ids "1,2,3,4,5,6,7,8")
+job=${SLURM_JOB_NAME:-dsi}
+python=${DSI_PYTHON:-python}
+out_dir=${DSI_OUTPUT_DIR:-$SLURM_SUBMIT_DIR/dsi-out}
+ntasks=${SLURM_NTASKS:?run this under sbatch (SLURM_NTASKS is not set)}
+place=() hostfile=""
+
+die() { echo "$job: error: $*" >&2; exit 2; }
+
+# flag_value FLAG ARGS... -- the value ARGS give FLAG last ("FLAG V" or "FLAG=V"), as argparse
+# reads it; fails if ARGS do not name FLAG.
+flag_value() {
+    local flag=$1 value="" found=1
+    shift
+    while (($#)); do
+        case $1 in
+        "$flag")
+            value=${2-} found=0
+            (($# < 2)) || shift
+            ;;
+        "$flag"=*) value=${1#*=} found=0 ;;
+        esac
+        shift
+    done
+    ((found == 0)) && echo "$value"
+}
+
+# has_prompt ARGS... -- ARGS name a prompt (--prompt, --prompt-file or --prompt-ids).
+has_prompt() {
+    local arg
+    for arg; do [[ $arg != --prompt* ]] || return 0; done
+    return 1
+}
+
+# table2_rows -- "NAME TARGET DRAFTER" for each row of bench/table2.csv, as emulated models.
+table2_rows() {
+    awk -F, '/^#/ {next}
+        !seen++ {for (i = 1; i <= NF; i++) col[$i] = i; next}
+        {printf "%s emulated:tpot_ms=%s,ttft_ms=%s emulated:tpot_ms=%s,ttft_ms=%s,acceptance=%s\n",
+            $col["name"], $col["target_tpot_ms"], $col["target_ttft_ms"], $col["drafter_tpot_ms"],
+            $col["drafter_ttft_ms"], $col["acceptance_rate"]}' "$TABLE2"
+}
+
+# place_node -- every rank of the allocation on its one node: rank 0 coordinates (no GPU),
+# rank 1 drafts, the rest are target servers; each model rank takes its own GPU.
+place_node() {
+    echo "$job: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: $ntasks ranks (coordinator," \
+        "drafter, $((ntasks - 2)) targets), CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+}
+
+# place_nodes -- N nodes of G model ranks (--ntasks-per-node=G+1): the coordinator, the
+# drafter and G-1 targets on the first node, G targets on each other one. Block or cyclic
+# placement cannot put G+1 ranks on one node and G on the rest, so srun gets a host list.
+place_nodes() {
+    local per_node nodes node i
+    per_node=${SLURM_NTASKS_PER_NODE:?submit with --ntasks-per-node=G+1 (G GPUs per node)}
+    per_node=${per_node%%(*}  # "9(x2)" on some Slurm versions
+    ((per_node >= 2)) || die "--ntasks-per-node must be G+1 >= 2, got $per_node"
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    hostfile=$(mktemp "${TMPDIR:-/tmp}/dsi-hosts.XXXXXX")
+    trap 'rm -f "$hostfile"' EXIT
+    {
+        echo "${nodes[0]}"  # the coordinator
+        for node in "${nodes[@]}"; do
+            for ((i = 0; i < per_node - 1; i++)); do echo "$node"; done
+        done
+    } >"$hostfile"
+    ntasks=$(wc -l <"$hostfile")
+    place=(--distribution=arbitrary)
+    export SLURM_HOSTFILE=$hostfile
+    # srun would otherwise warn that it cannot honour the allocation's tasks per node.
+    unset SLURM_NTASKS_PER_NODE
+    echo "$job: job ${SLURM_JOB_ID:-?}: ${#nodes[@]} nodes (${nodes[*]}), $ntasks ranks:" \
+        "coordinator and drafter on ${nodes[0]}, $((ntasks - 2)) targets, $((per_node - 1))" \
+        "model ranks a node"
+}
+
+# run_dsi NAME ARGS... -- srun `dsi-mpi run --output DSI_OUTPUT_DIR/NAME ARGS...` on the
+# placed ranks; an --output among ARGS wins.
+run_dsi() {
+    local output=$out_dir/$1 given target name drafter more=()
+    shift
+    if given=$(flag_value --output "$@"); then output=$given; fi
+    mkdir -p "$(dirname "$output")"
+    local run=("$python" -m mpi4py -m dsi_mpi run --output "$output")
+    if [[ ${DSI_SMOKE:-0} == 1 ]]; then
+        read -r name target drafter < <(table2_rows)
+        run+=(--target "$target" --drafter "$drafter" --mode "dsi,si,nonsi")
+        has_prompt "$@" || run+=("${EMULATED_PROMPT[@]}")
+        echo "$job: DSI_SMOKE=1: $name as emulated models"
+    fi
+    run+=("$@")
+    target=$(flag_value --target "${run[@]}") || true
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $target != emulated:* ]] &&
+        ! flag_value --device "${run[@]}" >/dev/null; then
+        echo "$job: note: the job has GPUs, but no --device flag: the models load on the CPU"
+    fi
+
+    # Since Slurm 22.05 a step does not take --cpus-per-task from the allocation: pass it on,
+    # and keep torch's CPU threads within it.
+    local cpus=${SLURM_CPUS_PER_TASK:-1}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus} PYTHONUNBUFFERED=1
+    local srun=(srun --ntasks="$ntasks" "${place[@]}" --cpus-per-task="$cpus" --kill-on-bad-exit=1)
+    local plugin=${DSI_MPI_PLUGIN-pmix}
+    [[ -z $plugin ]] || srun+=(--mpi="$plugin")
+    read -ra more <<<"${DSI_SRUN_ARGS:-}"
+    srun+=("${more[@]}")
+
+    if [[ ${DSI_CHECK_BINDING:-0} == 1 ]]; then
+        "${srun[@]}" "$python" -m mpi4py -m dsi_mpi.devices
+    fi
+    echo "+ ${hostfile:+SLURM_HOSTFILE=$hostfile }$(printf '%q ' "${srun[@]}" "${run[@]}")"
+    "${srun[@]}" "${run[@]}"
+    echo "$job: wrote $output"
+}
