@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import pytest
 
 TIMEOUT_S = 120.0
+
+
+def settle(comm) -> None:  # noqa: ANN001 - an mpi4py communicator
+    """Wait for every rank of ``comm`` without spinning: MPICH's blocking collectives poll at
+    full speed, so ranks waiting for rank 0's serial work (a conversion, a reference
+    ``generate``) would take the 2 cores from it. A nonblocking barrier, tested with a sleep."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +37,7 @@ def mpi_tiny_suite() -> dict[str, str]:
     if comm.Get_rank() == 0:
         root = os.environ.get("DSI_TINY_DIR") or tempfile.mkdtemp(prefix="dsi-mpi-tiny-")
         build_suite(root)
+    settle(comm)
     root = comm.bcast(root, root=0)
     return build_suite(root)  # reads the index rank 0 wrote
 
@@ -49,6 +60,7 @@ def mpi_tiny_mixed() -> dict[str, str]:
             verdict = (root, None)
         except Exception as exc:  # noqa: BLE001 - every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
+    settle(comm)
     root, error = comm.bcast(verdict, root=0)
     assert error is None, f"rank 0 could not build the mixed pair: {error}"
     return build_mixed_pair(root)  # reads the index rank 0 wrote
@@ -73,6 +85,7 @@ def _convert_on_rank_0(*gguf_paths: Callable[[], str]) -> None:
             verdict = (cache, None)
         except Exception as exc:  # noqa: BLE001 - every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
+    settle(comm)
     cache, error = comm.bcast(verdict, root=0)
     assert error is None, f"rank 0 could not convert the GGUF files: {error}"
     os.environ["DSI_MPI_CACHE"] = cache
@@ -100,7 +113,9 @@ def mpi_gemma3(mpi_smollm2: dict[str, str]) -> dict[str, str]:
 
     _convert_on_rank_0(gemma3_gguf)
     comm = MPI.COMM_WORLD
-    path = comm.bcast(gemma3_gguf() if comm.Get_rank() == 0 else None, root=0)  # assembled once
+    path = gemma3_gguf() if comm.Get_rank() == 0 else None  # assembled (and checked) once
+    settle(comm)
+    path = comm.bcast(path, root=0)
     return {"gguf": path, "folder": gguf.converted_folder(path)}
 
 
@@ -149,6 +164,7 @@ def agree(ok: bool, message: str = "") -> None:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    settle(world)
     messages = world.allgather(None if ok else message)
     failures = [m for m in messages if m is not None]
     assert not failures, "; ".join(failures)

@@ -3,9 +3,11 @@ attention on 5 layers of 6) verified over MPI, SmolLM2-135M (vocabulary 49152) d
 through the translating drafter, in float32, against Gemma's own ``generate``.
 
 Lean on purpose (the CPU CI runs it): 3 HumanEval prompts, a few tokens, DSI only; the
-measured acceptance and times are in docs/results.md (bench/translation.py)."""
+measured acceptance and times are in docs/results.md (bench/modes.py --drafter)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -20,10 +22,15 @@ MAX_NEW = 12
 WINDOW = 512  # Gemma 3's sliding window
 
 
-def _generate(folder: str, ids: list[int], max_new_tokens: int) -> list[int]:
+@functools.cache
+def _reference(folder: str):  # noqa: ANN202 - Gemma for generate, loaded once (on rank 0)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _generate(folder: str, ids: list[int], max_new_tokens: int) -> list[int]:
+    model = _reference(folder)
     with torch.inference_mode():  # the cache transformers builds: sliding layers keep the window
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, len(ids):].tolist()

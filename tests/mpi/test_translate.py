@@ -19,7 +19,7 @@ from dsi_mpi.preflight import Prompt
 from dsi_mpi.tiny import corpus_lines
 from dsi_mpi.verify import SamplingParams
 from tests.conftest import device_under_test
-from tests.mpi.conftest import TIMEOUT_S, agree, run_on
+from tests.mpi.conftest import TIMEOUT_S, agree, run_on, settle
 
 RANK = MPI.COMM_WORLD.Get_rank()
 DEVICE = device_under_test()
@@ -173,6 +173,7 @@ def test_rejection_sampling_across_vocabularies_is_lossless_in_distribution(
             verdict = (ids, None)
         except Exception as exc:  # noqa: BLE001 - every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
+    settle(MPI.COMM_WORLD)
     ids, failure = MPI.COMM_WORLD.bcast(verdict, root=0)
     agree(failure is None, failure or "")
     n = 500
