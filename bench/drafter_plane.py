@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, provenance  # noqa: E402
+from bench.common import REPO, provenance
 
 RATIOS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ACCEPTANCES = (0.5, 0.7, 0.9, 0.97)
@@ -40,24 +40,28 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(","))
 
 
-def plan_cell(tpot: float, ratio: float, acceptance: float, tokens: int, sim_repeats: int) -> dict[str, int]:
+def plan_cell(tpot: float, ratio: float, acceptance: float, tokens: int,
+              sim_repeats: int) -> dict[str, int]:
     """Each mode's best lookahead by the simulator (DSI's sweep includes Eq. 1's)."""
     from dsi_mpi.plan import DEFAULT_LOOKAHEADS, best
     from dsi_mpi.simulate import Latencies, dsi_lookaheads
 
     lat = Latencies(tpot, ratio * tpot)
-    dsi = best("dsi", lat, acceptance, dsi_lookaheads(lat, SP, DEFAULT_LOOKAHEADS), SP, tokens, sim_repeats, 0)
+    dsi = best("dsi", lat, acceptance, dsi_lookaheads(lat, SP, DEFAULT_LOOKAHEADS), SP, tokens,
+               sim_repeats, 0)
     si = best("si", lat, acceptance, DEFAULT_LOOKAHEADS, 1, tokens, sim_repeats, 0)
     return {"dsi": dsi.lookahead, "si": si.lookahead, "nonsi": 1}
 
 
-def ideal(mode: str, tpot: float, ratio: float, acceptance: float, k: int, tokens: int, prompts: list) -> float:
+def ideal(mode: str, tpot: float, ratio: float, acceptance: float, k: int, tokens: int,
+          prompts: list) -> float:
     """Median simulated time (ms) over the very prompts the runtime generated for."""
     from dsi_mpi.simulate import Latencies, simulate_once
 
     lat = Latencies(tpot, ratio * tpot)
-    return statistics.median(simulate_once(mode, lat, acceptance, k, SP, tokens, 0, prompt=tuple(p)).latency_ms
-                             for p in prompts)
+    return statistics.median(
+        simulate_once(mode, lat, acceptance, k, SP, tokens, 0, prompt=tuple(p)).latency_ms
+        for p in prompts)
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -74,25 +78,31 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for acceptance in args.acceptances:
         for ratio in args.ratios:
             tpot = args.target_tpot_ms
-            ks = plan_cell(tpot, ratio, acceptance, args.tokens, args.sim_repeats) if rank == 0 else None
+            ks = (plan_cell(tpot, ratio, acceptance, args.tokens, args.sim_repeats)
+                  if rank == 0 else None)
             ks = comm.bcast(ks, root=0)
             drafter_ms = round(ratio * tpot, 4)
             base = RunConfig(target=f"emulated:tpot_ms={tpot}",
                              drafter=f"emulated:tpot_ms={drafter_ms},acceptance={acceptance}",
-                             mode="dsi", lookahead=ks["dsi"], sp=SP, max_new_tokens=args.tokens, timeout_s=120.0)
+                             mode="dsi", lookahead=ks["dsi"], sp=SP, max_new_tokens=args.tokens,
+                             timeout_s=120.0)
             configs = [base, replace(base, mode="si", lookahead=ks["si"], sp=None),
                        replace(base, mode="nonsi", sp=None)]
             comm.Barrier()
-            outcome = run(comm, configs, [Prompt(p) for p in prompts] if rank == 0 else (), warmup=1)
+            outcome = run(comm, configs, [Prompt(p) for p in prompts] if rank == 0 else (),
+                          warmup=1)
             if rank != 0:
                 continue
             by_mode = {m: [r for r in outcome.records if r["mode"] == m] for m in MODES}
-            measured = {m: statistics.median(r["wall_time_s"] * 1e3 for r in by_mode[m]) for m in MODES}
-            best_ideal = {m: ideal(m, tpot, ratio, acceptance, ks[m], args.tokens, prompts) for m in MODES}
+            measured = {m: statistics.median(r["wall_time_s"] * 1e3 for r in by_mode[m])
+                        for m in MODES}
+            best_ideal = {m: ideal(m, tpot, ratio, acceptance, ks[m], args.tokens, prompts)
+                          for m in MODES}
             dsi = by_mode["dsi"]
             committed = sum(r["num_new_tokens"] for r in dsi)
             result = {
-                "ratio": ratio, "acceptance": acceptance, "target_tpot_ms": tpot, "drafter_tpot_ms": drafter_ms,
+                "ratio": ratio, "acceptance": acceptance, "target_tpot_ms": tpot,
+                "drafter_tpot_ms": drafter_ms,
                 "lookahead": ks, "sp": SP, "tokens": args.tokens, "prompts": args.prompts,
                 "measured_median_ms": measured, "ideal_median_ms": best_ideal,
                 "measured_speedup": min(measured["si"], measured["nonsi"]) / measured["dsi"],
@@ -124,15 +134,18 @@ def misses(results: list[dict]) -> list[str]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| drafter/target | acceptance | k DSI / SI | DSI ms | SI ms | non-SI ms | DSI ideal ms "
-             "| min(SI, non-SI)/DSI measured | simulated | runtime/ideal DSI, SI, non-SI | DSI accepted share |",
+    lines = ["| drafter/target | acceptance | k DSI / SI | DSI ms | SI ms | non-SI ms "
+             "| DSI ideal ms | min(SI, non-SI)/DSI measured | simulated "
+             "| runtime/ideal DSI, SI, non-SI | DSI accepted share |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["acceptance"], r["ratio"])):
         m, i, q = r["measured_median_ms"], r["ideal_median_ms"], r["runtime_over_ideal"]
-        lines.append(f"| {r['ratio']:.2f} | {r['acceptance']:.2f} | {r['lookahead']['dsi']} / {r['lookahead']['si']} "
+        lines.append(f"| {r['ratio']:.2f} | {r['acceptance']:.2f} "
+                     f"| {r['lookahead']['dsi']} / {r['lookahead']['si']} "
                      f"| {m['dsi']:.0f} | {m['si']:.0f} | {m['nonsi']:.0f} | {i['dsi']:.0f} "
                      f"| {r['measured_speedup']:.2f} | {r['ideal_speedup']:.2f} "
-                     f"| {q['dsi']:.3f}, {q['si']:.3f}, {q['nonsi']:.3f} | {r['dsi_accepted_share']:.2f} |")
+                     f"| {q['dsi']:.3f}, {q['si']:.3f}, {q['nonsi']:.3f} "
+                     f"| {r['dsi_accepted_share']:.2f} |")
     return "\n".join(lines)
 
 
@@ -145,7 +158,8 @@ def plot(results: list[dict], png: str) -> None:
 
     ratios = sorted({r["ratio"] for r in results})
     accs = sorted({r["acceptance"] for r in results})
-    grids = {key: np.full((len(accs), len(ratios)), np.nan) for key in ("measured", "ideal", "overhead")}
+    grids = {key: np.full((len(accs), len(ratios)), np.nan)
+             for key in ("measured", "ideal", "overhead")}
     for r in results:
         i, j = accs.index(r["acceptance"]), ratios.index(r["ratio"])
         grids["measured"][i, j] = r["measured_speedup"]
@@ -157,11 +171,11 @@ def plot(results: list[dict], png: str) -> None:
     top = max(np.nanmax(grids["measured"]), np.nanmax(grids["ideal"]))
     for ax, key in zip(axes, ("measured", "ideal", "overhead"), strict=True):
         if key == "overhead":
-            image = ax.imshow(grids[key], origin="lower", cmap="magma_r", vmin=1.0, vmax=max(1.2, np.nanmax(grids[key])),
-                              aspect="auto")
+            image = ax.imshow(grids[key], origin="lower", cmap="magma_r", vmin=1.0,
+                              vmax=max(1.2, np.nanmax(grids[key])), aspect="auto")
         else:
-            image = ax.imshow(grids[key], origin="lower", cmap="viridis", vmin=min(0.9, np.nanmin(grids[key])),
-                              vmax=top, aspect="auto")
+            image = ax.imshow(grids[key], origin="lower", cmap="viridis",
+                              vmin=min(0.9, np.nanmin(grids[key])), vmax=top, aspect="auto")
         for i in range(len(accs)):
             for j in range(len(ratios)):
                 ax.text(j, i, f"{grids[key][i, j]:.2f}", ha="center", va="center", fontsize=7,
@@ -177,12 +191,14 @@ def plot(results: list[dict], png: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=5, help="prompts per mode and cell (after one warm-up)")
+    parser.add_argument("--prompts", type=int, default=5,
+                        help="prompts per mode and cell (after one warm-up)")
     parser.add_argument("--tokens", type=int, default=50)
     parser.add_argument("--target-tpot-ms", type=float, default=40.0)
     parser.add_argument("--ratios", type=_floats, default=RATIOS)
     parser.add_argument("--acceptances", type=_floats, default=ACCEPTANCES)
-    parser.add_argument("--sim-repeats", type=int, default=20, help="simulated runs per lookahead when planning")
+    parser.add_argument("--sim-repeats", type=int, default=20,
+                        help="simulated runs per lookahead when planning")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "drafter_plane.jsonl"))
     parser.add_argument("--plot", metavar="JSONL", help="table and PNG from an earlier run's JSONL")
     args = parser.parse_args()
@@ -195,7 +211,8 @@ def main() -> int:
 
         if MPI.COMM_WORLD.Get_size() != 2 + SP:
             if MPI.COMM_WORLD.Get_rank() == 0:
-                print(f"launch with mpiexec -n {2 + SP} (coordinator, drafter, {SP} targets)", file=sys.stderr)
+                print(f"launch with mpiexec -n {2 + SP} (coordinator, drafter, {SP} targets)",
+                      file=sys.stderr)
             return 2
         results = measure(args)
         if MPI.COMM_WORLD.Get_rank() != 0:
@@ -207,7 +224,8 @@ def main() -> int:
     print(markdown(results))
     plot(results, str(Path(out).with_suffix(".png")))
     missed = misses(results)
-    print(f"\n{len(results)} cells; {len(missed)} miss a target" + "".join(f"\n  {m}" for m in missed))
+    print(f"\n{len(results)} cells; {len(missed)} miss a target"
+          + "".join(f"\n  {m}" for m in missed))
     return 0
 
 

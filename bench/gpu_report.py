@@ -28,7 +28,8 @@ def env() -> int:
 
     import dsi_mpi
 
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, "
           f"numpy {numpy.__version__}, mpi4py {mpi4py.__version__}")
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     print(f"CUDA available: {torch.cuda.is_available()}, GPUs: {gpus}, CUDA {torch.version.cuda}")
@@ -50,19 +51,25 @@ def summary(args: argparse.Namespace) -> int:
     failed = [s["step"] for s in steps if s.get("rc") not in (0, None)]
     skipped = [s["step"] for s in steps if s.get("skipped")]
     print("steps: " + ", ".join(
-        f"{s['step']} " + ("skipped" if s.get("skipped") else f"rc={s['rc']} {s['seconds']}s") for s in steps))
+        f"{s['step']} " + ("skipped" if s.get("skipped") else f"rc={s['rc']} {s['seconds']}s")
+        for s in steps))
     for r in modes:
-        same = f"{r['identical']}/{r['prompts']} identical to generate" if "identical" in r else "reference"
+        same = (f"{r['identical']}/{r['prompts']} identical to generate" if "identical" in r
+                else "reference")
         acc = f", acceptance {r['acceptance']:.2f}" if r.get("acceptance") is not None else ""
-        print(f"modes {r['dtype']:>8} {r['mode']:>8}: {same}{acc}, {r['wall_s']} s, {r['tokens_per_s']} tokens/s, "
+        print(f"modes {r['dtype']:>8} {r['mode']:>8}: {same}{acc}, {r['wall_s']} s, "
+              f"{r['tokens_per_s']} tokens/s, "
               f"non-SI/mode {r['nonsi_over_mode']}")
     for r in preemption:
         a, b = r["cancel_to_reply_ms"], r["cancel_to_idle_ms"]
-        print(f"preemption {r['label'] or ''} {r['gate']:>9}: CANCEL->reply p50/p95/max {a['p50']}/{a['p95']}/{a['max']} ms, "
-              f"CANCEL->idle {b['p50']}/{b['p95']}/{b['max']} ms, uncancelled x{r['uncancelled_ratio']}")
+        print(f"preemption {r['label'] or ''} {r['gate']:>9}: "
+              f"CANCEL->reply p50/p95/max {a['p50']}/{a['p95']}/{a['max']} ms, "
+              f"CANCEL->idle {b['p50']}/{b['p95']}/{b['max']} ms, "
+              f"uncancelled x{r['uncancelled_ratio']}")
     result = {"device": args.device, "model": args.model, "seconds": args.seconds, "steps": steps,
               "failed": failed, "skipped": skipped, "modes": modes, "preemption": preemption,
-              "device_name": next((r["device"] for r in modes + preemption if r.get("device")), None)}
+              "device_name": next((r["device"] for r in modes + preemption if r.get("device")),
+                                  None)}
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -21,8 +21,9 @@ import sys
 SHAPES: dict[str, dict] = {
     # SmolLM2-135M-Instruct's config.json (read from its GGUF header).
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                    tie_word_embeddings=True, hidden_act="silu",
                     bos_token_id=1, eos_token_id=2, pad_token_id=2),
     "cpu": dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
@@ -81,7 +82,8 @@ def resolve(spec: str, workdir: str) -> str:
         stem = os.path.basename(spec)[: -len(".gguf")]
         return convert_gguf(spec, os.path.join(workdir, stem))
     if not os.path.isfile(os.path.join(spec, "config.json")):
-        raise FileNotFoundError(f"{spec!r} is not a model folder (no config.json), a .gguf file or random:SHAPE")
+        raise FileNotFoundError(f"{spec!r} is not a model folder (no config.json), "
+                                "a .gguf file or random:SHAPE")
     return spec
 
 

@@ -41,10 +41,10 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, device_name, provenance  # noqa: E402
-from bench.models import describe, resolve  # noqa: E402
-from dsi_mpi.config import RunConfig  # noqa: E402
-from dsi_mpi.runtime import run  # noqa: E402
+from bench.common import REPO, device_name, provenance
+from bench.models import describe, resolve
+from dsi_mpi.config import RunConfig
+from dsi_mpi.runtime import run
 
 MODES = ("dsi", "si", "nonsi")
 
@@ -72,14 +72,16 @@ def self_drafter(folder: str, layers: int, workdir: str) -> str:
     return out
 
 
-def reference(folder: str, dtype: str, device: str, prompts: list[list[int]], max_new: int) -> tuple[list, list]:
+def reference(folder: str, dtype: str, device: str, prompts: list[list[int]],
+              max_new: int) -> tuple[list, list]:
     """``generate``'s greedy tokens (prompt excluded) and wall time per prompt."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dsi_mpi.backends.hf import resolve_dtype
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, device)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, device))
+    model = model.to(device).eval()
     cuda = device.startswith("cuda")
     tokens, times = [], []
     with torch.inference_mode():
@@ -89,7 +91,8 @@ def reference(folder: str, dtype: str, device: str, prompts: list[list[int]], ma
             if cuda:
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new, do_sample=False)
+            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new,
+                                 do_sample=False)
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
@@ -101,7 +104,8 @@ def reference(folder: str, dtype: str, device: str, prompts: list[list[int]], ma
 def first_difference(a: list[int], b: list[int]) -> int | None:
     if a == b:
         return None
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
 
 
 def summarise(dtype: str, records: list[dict], expected: list[list[int]], gen_times: list[float],
@@ -116,7 +120,8 @@ def summarise(dtype: str, records: list[dict], expected: list[list[int]], gen_ti
         rows.append({
             "bench": "modes", "dtype": dtype, "mode": mode, **meta, "prompts": len(mine),
             "identical": sum(f is None for f in firsts), "first_difference": firsts,
-            "acceptance": statistics.fmean(r["acceptance_rate"] for r in mine) if mode != "nonsi" else None,
+            "acceptance": (statistics.fmean(r["acceptance_rate"] for r in mine)
+                           if mode != "nonsi" else None),
             "lookahead": mine[0]["lookahead"], "sp": mine[0]["sp"], "tokens": tokens,
             "translation": mine[0].get("translation"),
             "wall_s": round(totals[mode], 4), "median_prompt_s": round(statistics.median(walls), 4),
@@ -125,7 +130,8 @@ def summarise(dtype: str, records: list[dict], expected: list[list[int]], gen_ti
             "si_over_mode": round(totals["si"] / totals[mode], 3),
         })
     gen_tokens = sum(len(e) for e in expected)
-    rows.append({"bench": "modes", "dtype": dtype, "mode": "generate", **meta, "prompts": len(expected),
+    rows.append({"bench": "modes", "dtype": dtype, "mode": "generate", **meta,
+                 "prompts": len(expected),
                  "tokens": gen_tokens, "wall_s": round(sum(gen_times), 4),
                  "median_prompt_s": round(statistics.median(gen_times), 4),
                  "tokens_per_s": round(gen_tokens / sum(gen_times), 2),
@@ -134,12 +140,14 @@ def summarise(dtype: str, records: list[dict], expected: list[list[int]], gen_ti
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dtype | mode | identical to generate | acceptance | wall (s) | tokens/s | non-SI / mode | SI / mode |",
+    lines = ["| dtype | mode | identical to generate | acceptance | wall (s) | tokens/s "
+             "| non-SI / mode | SI / mode |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(reference)"
         acc = f"{r['acceptance']:.3f}" if r.get("acceptance") is not None else "-"
-        lines.append(f"| {r['dtype']} | {r['mode']} | {same} | {acc} | {r['wall_s']} | {r['tokens_per_s']} "
+        lines.append(f"| {r['dtype']} | {r['mode']} | {same} | {acc} | {r['wall_s']} "
+                     f"| {r['tokens_per_s']} "
                      f"| {r['nonsi_over_mode']} | {r.get('si_over_mode', '-')} |")
     return "\n".join(lines)
 
@@ -157,14 +165,16 @@ def main() -> int:
                         help="a drafter model (folder or .gguf) instead of the self-drafter")
     parser.add_argument("--lookahead", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--workdir", default=None, help="where random, converted and drafter models are kept")
+    parser.add_argument("--workdir", default=None,
+                        help="where random, converted and drafter models are kept")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "modes.jsonl"))
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     if size < 3:
         if rank == 0:
-            print("launch with mpiexec -n 3 or more (coordinator, drafter, targets)", file=sys.stderr)
+            print("launch with mpiexec -n 3 or more (coordinator, drafter, targets)",
+                  file=sys.stderr)
         return 2
     # Rank 0 prepares the models and checks the input (preflight) before any rank loads one.
     verdict: tuple = (None, None)
@@ -181,7 +191,7 @@ def main() -> int:
                               max_new_tokens=args.max_new_tokens, device=args.device)
             prompts, _ = preflight(check, prompt_file=args.prompts)
             verdict = ((folder, drafter, [p.ids for p in prompts[: args.num_prompts]]), None)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        except Exception as exc:  # every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
     prepared, error = comm.bcast(verdict, root=0)
     if error is not None:
@@ -189,7 +199,8 @@ def main() -> int:
             print(f"modes: {error}", file=sys.stderr)
         return 2
     folder, drafter, prompts = prepared
-    base = RunConfig(target=folder, drafter=drafter, mode="nonsi", max_new_tokens=args.max_new_tokens,
+    base = RunConfig(target=folder, drafter=drafter, mode="nonsi",
+                     max_new_tokens=args.max_new_tokens,
                      device=args.device, timeout_s=args.timeout)
     configs = [replace(base, mode="dsi", lookahead=args.lookahead, sp=size - 2),
                replace(base, mode="si", lookahead=args.lookahead), base]
@@ -213,11 +224,13 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
         rows += dtype_rows
         if dtype == "float64":
-            failed += [r["mode"] for r in dtype_rows if r.get("identical", r["prompts"]) != r["prompts"]]
+            failed += [r["mode"] for r in dtype_rows
+                       if r.get("identical", r["prompts"]) != r["prompts"]]
     if rank != 0:
         return 0
-    print(f"\n{meta['device']}, {describe(args.model)}, drafter: {drafter_name}, lookahead "
-          f"{args.lookahead}, {len(prompts)} prompts x {args.max_new_tokens} tokens, {size} ranks\n")
+    print(f"\n{meta['device']}, {describe(args.model)}, drafter: {drafter_name}, "
+          f"lookahead {args.lookahead}, {len(prompts)} prompts x {args.max_new_tokens} tokens, "
+          f"{size} ranks\n")
     print(table(rows), flush=True)
     if failed:
         print(f"FAIL: float64 outputs differ from generate in {failed}", file=sys.stderr)

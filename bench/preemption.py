@@ -45,10 +45,10 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, device_name, provenance  # noqa: E402
-from bench.models import describe, resolve  # noqa: E402
-from dsi_mpi.protocol import Cancel, Cancelled, Message, Result, Shutdown, Verify  # noqa: E402
-from dsi_mpi.transport import Transport  # noqa: E402
+from bench.common import REPO, device_name, provenance
+from bench.models import describe, resolve
+from dsi_mpi.protocol import Cancel, Cancelled, Message, Result, Shutdown, Verify
+from dsi_mpi.transport import Transport
 
 SERVER = 1
 WARMUP = 5
@@ -89,7 +89,8 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 class Driver:
     """Rank 0: sends VERIFY and CANCEL as a coordinator would, and times the replies."""
 
-    def __init__(self, transport: Transport, side: MPI.Comm, context: list[int], blocks: list[list[int]]) -> None:
+    def __init__(self, transport: Transport, side: MPI.Comm, context: list[int],
+                 blocks: list[list[int]]) -> None:
         self.transport = transport
         self.side = side
         self.context = context
@@ -159,7 +160,8 @@ class Driver:
                 "kind": int(msg.TAG)}
 
 
-def serve(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, folder: str, specs: list) -> list[int]:
+def serve(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, folder: str,
+          specs: list) -> list[int]:
     """Rank 1: one HF backend; the real server loop once per gate configuration."""
     import torch
 
@@ -187,7 +189,8 @@ def serve(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, folder: str,
     return waits
 
 
-def drive(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, specs: list, vocab: int) -> list[dict]:
+def drive(comm: MPI.Comm, side: MPI.Comm, args: argparse.Namespace, specs: list,
+          vocab: int) -> list[dict]:
     """Rank 0: per configuration, uncancelled forwards, then cancelled ones."""
     import random
 
@@ -227,8 +230,10 @@ def summarise(result: dict, waits: int, base_plain: float, meta: dict) -> dict:
         "cancelled": len(cancelled), "completed": len(sent) - len(cancelled),
         "cancel_to_reply_ms": percentiles(to_reply),
         "cancel_to_idle_ms": percentiles(to_idle),
-        "cancel_to_reply_cancelled_only_ms": percentiles([t["received"] - t["sent"] for t in cancelled]),
-        "uncancelled_ms": {"median": round(1e3 * plain, 3), "p95": percentiles(result["plain"])["p95"]},
+        "cancel_to_reply_cancelled_only_ms": percentiles(
+            [t["received"] - t["sent"] for t in cancelled]),
+        "uncancelled_ms": {"median": round(1e3 * plain, 3),
+                           "p95": percentiles(result["plain"])["p95"]},
         "uncancelled_ratio": round(plain / base_plain, 4),
         "delay_max_ms": round(1e3 * result["horizon"], 3),
         "gate_waits": waits,
@@ -236,27 +241,36 @@ def summarise(result: dict, waits: int, base_plain: float, meta: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| gate | CANCEL->reply p50 / p95 / max (ms) | CANCEL->idle p50 / p95 / max (ms) | cancelled / sent "
-             "| uncancelled median (ms) | ratio |", "|---|---|---|---|---|---|"]
+    lines = ["| gate | CANCEL->reply p50 / p95 / max (ms) | CANCEL->idle p50 / p95 / max (ms) "
+             "| cancelled / sent | uncancelled median (ms) | ratio |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         a, b = r["cancel_to_reply_ms"], r["cancel_to_idle_ms"]
-        lines.append(f"| {r['gate']} | {a['p50']} / {a['p95']} / {a['max']} | {b['p50']} / {b['p95']} / {b['max']} "
-                     f"| {r['cancelled']} / {r['trials'] - r['early']} | {r['uncancelled_ms']['median']} "
-                     f"| {r['uncancelled_ratio']:.3f} |")
+        lines.append(f"| {r['gate']} | {a['p50']} / {a['p95']} / {a['max']} "
+                     f"| {b['p50']} / {b['p95']} / {b['max']} "
+                     f"| {r['cancelled']} / {r['trials'] - r['early']} "
+                     f"| {r['uncancelled_ms']['median']} | {r['uncancelled_ratio']:.3f} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (rank 1's model)")
-    parser.add_argument("--model", help="folder, .gguf or random:SHAPE (default random:cpu / random:smollm2)")
+    parser.add_argument("--model",
+                        help="folder, .gguf or random:SHAPE (default random:cpu / random:smollm2)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--context", type=int, default=128, help="tokens cached before each VERIFY")
-    parser.add_argument("--block", type=int, default=6, help="new tokens per VERIFY (lookahead + 1)")
-    parser.add_argument("--trials", type=int, default=100, help="cancelled forwards per configuration")
-    parser.add_argument("--uncancelled", type=int, default=30, help="uncancelled forwards per configuration")
-    parser.add_argument("--gates", default="hook,2,sync", help="configurations: hook, a window W, sync")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on rank 1 (default 1 on a CPU)")
+    parser.add_argument("--context", type=int, default=128,
+                        help="tokens cached before each VERIFY")
+    parser.add_argument("--block", type=int, default=6,
+                        help="new tokens per VERIFY (lookahead + 1)")
+    parser.add_argument("--trials", type=int, default=100,
+                        help="cancelled forwards per configuration")
+    parser.add_argument("--uncancelled", type=int, default=30,
+                        help="uncancelled forwards per configuration")
+    parser.add_argument("--gates", default="hook,2,sync",
+                        help="configurations: hook, a window W, sync")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on rank 1 (default 1 on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--workdir", default=None, help="where random or converted models are kept")
@@ -282,7 +296,7 @@ def main() -> int:
             workdir = args.workdir or os.path.join(tempfile.gettempdir(), "dsi-mpi-bench-models")
             os.makedirs(workdir, exist_ok=True)
             verdict = (resolve(spec, workdir), None)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        except Exception as exc:  # every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
     folder, error = comm.bcast(verdict, root=0)
     if error is not None:
@@ -306,7 +320,8 @@ def main() -> int:
     import torch
     import transformers
 
-    meta = {"label": args.label, "device": device, "device_arg": args.device, "model": describe(spec),
+    meta = {"label": args.label, "device": device, "device_arg": args.device,
+            "model": describe(spec),
             "layers": config.num_hidden_layers, "dtype": args.dtype, "context": args.context,
             "block": args.block, "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, **provenance(comm.Get_size())}
@@ -318,8 +333,9 @@ def main() -> int:
             line = json.dumps(row)
             fh.write(line + "\n")
             print(line, flush=True)
-    print(f"\n{device}, {describe(spec)} ({config.num_hidden_layers} layers, {args.dtype}), context {args.context}, "
-          f"block {args.block}; delays uniform in [0, {rows[0]['delay_max_ms']} ms]\n")
+    print(f"\n{device}, {describe(spec)} ({config.num_hidden_layers} layers, {args.dtype}), "
+          f"context {args.context}, block {args.block}; "
+          f"delays uniform in [0, {rows[0]['delay_max_ms']} ms]\n")
     print(table(rows), flush=True)
     return 0
 

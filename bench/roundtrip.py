@@ -16,9 +16,9 @@ The DSI and coordinator numbers come from a transport that stamps every message 
 ``perf_counter`` per event, well under a microsecond); times on different ranks compare
 because every rank reads the same monotonic clock (one host; reported n/a across hosts).
 
-    mpiexec -n 2 python -m mpi4py bench/roundtrip.py      # ping-pong, non-SI
-    mpiexec -n 9 python -m mpi4py bench/roundtrip.py      # ... and DSI (coordinator, drafter, 7 targets)
-    python bench/roundtrip.py --markdown docs/results/roundtrip-2.jsonl docs/results/roundtrip-9.jsonl
+    mpiexec -n 2 python -m mpi4py bench/roundtrip.py  # ping-pong, non-SI
+    mpiexec -n 9 python -m mpi4py bench/roundtrip.py  # and DSI (coordinator, drafter, 7 targets)
+    python bench/roundtrip.py --markdown docs/results/roundtrip-{2,9}.jsonl
 
 Prints a table and writes one JSON line per poll strategy (config, git commit, host, Slurm job id).
 """
@@ -82,7 +82,8 @@ class StampingTransport(Transport):
         msg = super().poll(source, tag)
         if msg is not None:
             end = time.perf_counter()
-            self.events.append((end, "r", msg.source, int(msg.message.TAG), self._waiting, end - start))
+            self.events.append((end, "r", msg.source, int(msg.message.TAG), self._waiting,
+                                end - start))
         return msg
 
     def wait(self, *args: object, **kwargs: object) -> Incoming:
@@ -123,8 +124,10 @@ def pingpong(comm: MPI.Comm, peer: int, rounds: int, batches: int) -> list[float
     return out[1:]
 
 
-def run_stamped(comm: MPI.Comm, config: RunConfig, prompts: list[Prompt]) -> tuple[list[dict], list | None]:
-    """The runtime on ``comm`` with stamping transports: (records, every rank's events) on rank 0."""
+def run_stamped(comm: MPI.Comm, config: RunConfig,
+                prompts: list[Prompt]) -> tuple[list[dict], list | None]:
+    """The runtime on ``comm`` with stamping transports: (records, every rank's events) on
+    rank 0."""
     dsi_mpi.runtime.Transport = StampingTransport
     try:
         outcome = run(comm, [config], prompts if comm.Get_rank() == 0 else (), warmup=1)
@@ -157,7 +160,8 @@ def commit_latencies(events: list) -> tuple[list[float], list[float]]:
     coordinator, drafter = events[0], events[DRAFTER]
     # MPI does not reorder messages between two ranks on one communicator, and every receiver
     # here takes any tag from its peer, so the k-th message sent is the k-th received.
-    sent_by = {rank: [e for e in ev if e[1] == "s" and e[2] == 0] for rank, ev in enumerate(events) if rank}
+    sent_by = {rank: [e for e in ev if e[1] == "s" and e[2] == 0]
+               for rank, ev in enumerate(events) if rank}
     got_from: dict[int, int] = {}
     to_drafter = [e for e in coordinator if e[1] == "s" and e[2] == DRAFTER]
     drafter_got = [e for e in drafter if e[1] == "r" and e[2] == 0]
@@ -196,7 +200,8 @@ def forward_precision(tpot_ms: float, trials: int, seed: int = 0) -> dict:
         backend.crop(1)
         fire = time.perf_counter() + rng.uniform(0, tpot_ms / 1e3)
         try:
-            backend.forward([2], GREEDY, should_cancel=lambda fire=fire: time.perf_counter() >= fire)
+            backend.forward([2], GREEDY,
+                            should_cancel=lambda fire=fire: time.perf_counter() >= fire)
         except Cancelled:
             late.append(time.perf_counter() - fire)
         else:  # the check fired between the last probe and the end: not a cancellation
@@ -208,14 +213,15 @@ def _stats(seconds: list[float]) -> dict | None:
     if not seconds:
         return None
     us = sorted(x * 1e6 for x in seconds)
-    return {"median": round(statistics.median(us), 1), "p90": round(us[math.ceil(0.9 * len(us)) - 1], 1),
+    return {"median": round(statistics.median(us), 1),
+            "p90": round(us[math.ceil(0.9 * len(us)) - 1], 1),
             "max": round(us[-1], 1), "n": len(us)}
 
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -229,8 +235,8 @@ def measure(comm: MPI.Comm, poll: str, args: argparse.Namespace) -> dict | None:
     result["pingpong_us"] = _stats(rtt)
     receive, handle = [], []
     for tpot in (0.01, 1.0):
-        config = RunConfig(target=f"emulated:tpot_ms={tpot}", mode="nonsi", max_new_tokens=args.tokens,
-                           poll=poll, timeout_s=120.0)
+        config = RunConfig(target=f"emulated:tpot_ms={tpot}", mode="nonsi",
+                           max_new_tokens=args.tokens, poll=poll, timeout_s=120.0)
         prompts = [Prompt([1, 2, 3, i]) for i in range(args.repeats)]
         records, events = run_stamped(comm, config, prompts)
         if rank == 0:
@@ -245,13 +251,16 @@ def measure(comm: MPI.Comm, poll: str, args: argparse.Namespace) -> dict | None:
         drafter = f"emulated:tpot_ms={args.dsi_drafter_ms},acceptance={args.acceptance}"
         config = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=args.lookahead,
                            max_new_tokens=args.tokens, poll=poll, timeout_s=120.0)
-        records, events = run_stamped(comm, config, [Prompt([1, 2, 3, i]) for i in range(args.repeats)])
+        prompts = [Prompt([1, 2, 3, i]) for i in range(args.repeats)]
+        records, events = run_stamped(comm, config, prompts)
         if rank == 0:
             sent, received = commit_latencies(events) if same_host else ([], [])
-            result["dsi"] = {"target_tpot_ms": args.dsi_target_ms, "drafter_tpot_ms": args.dsi_drafter_ms,
+            result["dsi"] = {"target_tpot_ms": args.dsi_target_ms,
+                             "drafter_tpot_ms": args.dsi_drafter_ms,
                              "acceptance": args.acceptance, "lookahead": args.lookahead,
-                             "sp": size - 2, "per_token_us": _stats([r["wall_time_s"] / r["num_new_tokens"]
-                                                                     for r in records]),
+                             "sp": size - 2,
+                             "per_token_us": _stats([r["wall_time_s"] / r["num_new_tokens"]
+                                                     for r in records]),
                              "commit_sent_us": _stats(sent), "commit_received_us": _stats(received)}
             r, h = coordinator_costs(events)
             result["dsi_coordinator"] = {"receive_us": _stats(r), "handle_us": _stats(h)}
@@ -272,7 +281,8 @@ def main() -> int:
     parser.add_argument("--lookahead", type=int, default=2)
     parser.add_argument("--forward-trials", type=int, default=200)
     parser.add_argument("--out", help="JSONL (default docs/results/roundtrip-<ranks>.jsonl)")
-    parser.add_argument("--markdown", nargs="+", metavar="JSONL", help="print earlier runs as a Markdown table")
+    parser.add_argument("--markdown", nargs="+", metavar="JSONL",
+                        help="print earlier runs as a Markdown table")
     args = parser.parse_args()
     if args.markdown:
         rows = [json.loads(line) for path in args.markdown for line in open(path) if line.strip()]
@@ -280,7 +290,8 @@ def main() -> int:
         return 0
     comm = MPI.COMM_WORLD
     if comm.Get_size() < 2:
-        print("launch with mpiexec -n 2 or more (2: non-SI only; 3 or more: also DSI)", file=sys.stderr)
+        print("launch with mpiexec -n 2 or more (2: non-SI only; 3 or more: also DSI)",
+              file=sys.stderr)
         return 2
     rank = comm.Get_rank()
     auto = poll_strategy(comm, "auto")
@@ -288,8 +299,9 @@ def main() -> int:
     for poll in args.polls.split(","):
         result = measure(comm, poll, args)
         if rank == 0:
-            result.update(auto_choice=auto, tokens=args.tokens, repeats=args.repeats, commit=git_commit(),
-                          host=platform.node(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            result.update(auto_choice=auto, tokens=args.tokens, repeats=args.repeats,
+                          commit=git_commit(), host=platform.node(),
+                          slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                           time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             results.append(result)
             print(json.dumps(result), flush=True)
@@ -308,13 +320,16 @@ def main() -> int:
 
 
 def _cell(stats: dict | None, key: str = "median") -> str:
-    return "n/a" if stats is None else f"{stats[key]:.0f}" if stats[key] >= 100 else f"{stats[key]:.1f}"
+    if stats is None:
+        return "n/a"
+    return f"{stats[key]:.0f}" if stats[key] >= 100 else f"{stats[key]:.1f}"
 
 
 def markdown_table(results: list[dict]) -> str:
     lines = [
-        "| ranks | poll | MPI ping-pong | non-SI 0.01 ms: per token, overhead | non-SI 1 ms: per token, overhead "
-        "| DSI commit: told, received (p90) | coordinator per message: receive, handle (non-SI; DSI) |",
+        "| ranks | poll | MPI ping-pong | non-SI 0.01 ms: per token, overhead "
+        "| non-SI 1 ms: per token, overhead | DSI commit: told, received (p90) "
+        "| coordinator per message: receive, handle (non-SI; DSI) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -328,17 +343,19 @@ def markdown_table(results: list[dict]) -> str:
             coordinator += f"; {_cell(dc['receive_us'])}, {_cell(dc['handle_us'])}"
         lines.append(
             f"| {r['ranks']} | {r['poll']} | {_cell(r['pingpong_us'])} "
-            f"| {_cell(a['per_token_us'])}, {_cell(a['overhead_us'])} | {_cell(b['per_token_us'])}, "
-            f"{_cell(b['overhead_us'])} | {commit} | {coordinator} |")
+            f"| {_cell(a['per_token_us'])}, {_cell(a['overhead_us'])} "
+            f"| {_cell(b['per_token_us'])}, {_cell(b['overhead_us'])} | {commit} | {coordinator} |")
     return "\n".join(lines) + "\n\nAll times in microseconds, medians (p90 in parentheses)."
 
 
 def forward_table(precision: list[dict]) -> str:
-    lines = ["| emulated forward | duration error: median, p90, max | cancellation late: median, p90, max |",
+    lines = ["| emulated forward | duration error: median, p90, max "
+             "| cancellation late: median, p90, max |",
              "|---|---|---|"]
     for p in precision:
         d, c = p["duration_error_us"], p["cancel_late_us"]
-        lines.append(f"| {p['tpot_ms']} ms | {d['median']}, {d['p90']}, {d['max']} | {c['median']}, {c['p90']}, {c['max']} |")
+        lines.append(f"| {p['tpot_ms']} ms | {d['median']}, {d['p90']}, {d['max']} "
+                     f"| {c['median']}, {c['p90']}, {c['max']} |")
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ class RunConfig:
     dtype: str = "auto"  # model dtype for HF backends
     device: str = "cpu"  # cpu, cuda, or cuda:N for model ranks
     num_drafters: int = 1  # drafter ranks; ranks 1..num_drafters
-    max_run_ahead: int | None = None  # drafts beyond the committed prefix; None: lookahead * (sp + 1)
+    max_run_ahead: int | None = None  # drafts past the committed prefix; None: lookahead*(sp+1)
     reuse_cache: bool = False  # keep KV caches across prompts (off: every prompt pays its prefill)
     timeout_s: float = 600.0  # longest wait for any message before the job is aborted
     poll: str = "auto"  # how waiting ranks wait: spin, backoff, or auto (spin if each has a core)
@@ -44,30 +44,36 @@ class RunConfig:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.verify not in VERIFY_MODES:
-            raise ConfigError(f"--verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
+            raise ConfigError(f"--verify must be one of {', '.join(VERIFY_MODES)}, "
+                              f"got {self.verify!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.mode != "nonsi" and not self.drafter:
-            raise ConfigError(f"--mode {self.mode} needs --drafter SPEC (a path, hub id or emulated: spec)")
+            raise ConfigError(f"--mode {self.mode} needs --drafter SPEC "
+                              "(a path, hub id or emulated: spec)")
         if self.mode != "nonsi" and self.lookahead < 1:
-            raise ConfigError(f"--lookahead must be >= 1, got {self.lookahead}: a task verifies at least one draft")
+            raise ConfigError(f"--lookahead must be >= 1, got {self.lookahead}: "
+                              "a task verifies at least one draft")
         if self.sp is not None and self.sp < 1:
             raise ConfigError(f"--sp must be >= 1, got {self.sp}")
         if self.mode in ("si", "nonsi") and self.sp not in (None, 1):
-            raise ConfigError(f"--mode {self.mode} uses one target server; drop --sp {self.sp} or use --mode dsi")
+            raise ConfigError(f"--mode {self.mode} uses one target server; "
+                              f"drop --sp {self.sp} or use --mode dsi")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_drafters != 1:
             raise ConfigError("only one drafter rank is supported for now (--num-drafters 1)")
         if self.max_run_ahead is not None and self.max_run_ahead < self.lookahead:
-            raise ConfigError(f"--max-run-ahead must be >= --lookahead ({self.lookahead}), got {self.max_run_ahead}")
+            raise ConfigError(f"--max-run-ahead must be >= --lookahead ({self.lookahead}), "
+                              f"got {self.max_run_ahead}")
         if self.poll not in POLL_CHOICES:
             raise ConfigError(f"--poll must be one of {', '.join(POLL_CHOICES)}, got {self.poll!r}")
         if self.poll_max_s <= 0:
             raise ConfigError(f"poll_max_s must be > 0 seconds, got {self.poll_max_s}")
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
-        specs = [("--target", self.target)] + ([("--drafter", self.drafter)] if self.uses_drafter else [])
+        drafter = [("--drafter", self.drafter)] if self.uses_drafter else []
+        specs = [("--target", self.target)] + drafter
         for flag, spec in specs:
             if is_emulated(spec):
                 try:
@@ -75,21 +81,26 @@ class RunConfig:
                 except ValueError as exc:
                     raise ConfigError(f"{flag}: {exc}") from None
                 if flag == "--target" and parsed.acceptance is not None:
-                    raise ConfigError(f"--target {spec!r}: acceptance= belongs in the drafter's spec")
+                    raise ConfigError(f"--target {spec!r}: "
+                                      "acceptance= belongs in the drafter's spec")
                 if flag == "--drafter" and parsed.acceptance is None:
-                    raise ConfigError(f"--drafter {spec!r}: an emulated drafter needs acceptance=A (0..1)")
+                    raise ConfigError(f"--drafter {spec!r}: "
+                                      "an emulated drafter needs acceptance=A (0..1)")
         if self.uses_drafter:
             if is_emulated(self.target) != is_emulated(self.drafter or ""):
-                raise ConfigError("--target and --drafter must both be emulated: specs or both be models")
+                raise ConfigError("--target and --drafter must both be emulated: specs "
+                                  "or both be models")
             if is_emulated(self.target):
                 t, d = EmulatedSpec.parse(self.target), EmulatedSpec.parse(self.drafter or "")
                 if (t.vocab, t.seed) != (d.vocab, d.seed):
                     raise ConfigError(
-                        f"emulated target and drafter must share vocab and seed (the drafter imitates "
-                        f"the target's language): target vocab={t.vocab},seed={t.seed}, drafter vocab={d.vocab},seed={d.seed}"
+                        f"emulated target and drafter must share vocab and seed (the drafter "
+                        f"imitates the target's language): target vocab={t.vocab},seed={t.seed}, "
+                        f"drafter vocab={d.vocab},seed={d.seed}"
                     )
                 if self.verify == "rejection":
-                    raise ConfigError("--verify rejection needs model distributions; emulated backends support --verify exact only")
+                    raise ConfigError("--verify rejection needs model distributions; "
+                                      "emulated backends support --verify exact only")
 
     @property
     def uses_drafter(self) -> bool:

@@ -66,8 +66,9 @@ def gpu_for(local_index: int, node_views: Sequence[Sequence[str]], share: bool =
     slots = [views[:i].count(v) for i, v in enumerate(views)]
     view, slot = views[local_index], slots[local_index]
     if not view:
-        raise DeviceError(f"{node}: model ranks see no GPU (no device, or CUDA_VISIBLE_DEVICES empty): "
-                          "request GPUs for the job (e.g. sbatch --gpus-per-node=N) or use --device cpu")
+        raise DeviceError(f"{node}: model ranks see no GPU "
+                          "(no device, or CUDA_VISIBLE_DEVICES empty): request GPUs for the job "
+                          "(e.g. sbatch --gpus-per-node=N) or use --device cpu")
     if slot >= len(view) and not share:
         raise DeviceError(
             f"{node}: {views.count(view)} model ranks but {len(view)} GPU(s) visible to them "
@@ -113,7 +114,8 @@ def _bind(comm: MPI.Comm, is_model: bool, count: int | None) -> tuple[str, str]:
     if is_model:
         mine = [r for r, (n, v) in enumerate(everyone) if n == node and v is not None]
         try:
-            device = gpu_for(mine.index(rank), [everyone[r][1] for r in mine], share_requested(), node)
+            device = gpu_for(mine.index(rank), [everyone[r][1] for r in mine],
+                             share_requested(), node)
         except DeviceError as exc:
             error = str(exc)
     # Every rank learns every error, so that all fail alike instead of some waiting forever.
@@ -203,7 +205,8 @@ def binding_report(comm: MPI.Comm) -> list[str] | None:
         count, source = len(visible.split(",")) if visible else 0, "assumed"
     try:
         device, node = _bind(comm, role != "coordinator", count if role != "coordinator" else None)
-        line = (f"rank {rank} {role} on {node}: CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'} "
+        shown = visible if visible is not None else "unset"
+        line = (f"rank {rank} {role} on {node}: CUDA_VISIBLE_DEVICES={shown} "
                 f"({source}: {count}) -> {device}")
         error = None
     except DeviceError as exc:

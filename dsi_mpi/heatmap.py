@@ -47,11 +47,13 @@ def _row(args: tuple) -> list[dict]:
 
 
 def compute(grid: int = 101, sp: int = 7, tokens: int = 50, repeats: int = 1, seed: int = 0,
-            lookaheads: Sequence[int] = (1, 2, 3, 5, 7, 10), workers: int | None = None) -> list[dict]:
+            lookaheads: Sequence[int] = (1, 2, 3, 5, 7, 10),
+            workers: int | None = None) -> list[dict]:
     """Cells for drafter latency in [0.01, 1] (fraction of the target's) x acceptance in [0, 1]."""
     fractions = np.linspace(0.01, 1.0, grid)
     acceptances = [float(a) for a in np.linspace(0.0, 1.0, grid)]
-    jobs = [(float(f), acceptances, sp, tokens, repeats, tuple(lookaheads), seed) for f in fractions]
+    jobs = [(float(f), acceptances, sp, tokens, repeats, tuple(lookaheads), seed)
+            for f in fractions]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         rows = list(pool.map(_row, jobs))
     return [cell for row in rows for cell in row]
@@ -96,14 +98,17 @@ def plot(cells: Sequence[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def run(out_prefix: str, grid: int = 101, sp: int = 7, tokens: int = 50, repeats: int = 1, seed: int = 0,
-        lookaheads: Sequence[int] = (1, 2, 3, 5, 7, 10), workers: int | None = None) -> dict:
+def run(out_prefix: str, grid: int = 101, sp: int = 7, tokens: int = 50, repeats: int = 1,
+        seed: int = 0, lookaheads: Sequence[int] = (1, 2, 3, 5, 7, 10),
+        workers: int | None = None) -> dict:
     started = time.perf_counter()
     cells = compute(grid, sp, tokens, repeats, seed, lookaheads, workers)
     elapsed = time.perf_counter() - started
     write_csv(cells, out_prefix + ".csv")
     plot(cells, out_prefix + ".png",
-         f"dsi_mpi simulator: SP={sp}, {tokens} tokens, best lookahead of {list(lookaheads)}, {repeats} repeat(s)")
-    summary = {key: {"min": min(c[key] for c in cells), "max": max(c[key] for c in cells)} for key, _ in PANELS}
+         f"dsi_mpi simulator: SP={sp}, {tokens} tokens, "
+         f"best lookahead of {list(lookaheads)}, {repeats} repeat(s)")
+    summary = {key: {"min": min(c[key] for c in cells), "max": max(c[key] for c in cells)}
+               for key, _ in PANELS}
     return {"grid": grid, "cells": len(cells), "seconds": elapsed, "csv": out_prefix + ".csv",
             "png": out_prefix + ".png", "summary": summary}

@@ -61,33 +61,37 @@ def from_profile(path: str) -> tuple[Latencies, float]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON ({exc.msg})") from None
     try:
-        values = [float(data[model][key]) for model in ("target", "drafter") for key in ("tpot_ms", "ttft_ms")]
+        values = [float(data[model][key])
+                  for model in ("target", "drafter") for key in ("tpot_ms", "ttft_ms")]
         acceptance = float(data["acceptance"])
     except (KeyError, TypeError, ValueError):
-        raise ValueError("not a profile: it needs target and drafter tpot_ms and ttft_ms, and acceptance "
-                         "(write one with dsi-mpi profile)") from None
+        raise ValueError("not a profile: it needs target and drafter tpot_ms and ttft_ms, "
+                         "and acceptance (write one with dsi-mpi profile)") from None
     target_tpot, target_ttft, drafter_tpot, drafter_ttft = values
-    if not all(math.isfinite(v) and v >= 0 for v in values) or target_tpot <= 0 or not 0 <= acceptance <= 1:
-        raise ValueError("latencies must be >= 0 ms with the target's TPOT > 0, and acceptance in [0, 1]")
+    finite = all(math.isfinite(v) and v >= 0 for v in values)
+    if not finite or target_tpot <= 0 or not 0 <= acceptance <= 1:
+        raise ValueError("latencies must be >= 0 ms with the target's TPOT > 0, "
+                         "and acceptance in [0, 1]")
     return Latencies(target_tpot, drafter_tpot, target_ttft, drafter_ttft), acceptance
 
 
-def best(mode: str, lat: Latencies, acceptance: float, lookaheads: Iterable[int], sp: int, tokens: int,
-         repeats: int, seed: int, messages: MessageModel = IDEAL) -> SimSummary:
+def best(mode: str, lat: Latencies, acceptance: float, lookaheads: Iterable[int], sp: int,
+         tokens: int, repeats: int, seed: int, messages: MessageModel = IDEAL) -> SimSummary:
     """The lookahead with the lowest mean latency (the smallest on ties)."""
     runs = [simulate(mode, lat, acceptance, k, sp, tokens, repeats, seed, messages=messages)
             for k in sorted(set(lookaheads))]
     return min(runs, key=lambda s: (round(s.mean_ms, 9), s.lookahead))
 
 
-def make_plan(lat: Latencies, acceptance: float, gpus: int, tokens: int = 50, repeats: int = 20, seed: int = 0,
-              lookaheads: Iterable[int] = DEFAULT_LOOKAHEADS) -> Plan:
+def make_plan(lat: Latencies, acceptance: float, gpus: int, tokens: int = 50, repeats: int = 20,
+              seed: int = 0, lookaheads: Iterable[int] = DEFAULT_LOOKAHEADS) -> Plan:
     """One GPU for the drafter, the rest for target servers (the coordinator needs none)."""
     if gpus < 2:
         raise ValueError(f"DSI needs at least 2 GPUs (one drafter, one target), got {gpus}")
     available = gpus - 1
     eq1 = min_lookahead(lat, available)
-    dsi = best("dsi", lat, acceptance, dsi_lookaheads(lat, available, lookaheads), available, tokens, repeats, seed)
+    dsi = best("dsi", lat, acceptance, dsi_lookaheads(lat, available, lookaheads), available,
+               tokens, repeats, seed)
     # The fewest servers that keep the chosen lookahead within 1% of every server's latency
     # (the paper's "more than ceil(t_target / t_drafter) servers cannot help" holds in steady
     # state; prefill and restarts make the simulator the judge). Spare GPUs can serve others.

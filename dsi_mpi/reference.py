@@ -26,7 +26,8 @@ class Generation:
     counters: Counters = field(default_factory=Counters)
 
 
-def extend_output(output: list[int], tokens: Iterable[int], eos_ids: frozenset[int], max_new_tokens: int) -> bool:
+def extend_output(output: list[int], tokens: Iterable[int], eos_ids: frozenset[int],
+                  max_new_tokens: int) -> bool:
     """Append committed tokens, stopping at EOS or ``max_new_tokens``; True when finished."""
     for token in tokens:
         if len(output) >= max_new_tokens:
@@ -37,7 +38,8 @@ def extend_output(output: list[int], tokens: Iterable[int], eos_ids: frozenset[i
     return len(output) >= max_new_tokens
 
 
-def generate_nonsi(target: Backend, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams) -> Generation:
+def generate_nonsi(target: Backend, prompt: Sequence[int], max_new_tokens: int,
+                   params: SamplingParams) -> Generation:
     """Plain autoregressive decoding: one target forward per token."""
     runner = ContextRunner(target)
     runner.reset()
@@ -79,7 +81,8 @@ def generate_si(
                 q_rows.append(out.probs[0])
             if drafts[-1] in drafter.eos_token_ids:
                 break
-        out = target_runner.run(committed + drafts, params, num_outputs=len(drafts) + 1, want_probs=rejection)
+        out = target_runner.run(committed + drafts, params, num_outputs=len(drafts) + 1,
+                                want_probs=rejection)
         gen.counters.target_forwards += 1
         if rejection:
             q = np.stack(q_rows) if q_rows else np.zeros((0, target.vocab_size))

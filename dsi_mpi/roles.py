@@ -30,13 +30,15 @@ class Layout:
         return self.targets[: sp or len(self.targets)]
 
 
-def make_layout(world_size: int, modes: Sequence[str], sp: int | None = None, num_drafters: int = 1) -> Layout:
+def make_layout(world_size: int, modes: Sequence[str], sp: int | None = None,
+                num_drafters: int = 1) -> Layout:
     """The layout for ``world_size`` ranks, or a ConfigError saying how many are needed."""
     need = max(MIN_RANKS[m] for m in modes)
     if "dsi" in modes and sp is not None:
         need = max(need, 1 + num_drafters + sp)
     if world_size < need:
-        detail = f" (--sp {sp} needs 1 coordinator + {num_drafters} drafter + {sp} targets)" if sp else ""
+        detail = (f" (--sp {sp} needs 1 coordinator + {num_drafters} drafter + {sp} targets)"
+                  if sp else "")
         raise ConfigError(
             f"--mode {','.join(modes)} needs at least {need} MPI ranks, got {world_size}{detail}: "
             f"launch with mpiexec -n {need} (nonsi 2, si 3, dsi 3 or more)"

@@ -42,7 +42,7 @@ class MessageModel:
     """What messages cost; the default is the ideal: free and instant."""
 
     latency_ms: float = 0.0  # one-way delivery time of every message
-    cancel_check_ms: float = 0.0  # a target checks for CANCEL this often during a forward (0: always)
+    cancel_check_ms: float = 0.0  # how often a target checks for CANCEL in a forward (0: always)
     # Between-forward polls of a busy drafter (and cancellation checks of a target) that miss a
     # message already delivered: MPICH's Iprobe reported arrived messages only at its 2nd to 5th
     # call, and the runtime before issue 8 probed once per forward (1 here). 0 since then.
@@ -123,9 +123,11 @@ class SimSummary:
             "repeats": len(self.runs),
             "observed_acceptance": accepted / verified if verified else 0.0,
             # committed tokens the target gave where no draft had arrived: near 1, DSI is non-SI
-            "forced_share": sum(r.counters.forced for r in self.runs) / max(1, sum(len(r.tokens) for r in self.runs)),
+            "forced_share": (sum(r.counters.forced for r in self.runs)
+                             / max(1, sum(len(r.tokens) for r in self.runs))),
             "queued_ms": statistics.fmean(r.queued_ms for r in self.runs),
-            "queued_after_prefill_ms": statistics.fmean(r.queued_after_prefill_ms for r in self.runs),
+            "queued_after_prefill_ms": statistics.fmean(
+                r.queued_after_prefill_ms for r in self.runs),
         }
 
 
@@ -140,7 +142,8 @@ class _Simulation:
         servers = list(range(sp if mode == "dsi" else 1))
         if mode == "si" or run_ahead is None:
             run_ahead = default_run_ahead(mode, lookahead, len(servers))
-        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, restart_on_forced=restart_on_forced)
+        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens,
+                             restart_on_forced=restart_on_forced)
         self.lat = lat
         self.msg = messages
         self.now = 0.0
@@ -253,7 +256,8 @@ class _Simulation:
                     self._seq += 1
                     at = self._check_time(self._d_started, self._d_ends)
                     if at is not None:
-                        heapq.heappush(self._events, (at, self._seq, "d_abandon", (self._d_forward,)))
+                        heapq.heappush(self._events,
+                                       (at, self._seq, "d_abandon", (self._d_forward,)))
             else:
                 self.drafter.apply(msg)
                 self._drafter_maybe_start()
@@ -300,7 +304,8 @@ class _Simulation:
         check = self.msg.cancel_check_ms
         at = self.now
         if check > 0:
-            at = start + (math.ceil((self.now - start) / check - 1e-9) + self.msg.poll_misses) * check
+            checks = math.ceil((self.now - start) / check - 1e-9) + self.msg.poll_misses
+            at = start + checks * check
         return at if at < end else None
 
     # ----------------------------------------------------------------- drafter
@@ -331,18 +336,19 @@ class _Simulation:
         heapq.heappush(self._events, (self.now + cost, self._seq, "drafted", (self._d_forward,)))
 
 
-def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
-                  seed: int = 0, prompt: Sequence[int] = PROMPT, run_ahead: int | None = None,
-                  messages: MessageModel = IDEAL, restart_on_forced: bool = False,
-                  preempt_drafter: bool = True) -> SimRun:
+def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
+                  tokens: int, seed: int = 0, prompt: Sequence[int] = PROMPT,
+                  run_ahead: int | None = None, messages: MessageModel = IDEAL,
+                  restart_on_forced: bool = False, preempt_drafter: bool = True) -> SimRun:
     """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
     acceptances (the same as an emulated MPI run with that seed and prompt). ``run_ahead``
     overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime);
     ``messages`` prices the messages (default: free); ``restart_on_forced`` runs the policy
     as it was before issue 8, and ``preempt_drafter=False`` the drafter (which then finished
     every forward, even one a rollback had made stale)."""
-    return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt, run_ahead=run_ahead,
-                       messages=messages, restart_on_forced=restart_on_forced,
+    return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt,
+                       run_ahead=run_ahead, messages=messages,
+                       restart_on_forced=restart_on_forced,
                        preempt_drafter=preempt_drafter).run()
 
 
@@ -357,7 +363,8 @@ def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: i
         raise ValueError("lookahead, sp, tokens and repeats must be >= 1")
     if not 0.0 <= acceptance <= 1.0:
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
-    summary = SimSummary(mode, lookahead if mode != "nonsi" else 0, sp if mode == "dsi" else 1, tokens)
+    summary = SimSummary(mode, lookahead if mode != "nonsi" else 0, sp if mode == "dsi" else 1,
+                         tokens)
     for r in range(repeats):
         summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r,
                                           run_ahead=run_ahead, messages=messages))
@@ -378,7 +385,7 @@ def min_lookahead(lat: Latencies, sp: int) -> int:
 
 
 def servers_needed(lat: Latencies, lookahead: int) -> int:
-    """ceil(t_target / (k * t_drafter)): SP at which no task waits for a server (design note, §2)."""
+    """ceil(t_target / (k * t_drafter)): SP at which no task waits for a server (design, §2)."""
     if lat.drafter_tpot_ms <= 0:
         return 1
     return max(1, math.ceil(lat.target_tpot_ms / (lookahead * lat.drafter_tpot_ms) - 1e-12))

@@ -59,13 +59,15 @@ def noise_generator(seed: int, position: int, stream: int = STREAM_SELECT) -> np
     return np.random.default_rng(np.random.SeedSequence([seed, position, stream]))
 
 
-def gumbel_noise(seed: int, position: int, vocab_size: int, stream: int = STREAM_SELECT) -> np.ndarray:
+def gumbel_noise(seed: int, position: int, vocab_size: int,
+                 stream: int = STREAM_SELECT) -> np.ndarray:
     """Standard Gumbel noise for one position, ``[vocab_size]`` float64."""
     return noise_generator(seed, position, stream).gumbel(size=vocab_size)
 
 
 def sample_from(p: np.ndarray, seed: int, position: int, stream: int = STREAM_SELECT) -> int:
-    """Sample one token from probabilities ``p`` ``[vocab]`` by Gumbel-max with that position's noise."""
+    """Sample one token from probabilities ``p`` ``[vocab]`` by Gumbel-max with that
+    position's noise."""
     with np.errstate(divide="ignore"):
         log_p = np.log(np.asarray(p, dtype=np.float64))
     return int(np.argmax(log_p + gumbel_noise(seed, position, log_p.shape[-1], stream)))
@@ -95,7 +97,8 @@ def exact_match(drafts: Sequence[int], target_tokens: Sequence[int]) -> tuple[in
     return accepted, commit
 
 
-def rejection_step(draft: int, q: np.ndarray, p: np.ndarray, seed: int, position: int) -> tuple[bool, int]:
+def rejection_step(draft: int, q: np.ndarray, p: np.ndarray, seed: int,
+                   position: int) -> tuple[bool, int]:
     """Leviathan et al. (2023), Algorithm 1, for one position.
 
     Accept ``draft`` (drawn from ``q``) with probability min(1, p[draft] / q[draft]); on

@@ -68,7 +68,8 @@ class DrafterWorker:
             self.active, self.eos, self.diverged = True, False, False
         elif isinstance(msg, Rollback):
             if len(self.seq) < msg.keep:
-                raise ProtocolError(f"rollback to {msg.keep} but the drafter holds {len(self.seq)} tokens")
+                raise ProtocolError(f"rollback to {msg.keep} "
+                                    f"but the drafter holds {len(self.seq)} tokens")
             self.seq = self.seq[: msg.keep] + list(msg.forced)
             self.limit, self.eos, self.diverged = msg.limit, False, False
         elif isinstance(msg, Advance):
@@ -88,7 +89,8 @@ class DrafterWorker:
         if not tokens or self.diverged:
             return
         if len(self.seq) < start:
-            raise ProtocolError(f"committed tokens from position {start}, but the drafter holds {len(self.seq)}")
+            raise ProtocolError(f"committed tokens from position {start}, "
+                                f"but the drafter holds {len(self.seq)}")
         overlap = min(len(self.seq) - start, len(tokens))
         if self.seq[start: start + overlap] != list(tokens[:overlap]):
             self.diverged = True
@@ -114,7 +116,8 @@ class DrafterWorker:
             self.runner.reset()
             self.reset_cache = False
         try:
-            out = self.runner.run(self.seq, self._params, want_probs=self.want_probs, should_cancel=should_cancel)
+            out = self.runner.run(self.seq, self._params, want_probs=self.want_probs,
+                                  should_cancel=should_cancel)
         except Cancelled:
             return None
         token = int(out.tokens[0])
@@ -131,13 +134,16 @@ class TargetWorker:
         self.runner = ContextRunner(backend)
         self.params = params
 
-    def verify(self, msg: Verify, should_cancel: Callable[[], bool] | None = None) -> Result | CancelledMsg:
+    def verify(self, msg: Verify,
+               should_cancel: Callable[[], bool] | None = None) -> Result | CancelledMsg:
         if len(self.runner.tokens) < msg.keep:
-            raise ProtocolError(f"task {msg.task_id}: keep {msg.keep} but the cache holds {len(self.runner.tokens)}")
+            raise ProtocolError(f"task {msg.task_id}: keep {msg.keep} "
+                                f"but the cache holds {len(self.runner.tokens)}")
         try:
             out = self.runner.extend(msg.keep, msg.tokens, _seeded(self.params, msg.seed),
                                      num_outputs=msg.num_outputs, want_probs=msg.want_probs,
                                      should_cancel=should_cancel)
         except Cancelled:
             return CancelledMsg(msg.epoch, msg.task_id)
-        return Result(msg.epoch, msg.task_id, out.first_position, tuple(out.tokens.tolist()), out.probs)
+        return Result(msg.epoch, msg.task_id, out.first_position, tuple(out.tokens.tolist()),
+                      out.probs)

@@ -12,8 +12,8 @@ from dsi_mpi.backends.emulated import PREFIX as EMULATED_PREFIX
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.backends.gguf import is_gguf
 
-__all__ = ["Backend", "Cancelled", "StepOutput", "EmulatedBackend", "EmulatedSpec", "is_emulated", "is_gguf",
-           "is_self_drafter", "load_backend", "self_drafter_layers"]
+__all__ = ["Backend", "Cancelled", "StepOutput", "EmulatedBackend", "EmulatedSpec", "is_emulated",
+           "is_gguf", "is_self_drafter", "load_backend", "self_drafter_layers"]
 
 SELF_PREFIX = "self:"
 
@@ -27,7 +27,7 @@ def is_self_drafter(spec: str) -> bool:
 
 
 def self_drafter_layers(spec: str) -> int:
-    """N of ``self:layers=N``; ValueError for any other form (the range is the target's to check)."""
+    """N of ``self:layers=N``; ValueError for any other form (the target checks the range)."""
     body = spec[len(SELF_PREFIX):] if is_self_drafter(spec) else ""
     key, _, value = body.partition("=")
     try:

@@ -102,7 +102,8 @@ class ContextRunner:
         for the last ``num_outputs`` positions. If the forward is cancelled, the cache holds
         the kept prefix (what a coordinator that tracks this cache then assumes)."""
         if len(self.tokens) < keep:
-            raise ValueError(f"asked to keep {keep} positions, but the cache holds {len(self.tokens)}")
+            raise ValueError(f"asked to keep {keep} positions, "
+                             f"but the cache holds {len(self.tokens)}")
         self.crop(keep)
         out = self.backend.forward(tokens, params, num_outputs=num_outputs, want_probs=want_probs,
                                    should_cancel=should_cancel)
@@ -119,5 +120,6 @@ class ContextRunner:
     ) -> StepOutput:
         """Outputs for the last ``num_outputs`` positions up to ``len(context)``, reusing the
         longest cached prefix that agrees with ``context``."""
-        keep = min(common_prefix(self.tokens, context), len(context) - 1, len(context) - num_outputs)
+        keep = min(common_prefix(self.tokens, context), len(context) - 1,
+                   len(context) - num_outputs)
         return self.extend(keep, context[keep:], params, num_outputs, want_probs, should_cancel)

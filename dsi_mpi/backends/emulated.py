@@ -79,14 +79,16 @@ class EmulatedSpec:
                 f"valid keys are {sorted(known)}, e.g. emulated:tpot_ms=20.6,ttft_ms=27.8"
             )
         if "tpot_ms" not in fields:
-            raise ValueError(f"malformed emulated spec {spec!r}: tpot_ms is required, e.g. emulated:tpot_ms=20.6")
+            raise ValueError(f"malformed emulated spec {spec!r}: tpot_ms is required, "
+                             "e.g. emulated:tpot_ms=20.6")
 
         def number(key: str, kind: type) -> float | int:
             try:
                 return kind(fields[key])
             except ValueError:
                 raise ValueError(
-                    f"malformed emulated spec {spec!r}: {key}={fields[key]!r} is not {kind.__name__}"
+                    f"malformed emulated spec {spec!r}: "
+                    f"{key}={fields[key]!r} is not {kind.__name__}"
                 ) from None
 
         tpot = float(number("tpot_ms", float))
@@ -97,7 +99,8 @@ class EmulatedSpec:
         if tpot < 0 or ttft < 0:
             raise ValueError(f"emulated spec {spec!r}: latencies must be >= 0 ms")
         if acceptance is not None and not 0.0 <= acceptance <= 1.0:
-            raise ValueError(f"emulated spec {spec!r}: acceptance must be in [0, 1], got {acceptance}")
+            raise ValueError(f"emulated spec {spec!r}: acceptance must be in [0, 1], "
+                             f"got {acceptance}")
         if vocab < 2:
             raise ValueError(f"emulated spec {spec!r}: vocab must be >= 2, got {vocab}")
         if seed < 0:
@@ -160,7 +163,8 @@ class EmulatedBackend(Backend):
         should_cancel: Callable[[], bool] | None = None,
     ) -> StepOutput:
         if want_probs:
-            raise ValueError("the emulated backend has no distributions; use --verify exact with it")
+            raise ValueError("the emulated backend has no distributions; "
+                             "use --verify exact with it")
         if not tokens:
             raise ValueError("forward needs at least one token")
         start = self.cached_length()

@@ -133,7 +133,8 @@ class LayerGate:
         if device.type != "cuda":
             return cls(spec)  # CPU ops are synchronous: probing is all there is to do
         stream = partial(torch.cuda.current_stream, device)
-        return cls(spec, new_event=partial(_StreamEvent, device), synchronize=lambda: stream().synchronize())
+        return cls(spec, new_event=partial(_StreamEvent, device),
+                   synchronize=lambda: stream().synchronize())
 
     @property
     def active(self) -> bool:

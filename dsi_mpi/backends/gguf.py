@@ -39,7 +39,7 @@ def cache_root() -> str:
     return os.path.abspath(root)
 
 
-def read_config(path: str):  # noqa: ANN201 - a transformers PretrainedConfig
+def read_config(path: str):  # returns a transformers PretrainedConfig
     """The model config in a GGUF file's header: proof that the file exists and holds an
     architecture transformers can read from GGUF, in a few seconds, before any conversion.
 
@@ -67,7 +67,8 @@ def converted_folder(path: str) -> str:
 
     real = os.path.realpath(path)
     stat = os.stat(real)
-    identity = f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}\0{FORMAT_VERSION}"
+    identity = (f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}"
+                f"\0{transformers.__version__}\0{FORMAT_VERSION}")
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     stem = os.path.basename(real)[: -len(SUFFIX)]
     return os.path.join(cache_root(), "gguf", f"{stem}-{key}")

@@ -47,7 +47,8 @@ def distributions(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def select_tokens(logits: torch.Tensor, first_position: int, params: SamplingParams) -> np.ndarray:
-    """The token each row of ``logits`` ``[n, vocab]`` selects; row i is position first_position + i.
+    """The token each row of ``logits`` ``[n, vocab]`` selects; row i is position
+    first_position + i.
 
     Greedy is argmax (first index on ties, like ``generate``); otherwise Gumbel-max with the
     shared noise of each absolute position. Returns int64 ``[n]``.

@@ -23,9 +23,10 @@ def test_every_poll_strategy_gives_the_target_output(poll: str) -> None:
     """Frequent rejections (acceptance 0.5), so cancels interrupt emulated forwards in flight."""
     target = "emulated:tpot_ms=1,ttft_ms=2,vocab=1000"
     drafter = "emulated:tpot_ms=0.2,ttft_ms=0.4,acceptance=0.5,vocab=1000"
-    base = RunConfig(target=target, drafter=drafter, mode="nonsi", max_new_tokens=MAX_NEW, poll=poll,
-                     timeout_s=TIMEOUT_S)
-    configs = [base, replace(base, mode="si", lookahead=3), replace(base, mode="dsi", lookahead=1, sp=3),
+    base = RunConfig(target=target, drafter=drafter, mode="nonsi", max_new_tokens=MAX_NEW,
+                     poll=poll, timeout_s=TIMEOUT_S)
+    configs = [base, replace(base, mode="si", lookahead=3),
+               replace(base, mode="dsi", lookahead=1, sp=3),
                replace(base, mode="dsi", lookahead=3, sp=3)]
     prompts = [[1, 2, 3], [9, 8, 7, 6]]
     records, error, pending = run_on(5, configs, prompts)
@@ -34,11 +35,12 @@ def test_every_poll_strategy_gives_the_target_output(poll: str) -> None:
         from dsi_mpi.backends import load_backend
         from dsi_mpi.reference import generate_nonsi
 
-        reference = [generate_nonsi(load_backend(target, sleep=False), p, MAX_NEW, SamplingParams()).tokens
-                     for p in prompts]
+        reference = [generate_nonsi(load_backend(target, sleep=False), p, MAX_NEW,
+                                    SamplingParams()).tokens for p in prompts]
         for r in records:
             if r["tokens"] != reference[r["prompt_index"]]:
-                ok, message = False, f"{poll}: {r['mode']} k={r['lookahead']} differs from the target: {r}"
+                ok, message = False, (f"{poll}: {r['mode']} k={r['lookahead']} "
+                                      f"differs from the target: {r}")
                 break
         if ok and sum(r["verifications_aborted"] for r in records if r["mode"] == "dsi") == 0:
             ok, message = False, f"{poll}: no forward in flight was abandoned"

@@ -25,8 +25,8 @@ def test_a_slow_drafter_keeps_its_drafts() -> None:
     the same run committed about 90% of its tokens as target-only (forced) tokens."""
     target = "emulated:tpot_ms=30,ttft_ms=39"
     drafter = "emulated:tpot_ms=19.5,ttft_ms=24,acceptance=0.95"
-    config = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3, max_new_tokens=40,
-                       timeout_s=TIMEOUT_S)
+    config = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3,
+                       max_new_tokens=40, timeout_s=TIMEOUT_S)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5]]
     records, error, pending = run_on(5, [config], prompts)
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"
@@ -77,5 +77,6 @@ def test_simulator_with_measured_message_latency_reproduces_the_collapse() -> No
             before = forced_share(old, restart_on_forced=True, preempt_drafter=False)
             after = forced_share(new, restart_on_forced=False)
             if not (before > 0.5 and after < 0.1):
-                ok, message = False, f"ping-pong {latency * 1e3:.1f} us: forced share {before:.2f} before, {after:.2f} after"
+                ok, message = False, (f"ping-pong {latency * 1e3:.1f} us: forced share "
+                                      f"{before:.2f} before, {after:.2f} after")
     agree(ok, message)

@@ -28,24 +28,29 @@ def test_smollm2_with_a_self_drafter_equals_generate(mpi_smollm2: dict[str, str]
     prompts = read_prompts(None, mpi_smollm2["humaneval"], None, tokenizer, num_prompts=3)
     base = RunConfig(target=mpi_smollm2["gguf"], drafter=f"self:layers={LAYERS}", mode="nonsi",
                      max_new_tokens=MAX_NEW, dtype="float32", timeout_s=TIMEOUT_S)
-    configs = [base, replace(base, mode="si", lookahead=4), replace(base, mode="dsi", lookahead=2, sp=3)]
+    configs = [base, replace(base, mode="si", lookahead=4),
+               replace(base, mode="dsi", lookahead=2, sp=3)]
     records, error, pending = run_on(5, configs, prompts, tokenizer)
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"
     if ok and RANK == 0:
-        model = AutoModelForCausalLM.from_pretrained(mpi_smollm2["folder"], dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(mpi_smollm2["folder"], dtype=torch.float32)
+        model.eval()
         expected = []
         for prompt in prompts:
             with torch.inference_mode():
-                out = model.generate(torch.tensor([prompt.ids]), max_new_tokens=MAX_NEW, do_sample=False)
+                out = model.generate(torch.tensor([prompt.ids]), max_new_tokens=MAX_NEW,
+                                     do_sample=False)
             expected.append(out[0, len(prompt.ids):].tolist())
         assert len(records) == 3 * len(prompts)
         for r in records:
             if r["tokens"] != expected[r["prompt_index"]]:
-                ok, message = False, (f"{r['mode']} k={r['lookahead']} sp={r['sp']} prompt {r['prompt_index']}: "
+                ok, message = False, (f"{r['mode']} k={r['lookahead']} sp={r['sp']} "
+                                      f"prompt {r['prompt_index']}: "
                                       f"{r['tokens']} != {expected[r['prompt_index']]}")
                 break
         for mode in ("si", "dsi"):
             runs = [r for r in records if r["mode"] == mode]
-            if ok and not (sum(r["accepted"] for r in runs) > 0 and sum(r["rejected"] for r in runs) > 0):
+            if ok and not (sum(r["accepted"] for r in runs) > 0
+                           and sum(r["rejected"] for r in runs) > 0):
                 ok, message = False, f"{mode}: expected both accepted and rejected drafts: {runs}"
     agree(ok, message)

@@ -35,7 +35,8 @@ FOUR = ("0", "1", "2", "3")
         ("0,1", 4, ("0", "1")),  # a dry run without CUDA may pass a larger count
     ],
 )
-def test_visible_gpus_follow_cuda_visible_devices(cvd: str | None, count: int, expected: tuple[str, ...]) -> None:
+def test_visible_gpus_follow_cuda_visible_devices(cvd: str | None, count: int,
+                                                  expected: tuple[str, ...]) -> None:
     assert visible_gpus(cvd, count) == expected
 
 
@@ -45,13 +46,17 @@ def test_visible_gpus_follow_cuda_visible_devices(cvd: str | None, count: int, e
         ([FOUR], ["cuda:0"]),  # a lone model rank
         ([FOUR] * 3, ["cuda:0", "cuda:1", "cuda:2"]),  # drafter + 2 targets on 4 GPUs
         ([FOUR] * 4, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]),  # exactly one each
-        ([("2", "3")] * 2, ["cuda:0", "cuda:1"]),  # indices into CUDA_VISIBLE_DEVICES, not physical ids
-        ([("0",), ("1",), ("2",)], ["cuda:0"] * 3),  # srun --gpus-per-task=1: each its own first GPU
+        # indices into CUDA_VISIBLE_DEVICES, not physical ids
+        ([("2", "3")] * 2, ["cuda:0", "cuda:1"]),
+        # srun --gpus-per-task=1: each its own first GPU
+        ([("0",), ("1",), ("2",)], ["cuda:0"] * 3),
         ([("GPU-a", "GPU-b"), ("GPU-a", "GPU-b")], ["cuda:0", "cuda:1"]),
-        ([("0", "1"), ("0", "1"), ("2", "3"), ("2", "3")], ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]),
+        ([("0", "1"), ("0", "1"), ("2", "3"), ("2", "3")],
+         ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]),
     ],
 )
-def test_each_model_rank_of_a_node_gets_its_own_gpu(views: list[tuple[str, ...]], expected: list[str]) -> None:
+def test_each_model_rank_of_a_node_gets_its_own_gpu(views: list[tuple[str, ...]],
+                                                    expected: list[str]) -> None:
     assert [gpu_for(i, views) for i in range(len(views))] == expected
 
 
@@ -67,7 +72,8 @@ def test_more_model_ranks_than_gpus_is_a_clear_error() -> None:
 
 def test_sharing_wraps_around_when_asked_for() -> None:
     views = [("0", "1")] * 5
-    assert [gpu_for(i, views, share=True) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert [gpu_for(i, views, share=True) for i in range(5)] == [
+        "cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
 
 
 def test_no_visible_gpu_is_an_error_even_when_sharing() -> None:
@@ -90,7 +96,8 @@ def test_device_error_is_bad_input() -> None:
     assert issubclass(DeviceError, ConfigError)  # the CLI exits 2 with the message, no abort
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1", True), ("true", True), ("YES", True), ("0", False), ("", False)])
+@pytest.mark.parametrize(("value", "expected"),
+                         [("1", True), ("true", True), ("YES", True), ("0", False), ("", False)])
 def test_share_flag(value: str, expected: bool) -> None:
     assert share_requested({SHARE_ENV: value}) is expected
     assert share_requested({}) is False

@@ -14,7 +14,8 @@ GREEDY = SamplingParams()
 
 def test_spec_grammar_and_defaults() -> None:
     target = EmulatedSpec.parse("emulated:tpot_ms=20.6,ttft_ms=27.8")
-    assert (target.tpot_ms, target.ttft_ms, target.acceptance, target.vocab, target.seed) == (20.6, 27.8, None, 32000, 0)
+    assert (target.tpot_ms, target.ttft_ms, target.acceptance, target.vocab, target.seed) == (
+        20.6, 27.8, None, 32000, 0)
     drafter = EmulatedSpec.parse("emulated:tpot_ms=6.8,ttft_ms=8.1,acceptance=0.93")
     assert drafter.acceptance == 0.93
     assert EmulatedSpec.parse("emulated:tpot_ms=5").ttft_ms == 5.0  # ttft defaults to tpot
@@ -42,7 +43,9 @@ def test_malformed_specs_name_the_problem(spec: str, message: str) -> None:
 
 
 def _fast(acceptance: float | None = None, vocab: int = 1000) -> EmulatedBackend:
-    spec = f"emulated:tpot_ms=0,vocab={vocab}" + ("" if acceptance is None else f",acceptance={acceptance}")
+    spec = f"emulated:tpot_ms=0,vocab={vocab}"
+    if acceptance is not None:
+        spec += f",acceptance={acceptance}"
     backend = load_backend(spec)
     assert isinstance(backend, EmulatedBackend)
     return backend
@@ -129,7 +132,8 @@ def test_cancellation_interrupts_the_precise_end_of_a_forward() -> None:
     with pytest.raises(Cancelled):
         backend.forward([4, 5], GREEDY, should_cancel=cancel_after_three)
     assert len(calls) == 4 and backend.cached_length() == 3
-    assert backend.forward([4, 5], GREEDY).tokens.tolist() == _fast(vocab=50).forward([1, 2, 3, 4, 5], GREEDY).tokens[3:].tolist()
+    resumed = backend.forward([4, 5], GREEDY).tokens.tolist()
+    assert resumed == _fast(vocab=50).forward([1, 2, 3, 4, 5], GREEDY).tokens[3:].tolist()
 
 
 def test_a_forward_lasts_at_least_its_latency() -> None:
@@ -137,7 +141,7 @@ def test_a_forward_lasts_at_least_its_latency() -> None:
     for tokens, latency in (([1, 2, 3], 0.005), ([4], 0.003)):
         started = time.perf_counter()
         backend.forward(tokens, GREEDY)
-        assert time.perf_counter() - started >= latency  # never early (how late: bench/roundtrip.py)
+        assert time.perf_counter() - started >= latency  # not early (how late: bench/roundtrip.py)
 
 
 def test_emulated_has_no_distributions() -> None:

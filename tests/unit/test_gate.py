@@ -1,4 +1,4 @@
-"""The per-layer gate (backends/gate.py) on a simulated GPU, on a real HF model, and on ``--device``.
+"""The per-layer gate (backends/gate.py) on a simulated GPU, on a real HF model and on ``--device``.
 
 The simulated GPU runs queued layers only while the CPU sleeps, so without a gate the CPU
 queues a whole forward before the GPU has run any of it: the worst case of the CUDA launch
@@ -52,7 +52,8 @@ class FakeGPU:
         return FakeEvent(self)
 
     def gate(self, spec: GateSpec) -> LayerGate:
-        return LayerGate(spec, new_event=self.new_event, synchronize=self.synchronize, sleep=self.sleep)
+        return LayerGate(spec, new_event=self.new_event, synchronize=self.synchronize,
+                         sleep=self.sleep)
 
 
 class FakeEvent:
@@ -78,7 +79,8 @@ class Layer(torch.nn.Module):
         return x
 
 
-def run_forward(gpu: FakeGPU, spec: GateSpec, should_cancel=None, layers: int = LAYERS) -> LayerGate:  # noqa: ANN001
+def run_forward(gpu: FakeGPU, spec: GateSpec, should_cancel=None,
+                layers: int = LAYERS) -> LayerGate:
     stack = torch.nn.ModuleList(Layer(gpu) for _ in range(layers))
     gate = gpu.gate(spec)
     gate.install(stack)
@@ -130,7 +132,8 @@ def test_sync_after_every_layer_stops_at_the_next_layer(cancel_at: int) -> None:
 
 @pytest.mark.parametrize("window", [1, 2, 3, 5])
 @pytest.mark.parametrize("layers_per_sleep", [1, 3])
-def test_an_uncancelled_forward_waits_only_with_w_layers_in_flight(window: int, layers_per_sleep: int) -> None:
+def test_an_uncancelled_forward_waits_only_with_w_layers_in_flight(window: int,
+                                                                    layers_per_sleep: int) -> None:
     """The gate never waits on an incomplete event beyond W: it sleeps only while W layers are
     queued and incomplete, and it keeps W queued (the GPU is never starved by the gate)."""
     gpu = FakeGPU(layers_per_sleep=layers_per_sleep)
@@ -209,7 +212,7 @@ def deep_llama(tiny_suite: dict[str, str], tmp_path_factory: pytest.TempPathFact
     return build_tiny_model(tmp_path_factory.mktemp("deep-llama"), layers=8, tokenizer=tokenizer)
 
 
-def _fake_gated(path: str, device: str, gpu: FakeGPU, window: int):  # noqa: ANN202 - an HFBackend
+def _fake_gated(path: str, device: str, gpu: FakeGPU, window: int):  # returns an HFBackend
     """The HF backend with its gate driven by a simulated GPU: the decoder layers queue work
     on it (a pre-hook that runs after the gate's), and the gate waits on its events."""
     from dsi_mpi.backends.hf import _decoder_layers
@@ -225,7 +228,8 @@ def _fake_gated(path: str, device: str, gpu: FakeGPU, window: int):  # noqa: ANN
 
 
 @pytest.mark.parametrize("window", [1, 2])
-def test_a_gated_hf_forward_cancelled_mid_way_restores_the_cache(deep_llama: str, device: str, window: int) -> None:
+def test_a_gated_hf_forward_cancelled_mid_way_restores_the_cache(deep_llama: str, device: str,
+                                                                 window: int) -> None:
     """Cancelled at every point of a verification forward: it stops within W layers, every
     cache layer is cropped back (they hold different lengths), and what follows is exactly
     what a model that never saw the cancelled forward computes."""

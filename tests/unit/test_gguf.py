@@ -19,9 +19,10 @@ def test_the_converted_folder_is_the_gguf_model(smollm2: dict[str, str]) -> None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(smollm2["gguf"])
+    load = AutoModelForCausalLM.from_pretrained
     for dtype in (torch.float32, torch.bfloat16):
-        direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).state_dict()
-        converted = AutoModelForCausalLM.from_pretrained(smollm2["folder"], dtype=dtype).state_dict()
+        direct = load(folder, gguf_file=name, dtype=dtype).state_dict()
+        converted = load(smollm2["folder"], dtype=dtype).state_dict()
         assert direct.keys() == converted.keys()
         assert all(torch.equal(direct[k], converted[k]) for k in direct)
     a = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -41,7 +42,8 @@ def test_a_gguf_spec_loads_from_the_cache(smollm2: dict[str, str]) -> None:
     assert backend.eos_token_ids == frozenset({2}) and backend.model.dtype == torch.float32
 
 
-def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
     monkeypatch.setenv("DSI_MPI_CACHE", str(tmp_path / "c"))
     assert gguf.cache_root() == str(tmp_path / "c")
     monkeypatch.delenv("DSI_MPI_CACHE")
@@ -56,15 +58,16 @@ class _Stub:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tiny, self.fail, self.loads = tiny_suite["llama"], fail, 0
-        self._load_model, self._load_tokenizer = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+        self._load_model = AutoModelForCausalLM.from_pretrained
+        self._load_tokenizer = AutoTokenizer.from_pretrained
 
-    def model(self, folder: str, gguf_file: str, dtype: torch.dtype):  # noqa: ANN201
+    def model(self, folder: str, gguf_file: str, dtype: torch.dtype):
         self.loads += 1
         if self.fail:
             raise RuntimeError("disk full")
         return self._load_model(self.tiny, dtype=dtype)
 
-    def tokenizer(self, folder: str, gguf_file: str):  # noqa: ANN201
+    def tokenizer(self, folder: str, gguf_file: str):
         return self._load_tokenizer(self.tiny)
 
 
@@ -86,14 +89,16 @@ def test_conversion_is_atomic_and_done_once(monkeypatch: pytest.MonkeyPatch, tmp
     assert not gguf.is_converted(path)
     folder = gguf.convert(path)
     assert gguf.is_converted(path) and gguf.convert(path) == folder and stub.loads == 1
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(folder))
+    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"}
+    assert expected <= set(os.listdir(folder))
     assert os.listdir(os.path.dirname(folder)) == [os.path.basename(folder)]  # no staging left
     # A changed file is another model: a new folder.
     Path(path).write_bytes(b"GGUF v2")
     assert gguf.converted_folder(path) != folder
 
 
-def test_losing_a_conversion_race_keeps_the_winners_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+def test_losing_a_conversion_race_keeps_the_winners_folder(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path,
                                                            tiny_suite: dict[str, str]) -> None:
     path = _stub(monkeypatch, tmp_path, _Stub(tiny_suite))
     final = gguf.converted_folder(path)
@@ -106,7 +111,8 @@ def test_losing_a_conversion_race_keeps_the_winners_folder(monkeypatch: pytest.M
 
     monkeypatch.setattr(gguf.os, "rename", another_process_wins)
     assert gguf.convert(path) == final
-    assert os.listdir(final) == ["winner"] and os.listdir(os.path.dirname(final)) == [os.path.basename(final)]
+    assert os.listdir(final) == ["winner"]
+    assert os.listdir(os.path.dirname(final)) == [os.path.basename(final)]
 
 
 def test_a_failed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -42,7 +42,8 @@ class _RandomDriver:
                  params: SamplingParams, rng: random.Random) -> None:
         self.policy, self.params, self.rng = policy, params, rng
         self.servers = {s: TargetWorker(b, params) for s, b in targets.items()}
-        self.drafter = DrafterWorker(drafter, params, policy.eos_ids) if drafter is not None else None
+        self.drafter = (DrafterWorker(drafter, params, policy.eos_ids)
+                        if drafter is not None else None)
         self.to_server: dict[int, deque] = {s: deque() for s in targets}
         self.from_server: dict[int, deque] = {s: deque() for s in targets}
         self.to_drafter: deque = deque()
@@ -74,9 +75,11 @@ class _RandomDriver:
         if isinstance(msg, Cancel):
             return  # a cancel for a task already answered: ignored, as the real server does
         worker = self.servers[s]
-        assert len(worker.runner.tokens) >= msg.keep, "the coordinator overestimated a server's cache"
+        assert len(worker.runner.tokens) >= msg.keep, (
+            "the coordinator overestimated a server's cache")
         # A cancel already queued behind this request may abandon it (the between-layer check).
-        cancel_waiting = any(isinstance(m, Cancel) and m.task_id == msg.task_id for m in self.to_server[s])
+        cancel_waiting = any(isinstance(m, Cancel) and m.task_id == msg.task_id
+                             for m in self.to_server[s])
         if cancel_waiting and self.rng.random() < 0.7:
             reply = worker.verify(msg, should_cancel=lambda: True)
             assert isinstance(reply, Cancelled)
@@ -104,7 +107,9 @@ class _RandomDriver:
 
 
 def _emulated(acceptance: float | None = None) -> Backend:
-    spec = "emulated:tpot_ms=0,vocab=50" + (f",acceptance={acceptance}" if acceptance is not None else "")
+    spec = "emulated:tpot_ms=0,vocab=50"
+    if acceptance is not None:
+        spec += f",acceptance={acceptance}"
     return load_backend(spec, sleep=False)
 
 
@@ -138,7 +143,8 @@ def test_random_interleavings_are_lossless(mode: str, acceptance: float) -> None
 
 def test_rejections_preempt_outstanding_tasks() -> None:
     policy = _policy("dsi", 4, 2, 60)
-    driver = _RandomDriver(policy, {s: _emulated() for s in range(4)}, _emulated(0.6), GREEDY, random.Random(5))
+    driver = _RandomDriver(policy, {s: _emulated() for s in range(4)}, _emulated(0.6), GREEDY,
+                           random.Random(5))
     driver.run([1, 2, 3])
     assert policy.counters.rejected > 0
     assert policy.counters.verifications_cancelled > 0
@@ -157,16 +163,19 @@ def test_eos_stops_generation(tiny_suite: dict[str, str]) -> None:
         policy = _policy("dsi", 2, 3, 30, target.eos_token_ids)
         targets = {s: load_backend(tiny_suite["llama"], dtype="float64") for s in range(2)}
         drafter = load_backend(tiny_suite[f"llama/{kind}"], dtype="float64")
-        assert _RandomDriver(policy, targets, drafter, GREEDY, random.Random(1)).run(ids) == expected
+        driver = _RandomDriver(policy, targets, drafter, GREEDY, random.Random(1))
+        assert driver.run(ids) == expected
 
 
 def test_scripted_dsi_sequence() -> None:
     """Step by step: prefill everywhere, a task per lookahead drafts, a rejection preempts."""
     policy = Policy("dsi", [10, 11], lookahead=2, run_ahead=6, max_new_tokens=8)
     actions = policy.begin([7, 8])
-    assert actions[0].to == DRAFTER and isinstance(actions[0].message, Start) and actions[0].message.limit == 8
+    assert actions[0].to == DRAFTER and isinstance(actions[0].message, Start)
+    assert actions[0].message.limit == 8
     prefill = sent(actions, Verify)
-    assert [(a.server, a.keep, a.tokens, a.first_position) for a in prefill] == [(10, 0, (7, 8), 2), (11, 0, (7, 8), 2)]
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in prefill] == [
+        (10, 0, (7, 8), 2), (11, 0, (7, 8), 2)]
     assert policy.on_draft(policy.epoch, 2, 100) == []
     queued = policy.on_draft(policy.epoch, 3, 101)  # two drafts: a task is created and queued
     assert queued == []  # both servers are busy with the prefill
@@ -175,19 +184,22 @@ def test_scripted_dsi_sequence() -> None:
     assert policy.output == [100]
     send = sent(out, Verify)
     # The server holds [7, 8]: it keeps both and appends only the two drafts.
-    assert [(a.server, a.keep, a.tokens, a.first_position) for a in send] == [(10, 2, (100, 101), 3)]
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in send] == [
+        (10, 2, (100, 101), 3)]
     assert policy.on_draft(epoch, 4, 102) == []
     assert policy.on_draft(epoch, 5, 103) == []  # a task for positions 5..6, queued
     out = policy.on_result(11, prefill[1].task_id, 2, [100])  # a duplicate frees server 11
     spec = sent(out, Verify)
-    assert [(a.server, a.keep, a.tokens, a.first_position) for a in spec] == [(11, 2, (100, 101, 102, 103), 5)]
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in spec] == [
+        (11, 2, (100, 101, 102, 103), 5)]
     out = policy.on_result(10, send[0].task_id, 3, [101, 55])  # d_3 ok, t_4 = 55 != d_4
     assert policy.output == [100, 101, 55]
     assert policy.counters.accepted == 2 and policy.counters.rejected == 1
     assert any(a.keep == 4 and a.forced == (55,) for a in sent(out, Rollback))
     assert [(a.server, a.task_id) for a in sent(out, Cancel)] == [(11, spec[0].task_id)]
     zero = sent(out, Verify)
-    assert [(a.server, a.first_position, a.tokens) for a in zero] == [(10, 5, (55,))]  # zero-draft task
+    assert [(a.server, a.first_position, a.tokens) for a in zero] == [
+        (10, 5, (55,))]  # zero-draft task
     assert policy.epoch == epoch + 1
     assert policy.on_draft(epoch, 6, 999) == []  # a stale draft is dropped
     policy.on_cancelled(11, spec[0].task_id)
@@ -234,7 +246,8 @@ def test_a_forced_commit_leaves_the_drafter_alone() -> None:
     assert [(a.server, a.keep, a.tokens, a.first_position) for a in sent(out, Verify)] == [
         (11, 2, (100, 101), 4)]
     out = policy.on_result(10, zero[0].task_id, 3, [101])  # and accepted
-    assert policy.output == [100, 101] and policy.counters.accepted == 1 and policy.counters.forced == 1
+    assert policy.output == [100, 101]
+    assert policy.counters.accepted == 1 and policy.counters.forced == 1
 
 
 def test_a_wrong_late_draft_rolls_the_drafter_back_to_the_committed_tokens() -> None:
@@ -272,7 +285,8 @@ def test_si_bonus_token_rides_on_the_advance() -> None:
 
 def test_drafter_learns_committed_tokens() -> None:
     d = DrafterWorker(_emulated(0.5))
-    d.apply(Start(1, limit=10, max_position=20, want_probs=False, seed=0, reset_cache=True, prompt=(7, 8)))
+    d.apply(Start(1, limit=10, max_position=20, want_probs=False, seed=0, reset_cache=True,
+                  prompt=(7, 8)))
     d.seq.append(100)  # as if drafted
     d.apply(Advance(1, 10, start=2, tokens=(100, 101)))  # agrees, and one more
     assert d.seq == [7, 8, 100, 101]

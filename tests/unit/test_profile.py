@@ -24,9 +24,13 @@ from dsi_mpi.profile import block_acceptance, measure
         ([[1]], 2, [None, None], None),
     ],
 )
-def test_block_acceptance(matches: list, lookahead: int, per_position: list, mean_length: float | None) -> None:
+def test_block_acceptance(matches: list, lookahead: int, per_position: list,
+                          mean_length: float | None) -> None:
     rates, length = block_acceptance([[bool(m) for m in row] for row in matches], lookahead)
-    assert rates == pytest.approx(per_position) if None not in per_position else rates == per_position
+    if None in per_position:
+        assert rates == per_position
+    else:
+        assert rates == pytest.approx(per_position)
     assert length == mean_length
 
 
@@ -49,13 +53,14 @@ def test_acceptance_of_self_drafters_rises_with_depth_to_one(smollm2: dict[str, 
     as N grows, and always when N = 30."""
     from transformers import AutoTokenizer
 
-    prompts = read_prompts(None, smollm2["humaneval"], None, AutoTokenizer.from_pretrained(smollm2["folder"]),
-                           num_prompts=3)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2["folder"])
+    prompts = read_prompts(None, smollm2["humaneval"], None, tokenizer, num_prompts=3)
     target = load_backend(smollm2["gguf"], dtype="float32")
     rates = []
     for layers in (10, 20, 30):
         drafter = load_backend(f"self:layers={layers}", dtype="float32", target=smollm2["gguf"])
-        result = measure(target, drafter, [p.ids for p in prompts], max_new_tokens=24, lookahead=4, warmup=0)
+        result = measure(target, drafter, [p.ids for p in prompts], max_new_tokens=24,
+                         lookahead=4, warmup=0)
         assert result["tokens"] == 72
         rates.append(result["acceptance"])
     assert rates[0] < rates[1] < rates[2] == 1.0, rates
@@ -64,13 +69,15 @@ def test_acceptance_of_self_drafters_rises_with_depth_to_one(smollm2: dict[str, 
 def _profile_file(tmp_path: Path, acceptance: float = 0.7) -> Path:
     path = tmp_path / "profile.json"
     args = ["profile", "--target", "emulated:tpot_ms=3,ttft_ms=6,vocab=100",
-            "--drafter", f"emulated:tpot_ms=1,acceptance={acceptance},vocab=100", "--prompt-ids", "1,2,3",
+            "--drafter", f"emulated:tpot_ms=1,acceptance={acceptance},vocab=100",
+            "--prompt-ids", "1,2,3",
             "--max-new-tokens", "30", "--lookahead", "3", "--warmup", "0", "--output", str(path)]
     assert main(args) == 0
     return path
 
 
-def test_profile_command_writes_what_plan_and_simulate_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_profile_command_writes_what_plan_and_simulate_read(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
     path = _profile_file(tmp_path)
     out = capsys.readouterr().out
     assert "TTFT ms" in out and "acceptance" in out and f"wrote {path}" in out
@@ -78,17 +85,22 @@ def test_profile_command_writes_what_plan_and_simulate_read(tmp_path: Path, caps
     for model in ("target", "drafter"):
         assert {"ttft_ms", "tpot_ms", "spec"} <= set(data[model])
     assert {"acceptance", "prompts", "tokens", "acceptance_per_position", "per_prompt"} <= set(data)
-    assert data["prompts"] == 1 and data["tokens"] == 30 and len(data["acceptance_per_position"]) == 3
+    assert data["prompts"] == 1 and data["tokens"] == 30
+    assert len(data["acceptance_per_position"]) == 3
 
     assert main(["plan", "--profile", str(path), "--gpus", "4", "--repeats", "2"]) == 0
     plan = json.loads(capsys.readouterr().out.splitlines()[-1])
-    flags = ["--target-tpot-ms", str(data["target"]["tpot_ms"]), "--target-ttft-ms", str(data["target"]["ttft_ms"]),
-             "--drafter-tpot-ms", str(data["drafter"]["tpot_ms"]), "--drafter-ttft-ms", str(data["drafter"]["ttft_ms"]),
+    flags = ["--target-tpot-ms", str(data["target"]["tpot_ms"]),
+             "--target-ttft-ms", str(data["target"]["ttft_ms"]),
+             "--drafter-tpot-ms", str(data["drafter"]["tpot_ms"]),
+             "--drafter-ttft-ms", str(data["drafter"]["ttft_ms"]),
              "--acceptance", str(data["acceptance"])]
     assert main(["plan", *flags, "--gpus", "4", "--repeats", "2"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == plan  # the same inputs, the same plan
+    # the same inputs, the same plan
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == plan
 
-    assert main(["simulate", "--mode", "dsi", "--profile", str(path), "--sp", "2", "--repeats", "2"]) == 0
+    assert main(["simulate", "--mode", "dsi", "--profile", str(path), "--sp", "2",
+                 "--repeats", "2"]) == 0
     from_profile = json.loads(capsys.readouterr().out)
     assert main(["simulate", "--mode", "dsi", *flags, "--sp", "2", "--repeats", "2"]) == 0
     assert json.loads(capsys.readouterr().out) == from_profile
@@ -108,7 +120,8 @@ def test_profile_and_latency_flags_exclude_each_other(tmp_path: Path, capsys: py
     capsys.readouterr()
     code = main([*args, "--profile", str(path), "--repeats", "2"])
     err = capsys.readouterr().err
-    assert (code, message is None or message in err) == ((0, True) if message is None else (2, True)), err
+    expected = (0, True) if message is None else (2, True)
+    assert (code, message is None or message in err) == expected, err
 
 
 def test_bad_profiles_and_missing_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

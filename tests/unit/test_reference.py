@@ -16,7 +16,7 @@ GREEDY = SamplingParams()
 MAX_NEW = 24
 
 
-def _prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+def _prompts(tokenizer) -> list[list[int]]:
     texts = [EOS_PROBE_PROMPT, corpus_lines()[1][:40], corpus_lines()[20], "x"]
     return [tokenizer(t)["input_ids"] for t in texts]
 
@@ -24,15 +24,18 @@ def _prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
 def _hf_generate(path: str, ids: list[int], max_new: int, device: str = "cpu") -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).to(device).eval()
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new, do_sample=False)
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new,
+                             do_sample=False)
     return out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_greedy_nonsi_and_si_equal_generate(tiny_suite: dict[str, str], arch: str, device: str) -> None:
+def test_greedy_nonsi_and_si_equal_generate(tiny_suite: dict[str, str], arch: str,
+                                            device: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_suite[arch])
     target = load_backend(tiny_suite[arch], dtype="float64", device=device)
-    drafters = {kind: load_backend(tiny_suite[f"{arch}/{kind}"], dtype="float64", device=device) for kind in ("identical", "perturbed", "unrelated")}
+    drafters = {kind: load_backend(tiny_suite[f"{arch}/{kind}"], dtype="float64", device=device)
+                for kind in ("identical", "perturbed", "unrelated")}
     ended_at_eos = False
     for ids in _prompts(tokenizer):
         expected = _hf_generate(tiny_suite[arch], ids, MAX_NEW, device)
@@ -68,7 +71,8 @@ def test_drafter_kinds_order_acceptance(tiny_suite: dict[str, str], device: str)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_sampling_with_shared_noise_is_reproducible_across_modes(tiny_suite: dict[str, str], arch: str, device: str) -> None:
+def test_sampling_with_shared_noise_is_reproducible_across_modes(tiny_suite: dict[str, str],
+                                                                  arch: str, device: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_suite[arch])
     target = load_backend(tiny_suite[arch], dtype="float64", device=device)
     drafter = load_backend(tiny_suite[f"{arch}/perturbed"], dtype="float64", device=device)
@@ -83,13 +87,15 @@ def test_sampling_with_shared_noise_is_reproducible_across_modes(tiny_suite: dic
     assert len({tuple(o) for o in outputs}) == 3, "different seeds must give different samples"
 
 
-def test_rejection_mode_runs_and_is_exact_when_greedy(tiny_suite: dict[str, str], device: str) -> None:
+def test_rejection_mode_runs_and_is_exact_when_greedy(tiny_suite: dict[str, str],
+                                                      device: str) -> None:
     target = load_backend(tiny_suite["llama"], dtype="float64", device=device)
     drafter = load_backend(tiny_suite["llama/perturbed"], dtype="float64", device=device)
     ids = [5, 17, 42, 8]
     expected = generate_nonsi(target, ids, MAX_NEW, GREEDY).tokens
     # At temperature 0 p and q are one-hot and rejection sampling reduces to exact matching.
-    assert generate_si(target, drafter, ids, MAX_NEW, 4, GREEDY, verify="rejection").tokens == expected
+    out = generate_si(target, drafter, ids, MAX_NEW, 4, GREEDY, verify="rejection")
+    assert out.tokens == expected
     params = SamplingParams(temperature=1.0, seed=3)
     out = generate_si(target, drafter, ids, MAX_NEW, 4, params, verify="rejection")
     assert len(out.tokens) == MAX_NEW or out.tokens[-1] in target.eos_token_ids

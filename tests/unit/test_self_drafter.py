@@ -1,4 +1,4 @@
-"""Self-drafters (``self:layers=N``): the target's embedding, first N layers, final norm and head."""
+"""Self-drafters (``self:layers=N``): a target's embedding, first N layers, final norm and head."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def test_self_drafter_is_the_targets_early_exit(tiny_suite: dict[str, str], arch
     assert drafter.config.num_hidden_layers == 1 and target.config.num_hidden_layers == 2
     ids = torch.tensor([PROMPT])
     with torch.inference_mode():
-        hidden = target.model(input_ids=ids, output_hidden_states=True).hidden_states[1]  # [1, m, d]
+        states = target.model(input_ids=ids, output_hidden_states=True).hidden_states
+        hidden = states[1]  # [1, m, d]
         norm, head = _norm_and_head(target.model)
         expected = head(norm(hidden))[0]  # [m, vocab]
         logits = drafter.model(input_ids=ids).logits[0]
@@ -45,8 +46,8 @@ def test_self_drafter_is_the_targets_early_exit(tiny_suite: dict[str, str], arch
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_all_layers_accept_everything_and_fewer_change_nothing_in_the_output(tiny_suite: dict[str, str],
-                                                                              arch: str) -> None:
+def test_all_layers_accept_everything_and_fewer_change_nothing_in_the_output(
+        tiny_suite: dict[str, str], arch: str) -> None:
     target = load_backend(tiny_suite[arch], dtype="float64")
     expected = generate_nonsi(target, PROMPT, 20, GREEDY).tokens
     for layers, all_accepted in ((2, True), (1, False)):
@@ -102,7 +103,8 @@ def test_per_layer_config_lists_are_cut_too() -> None:
         ("self:depth=1", "malformed self-drafter spec"),
     ],
 )
-def test_bad_self_drafters_fail_in_preflight(tiny_suite: dict[str, str], spec: str, message: str) -> None:
+def test_bad_self_drafters_fail_in_preflight(tiny_suite: dict[str, str], spec: str,
+                                             message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         preflight(RunConfig(target=tiny_suite["llama"], drafter=spec), prompt="hello")
 

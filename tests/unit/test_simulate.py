@@ -69,7 +69,8 @@ def test_dsi_is_never_slower_than_si_or_nonsi_with_enough_servers() -> None:
     """Theorems 1-2 on a grid: with SP >= ceil(t_target / (k t_drafter)) (Eq. 1), DSI's expected
     latency is at most SI's and non-SI's for the same lookahead (paired seeds, 8 repeats)."""
     checked = 0
-    for fraction, acceptance, k in itertools.product((0.05, 0.2, 0.5, 1.0), (0.0, 0.4, 0.8, 0.95), (1, 3, 5)):
+    grid = itertools.product((0.05, 0.2, 0.5, 1.0), (0.0, 0.4, 0.8, 0.95), (1, 3, 5))
+    for fraction, acceptance, k in grid:
         lat = Latencies(1.0, fraction, 1.5, fraction * 1.1)
         sp = servers_needed(lat, k)
         dsi = simulate("dsi", lat, acceptance, k, sp, 30, 8).mean_ms
@@ -103,19 +104,22 @@ def test_planner_recommends_eq1_or_better() -> None:
         make_plan(LAT, 0.9, gpus=1)
 
 
-def test_simulate_plan_and_heatmap_commands(capsys: pytest.CaptureFixture, tmp_path) -> None:  # noqa: ANN001
-    common = ["--target-tpot-ms", "20.6", "--target-ttft-ms", "27.8", "--drafter-tpot-ms", "6.8", "--acceptance", "0.9"]
+def test_simulate_plan_and_heatmap_commands(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    common = ["--target-tpot-ms", "20.6", "--target-ttft-ms", "27.8", "--drafter-tpot-ms", "6.8",
+              "--acceptance", "0.9"]
     for mode in ("dsi", "si", "nonsi"):
-        assert main(["simulate", "--mode", mode, *common, "--lookahead", "auto", "--sp", "7", "--tokens", "20",
-                     "--repeats", "3", "--seed", "1"]) == 0
+        assert main(["simulate", "--mode", mode, *common, "--lookahead", "auto", "--sp", "7",
+                     "--tokens", "20", "--repeats", "3", "--seed", "1"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert {"mode", "mean_ms", "std_ms", "lookahead", "sp", "tokens"} <= set(out) and out["mode"] == mode
+        assert {"mode", "mean_ms", "std_ms", "lookahead", "sp", "tokens"} <= set(out)
+        assert out["mode"] == mode
     assert main(["simulate", "--mode", "si", "--target-tpot-ms", "5"]) == 2  # a drafter is needed
     assert "required for dsi and si" in capsys.readouterr().err
     assert main(["simulate", "--mode", "dsi", *common, "--lookahead", "0"]) == 2
     assert main(["plan", *common, "--gpus", "8", "--repeats", "3"]) == 0
     assert "recommended: --mode dsi" in capsys.readouterr().out
-    assert main(["heatmap", "--out", str(tmp_path / "hm"), "--grid", "3", "--repeats", "1", "--workers", "1"]) == 0
+    assert main(["heatmap", "--out", str(tmp_path / "hm"), "--grid", "3", "--repeats", "1",
+                 "--workers", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["cells"] == 9 and (tmp_path / "hm.png").stat().st_size > 0
     assert len((tmp_path / "hm.csv").read_text().splitlines()) == 10
@@ -130,7 +134,8 @@ def test_more_than_ceil_target_over_drafter_servers_cannot_help() -> None:
     zero-draft task of a restart can make one more server worth up to a few percent."""
     import math
 
-    for fraction, acceptance, k in itertools.product((0.13, 0.23, 0.37, 0.45, 0.8), (0.0, 0.5, 0.9, 1.0), (1, 2, 4)):
+    grid = itertools.product((0.13, 0.23, 0.37, 0.45, 0.8), (0.0, 0.5, 0.9, 1.0), (1, 2, 4))
+    for fraction, acceptance, k in grid:
         lat = Latencies(1.0, fraction)
         cap = math.ceil(1.0 / fraction)
         at_cap = simulate("dsi", lat, acceptance, k, cap, 40, 4, run_ahead=200).mean_ms
@@ -139,7 +144,8 @@ def test_more_than_ceil_target_over_drafter_servers_cannot_help() -> None:
 
 
 # Issue 8's configuration: Phi3-14B / Phi3-4B on HumanEval (the paper's latencies), 9 ranks.
-PHI3 = Latencies(target_tpot_ms=52.1, drafter_tpot_ms=34.0, target_ttft_ms=67.2, drafter_ttft_ms=41.8)
+PHI3 = Latencies(target_tpot_ms=52.1, drafter_tpot_ms=34.0, target_ttft_ms=67.2,
+                 drafter_ttft_ms=41.8)
 PHI3_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
 # One-way message time from an MPI ping-pong here (6.6 us a round trip, issue 15); the
 # cancellation check of an emulated target every 0.5 ms; and MPICH's Iprobe, which reported a
@@ -150,10 +156,11 @@ OLD_TRANSPORT = MessageModel(latency_ms=PING_PONG_MS, cancel_check_ms=0.5, poll_
 NEW_TRANSPORT = MessageModel(latency_ms=PING_PONG_MS, cancel_check_ms=0.5, poll_misses=0)
 
 
-def forced_share(messages: MessageModel, restart_on_forced: bool, seeds: range = range(5), lat: Latencies = PHI3,
-                 preempt_drafter: bool = True) -> float:
+def forced_share(messages: MessageModel, restart_on_forced: bool, seeds: range = range(5),
+                 lat: Latencies = PHI3, preempt_drafter: bool = True) -> float:
     runs = [simulate_once("dsi", lat, 0.95, 1, 7, 50, seed, prompt=PHI3_PROMPT, messages=messages,
-                          restart_on_forced=restart_on_forced, preempt_drafter=preempt_drafter) for seed in seeds]
+                          restart_on_forced=restart_on_forced, preempt_drafter=preempt_drafter)
+            for seed in seeds]
     return sum(r.counters.forced for r in runs) / sum(len(r.tokens) for r in runs)
 
 
@@ -164,11 +171,14 @@ def test_the_simulator_reproduces_the_slow_drafter_collapse_and_its_fix() -> Non
     # The runtime of then: the old policy, the old transport, a drafter that finished every
     # forward (it was not preempted yet).
     assert forced_share(OLD_TRANSPORT, restart_on_forced=True, preempt_drafter=False) > 0.5
-    assert forced_share(IDEAL_MODEL, restart_on_forced=True, preempt_drafter=False) < 0.1  # why nothing showed it
-    assert forced_share(OLD_TRANSPORT, restart_on_forced=False, preempt_drafter=False) < 0.25  # the policy fix alone
+    # Why nothing showed it:
+    assert forced_share(IDEAL_MODEL, restart_on_forced=True, preempt_drafter=False) < 0.1
+    # The policy fix alone:
+    assert forced_share(OLD_TRANSPORT, restart_on_forced=False, preempt_drafter=False) < 0.25
     assert forced_share(NEW_TRANSPORT, restart_on_forced=False) < 0.1
     # The message latency alone does not cause it (the missed polls do): 100x the ping-pong.
-    assert forced_share(MessageModel(latency_ms=0.33, cancel_check_ms=0.5), restart_on_forced=False) < 0.1
+    assert forced_share(MessageModel(latency_ms=0.33, cancel_check_ms=0.5),
+                        restart_on_forced=False) < 0.1
 
 
 def test_message_costs_slow_the_simulation_down_and_keep_it_exact() -> None:

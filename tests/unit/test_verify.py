@@ -23,7 +23,8 @@ from dsi_mpi.verify import SamplingParams, exact_match, rejection_sample, sample
         ([], [4], 0, [4]),  # no drafts: the target's token alone (non-SI step)
     ],
 )
-def test_exact_match_table(drafts: list[int], target: list[int], accepted: int, commit: list[int]) -> None:
+def test_exact_match_table(drafts: list[int], target: list[int], accepted: int,
+                           commit: list[int]) -> None:
     assert exact_match(drafts, target) == (accepted, commit)
 
 
@@ -32,7 +33,8 @@ def test_exact_match_rejects_misaligned_blocks() -> None:
         exact_match([1, 2, 3], [1])
 
 
-@given(st.lists(st.integers(0, 4), max_size=12), st.lists(st.integers(0, 4), min_size=13, max_size=13))
+@given(st.lists(st.integers(0, 4), max_size=12),
+       st.lists(st.integers(0, 4), min_size=13, max_size=13))
 def test_exact_match_properties(drafts: list[int], target_pool: list[int]) -> None:
     target = target_pool[: len(drafts) + 1]
     accepted, commit = exact_match(drafts, target)
@@ -89,7 +91,8 @@ def test_shared_noise_is_a_function_of_seed_and_position() -> None:
     one_by_one = [int(select_tokens(logits[i : i + 1], 100 + i, params)[0]) for i in range(6)]
     assert batch.tolist() == one_by_one  # batching does not change a position's noise
     assert select_tokens(logits, 100, params).tolist() == batch.tolist()
-    other_seeds = [select_tokens(logits, 100, SamplingParams(temperature=1.0, seed=s)).tolist() for s in range(4, 9)]
+    other_seeds = [select_tokens(logits, 100, SamplingParams(temperature=1.0, seed=s)).tolist()
+                   for s in range(4, 9)]
     assert any(tokens != batch.tolist() for tokens in other_seeds)
 
 
@@ -97,7 +100,8 @@ def _tv(a: np.ndarray, b: np.ndarray) -> float:
     return 0.5 * float(np.abs(a - b).sum())
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 4, 1.0), (1.2, 0, 0.7)])
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"),
+                         [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 4, 1.0), (1.2, 0, 0.7)])
 def test_shared_noise_sampler_marginal_is_p(temperature: float, top_k: int, top_p: float) -> None:
     """Over seeds, the token chosen at one position is distributed as p (Gumbel-max)."""
     vocab, n = 8, 20_000
