@@ -233,7 +233,7 @@ def table(result: dict) -> str:
         drafter = result["drafter"]
         per_token = drafter["model_forwards"] / drafter["forwards"]
         lines.append(f"the drafter's vocabulary differs: drafts translated "
-                     f"({result['translation']}); per target token {per_token:.2f} drafter forwards, "
-                     f"{drafter['model_ms_per_token']:.2f} ms in them, "
+                     f"({result['translation']}); per target token {per_token:.2f} drafter "
+                     f"forwards, {drafter['model_ms_per_token']:.2f} ms in them, "
                      f"{drafter['translation_ms_per_token']:.2f} ms translating")
     return "\n".join(lines)

@@ -394,7 +394,8 @@ class TranslatingDrafter(Backend):
         (a token that spells nothing and stands at ``length`` is not inside: the text may go on
         without it)."""
         k = bisect.bisect_right(self._d_ends, length)
-        while k and self._d_ends[k - 1] == length and (self._d_ends[k - 2] if k > 1 else 0) == length:
+        ends = self._d_ends
+        while k and ends[k - 1] == length and (ends[k - 2] if k > 1 else 0) == length:
             k -= 1
         return k
 

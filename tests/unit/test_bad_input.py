@@ -69,7 +69,8 @@ def test_mismatched_vocabularies_are_translated_or_refused(tiny_suite: dict[str,
     assert "translated (token-level intersection, TLI" in capsys.readouterr().out
     unrelated = build_tiny_model(tmp_path / "unrelated", tokenizer=build_tokenizer(
         tmp_path / "tok2", vocab_size=1500, lines=unrelated_lines()))
-    with pytest.raises(ConfigError, match=r"share \d+ of the drafter's \d+ tokens .* --verify exact"):
+    refused = r"share \d+ of the drafter's \d+ tokens .* --verify exact"
+    with pytest.raises(ConfigError, match=refused):
         preflight(RunConfig(target=llama, drafter=unrelated, verify="rejection"), prompt="hello")
     preflight(RunConfig(target=llama, drafter=unrelated), prompt="hello")  # exact: any pair
 

@@ -111,7 +111,8 @@ def test_the_cache_goes_by_the_keyword_the_forward_takes(tiny_suite: dict[str, s
 
 
 
-def test_sliding_window_rollback_is_exact_past_the_window(tiny_suite: dict[str, str], device: str) -> None:
+def test_sliding_window_rollback_is_exact_past_the_window(tiny_suite: dict[str, str],
+                                                          device: str) -> None:
     """Gemma 3's sliding-window layers: the cache transformers builds by default keeps only the
     window and cannot roll back past it; ours keeps every position (the attention mask keeps the
     window), gives the default cache's logits, and crops exactly at any length."""
@@ -128,7 +129,8 @@ def test_sliding_window_rollback_is_exact_past_the_window(tiny_suite: dict[str, 
 
     def full(context: list[int]) -> torch.Tensor:  # no cache at all: the model's own masks
         with torch.inference_mode():
-            return model(input_ids=torch.tensor([context], device=device), use_cache=False).logits[0]
+            ids_ = torch.tensor([context], device=device)
+            return model(input_ids=ids_, use_cache=False).logits[0]
 
     default = DynamicCache(config=model.config)
     assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in default.layers)
@@ -161,9 +163,10 @@ def test_sliding_window_decoding_equals_generate(tiny_suite: dict[str, str], dev
 
     target = load_backend(tiny_suite["gemma3"], dtype="float64", device=device)
     drafter = load_backend(tiny_suite["gemma3/perturbed"], dtype="float64", device=device)
-    model = AutoModelForCausalLM.from_pretrained(tiny_suite["gemma3"], dtype=torch.float64).to(device)
+    model = AutoModelForCausalLM.from_pretrained(tiny_suite["gemma3"], dtype=torch.float64)
     with torch.inference_mode():
-        out = model.generate(torch.tensor([PROMPT], device=device), max_new_tokens=40, do_sample=False)
+        out = model.to(device).generate(torch.tensor([PROMPT], device=device), max_new_tokens=40,
+                                        do_sample=False)
     expected = out[0, len(PROMPT):].tolist()
     assert generate_nonsi(target, PROMPT, 40, GREEDY).tokens == expected
     gen = generate_si(target, drafter, PROMPT, 40, 4, GREEDY)
