@@ -1,10 +1,16 @@
 """The command line: ``dsi-mpi run`` (under mpiexec or srun) and the offline tools.
 
 The only argparse in the package. Every rank parses the same arguments and builds the same
-configs, so bad values fail identically everywhere; rank 0 alone prints the message, and
-every rank exits with code 2 before any model is loaded. Checks that need model configs or
-prompts run on rank 0 and their verdict is broadcast. Failures during the run print the
-failing rank's message and abort the whole job with exit code 1.
+configs before it imports torch or starts MPI, so bad values fail identically everywhere in a
+fraction of a second; rank 0 alone prints the message, and every rank exits with code 2.
+Checks that need files (the output, model folders, prompts) run on rank 0 and their verdict
+is broadcast, before any model is loaded.
+
+Every way out passes through :func:`_exit`: it prints the reason (one line, rank 0 or the one
+rank that knows it), then finalizes MPI and exits with the code when every rank ends with it
+(no MPI noise), or aborts the job when a rank is hung or gone. Exit codes: 0 done, 1 a rank
+failed or stopped answering, 2 bad input, 128 + N stopped by signal N (143 for SIGTERM, 130
+for SIGINT); ``docs/reliability.md`` lists every fault.
 """
 
 from __future__ import annotations
@@ -14,13 +20,27 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
+from dsi_mpi import results
 from dsi_mpi.config import DTYPES, MODES, POLL_CHOICES, VERIFY_MODES, ConfigError, RunConfig
+from dsi_mpi.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    Ending,
+    Stopped,
+    attach,
+    ending_of,
+    install_signal_handlers,
+    interruptible,
+    signal_exit_code,
+)
+from dsi_mpi.roles import make_layout
 from dsi_mpi.verify import SamplingParams
 
-EXIT_BAD_INPUT = 2
+ABORT_DELAY_S = 0.1  # lets the launcher forward the reason before MPI_Abort ends the job
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,13 +70,20 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt-file", help="text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
     src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
     _add_prompt_options(p)
-    p.add_argument("--output", required=True, help="JSONL file, one line per prompt and mode")
+    p.add_argument("--output", required=True,
+                   help="JSONL file, one line per prompt and mode, written as each finishes")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="keep the records in --output and run only the missing ones "
+                               "(a requeued job)")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--repeats", type=int, default=1, help="run every prompt this many times per mode")
     p.add_argument("--warmup", type=int, default=0, help="untimed runs of the first prompt per mode")
     p.add_argument("--max-run-ahead", type=int, help="drafts the drafter may hold beyond the committed text")
     p.add_argument("--reuse-cache", action="store_true",
                    help="keep KV caches across prompts and reuse shared prefixes (off: each prompt pays its prefill)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds the coordinator waits for a reply before aborting the job")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a rank may stay silent (hung or gone: named) before the job ends")
     p.add_argument("--poll", choices=POLL_CHOICES, default="auto",
                    help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
                         "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
@@ -74,6 +101,8 @@ def build_configs(args: argparse.Namespace) -> list[RunConfig]:
     bad = [m for m in modes if m not in MODES]
     if not modes or bad:
         raise ConfigError(f"--mode must be one or more of {', '.join(MODES)}, got {args.mode!r}")
+    if len(set(modes)) != len(modes):
+        raise ConfigError(f"--mode names a mode twice: {args.mode!r}")
     if args.repeats < 1 or args.warmup < 0:
         raise ConfigError("--repeats must be >= 1 and --warmup >= 0")
     try:
@@ -110,44 +139,104 @@ def _summary(records: Sequence[dict]) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    configs = build_configs(args)  # every rank, before MPI and torch: the same errors everywhere
+    modes = [c.mode for c in configs]
+    size = _world_size()
+    if size is not None:
+        make_layout(size, modes, args.sp)
+    install_signal_handlers()  # SIGTERM and SIGINT now ask the run to stop (exits.py)
     from mpi4py import MPI
-
-    from dsi_mpi.roles import make_layout
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    configs = build_configs(args)
-    make_layout(comm.Get_size(), [c.mode for c in configs], args.sp)
-    verdict: tuple[bool, object]
-    if rank == 0:
-        from dsi_mpi.preflight import preflight
-
-        try:
-            prompts, tokenizer = preflight(configs[0], args.prompt, args.prompt_file, args.prompt_ids,
-                                           args.chat, args.num_prompts)
-            out_dir = os.path.dirname(os.path.abspath(args.output))
-            if not os.path.isdir(out_dir):
-                raise ConfigError(f"--output: directory {out_dir!r} does not exist")
-            verdict = (True, None)
-        except ConfigError as exc:
-            verdict = (False, str(exc))
-    else:
-        verdict = (True, None)
-    ok, message = comm.bcast(verdict if rank == 0 else None, root=0)
-    if not ok:
-        raise ConfigError(str(message))
+    layout = make_layout(comm.Get_size(), modes, args.sp)
+    checked = _check_on_rank_0(args, configs, layout) if rank == 0 else None
+    kind, value = comm.bcast(checked[0] if checked else None, root=0)
+    if kind == "bad":
+        raise ConfigError(str(value))
+    if kind == "stopped":
+        stopped = Stopped(int(value))
+        reason = f"{stopped} before the run began"
+        raise attach(stopped, Ending(signal_exit_code(stopped.signum), reason, everyone=True))
+    if kind == "failed":
+        raise attach(RuntimeError(value), Ending(1, str(value), everyone=True))
+    prompts, tokenizer, output, resumed = checked[1] if checked else ((), None, None, None)
+    if kind == "done":
+        if rank == 0:
+            print(f"nothing to do: {args.output} holds all {len(resumed.done)} records of this run",
+                  flush=True)
+        return EXIT_OK
 
     from dsi_mpi.runtime import run
 
-    outcome = run(comm, configs, prompts if rank == 0 else (), tokenizer if rank == 0 else None,
-                  repeats=args.repeats, warmup=args.warmup)
+    total = len(configs) * args.repeats * len(prompts)
+    try:
+        run(comm, configs, prompts, tokenizer, repeats=args.repeats, warmup=args.warmup,
+            sink=output.append if output is not None else None,
+            done=resumed.done if resumed else ())
+    except BaseException as exc:
+        ending = ending_of(exc)
+        if output is not None:  # rank 0: how far the output got
+            kept = len(resumed.done) + output.written
+            if isinstance(exc, Stopped):
+                reason = (f"{ending.reason} after {kept} of {total} prompts; rerun with --resume "
+                          "to finish")
+            elif kept == 0:
+                reason = f"error: {ending.reason}; no prompt had finished"
+            else:
+                reason = (f"error: {ending.reason}; {kept} of {total} prompts are in "
+                          f"{args.output}: rerun with --resume to finish")
+        else:
+            reason = (f"error: {ending.reason}; the prompts finished are in {args.output}: rerun "
+                      "with --resume")
+        raise attach(exc, replace(ending, reason=reason)) from None
+    finally:
+        if output is not None:
+            output.close()
     if rank == 0:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            for r in outcome.records:
-                fh.write(json.dumps(r) + "\n")
-        print(_summary(outcome.records), flush=True)
-        print(f"wrote {len(outcome.records)} records to {args.output}", flush=True)
-    return 0
+        records, _ = results.read_records(args.output)
+        print(_summary(records), flush=True)
+        before = f" ({len(resumed.done)} were there already)" if resumed.done else ""
+        print(f"wrote {output.written} records to {args.output}{before}", flush=True)
+    return EXIT_OK
+
+
+def _check_on_rank_0(args: argparse.Namespace, configs: list[RunConfig], layout: object) -> tuple:
+    """Rank 0's checks, then the output opened: ((kind, value) for every rank, what rank 0 keeps).
+
+    kind: ok, done (a resumed output already complete), bad (a ConfigError's message), stopped
+    (the signal), failed (an unexpected error; rank 0 printed its traceback)."""
+    from dsi_mpi.preflight import preflight
+
+    try:
+        with interruptible():  # nothing to keep yet: a signal stops the checks at once
+            results.check_flags(args.output, args.resume, args.overwrite)
+            out_dir = os.path.dirname(os.path.abspath(args.output))
+            if not os.path.isdir(out_dir):
+                raise ConfigError(f"--output: directory {out_dir!r} does not exist")
+            prompts, tokenizer = preflight(configs[0], args.prompt, args.prompt_file,
+                                           args.prompt_ids, args.chat, args.num_prompts)
+            from dsi_mpi.runtime import planned
+
+            plan = planned(configs, layout, prompts, args.repeats)
+            output, resumed = results.open_output(args.output, args.resume, args.overwrite, plan)
+    except ConfigError as exc:
+        return ("bad", str(exc)), None
+    except Stopped as exc:
+        return ("stopped", exc.signum), None
+    except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        import traceback
+
+        traceback.print_exc()
+        failure = f"error: rank 0 failed checking the input: {type(exc).__name__}: {exc}"
+        return ("failed", failure), None
+    if resumed.dropped_tail:
+        print(f"dsi-mpi: --resume: cut a torn last line off {args.output} (a write cut short)",
+              file=sys.stderr, flush=True)
+    if set(plan) <= resumed.done:
+        output.close()
+        return ("done", None), (prompts, tokenizer, None, resumed)
+    return ("ok", None), (prompts, tokenizer, output, resumed)
 
 
 LATENCY_FLAGS = ("target_tpot_ms", "target_ttft_ms", "drafter_tpot_ms", "drafter_ttft_ms", "acceptance")
@@ -350,11 +439,44 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _rank() -> int:
-    """This process's MPI rank, without initialising MPI for commands that do not need it."""
+    """This process's MPI rank, without initialising MPI: from the launcher's environment."""
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            return MPI.COMM_WORLD.Get_rank()
     for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
         if name in os.environ:
             return int(os.environ[name])
     return 0
+
+
+def _world_size() -> int | None:
+    """The job's size from the launcher's environment, or None where it does not say."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return None
+
+
+def _exit(code: int, reason: str | None, everyone: bool) -> int:
+    """The one way out: print the reason, then end MPI: finalize when every rank ends with this
+    one (``everyone``: no MPI noise, the code is the exit code), abort the job otherwise (a
+    rank is hung or gone: MPI_Abort is the only way to end it)."""
+    if reason:
+        print(f"dsi-mpi: {reason}", file=sys.stderr, flush=True)
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            if not everyone:
+                sys.stdout.flush()
+                time.sleep(ABORT_DELAY_S)
+                MPI.COMM_WORLD.Abort(code)
+            # Finalized here, a non-zero exit does not make ``python -m mpi4py`` abort the job
+            # (and print MPICH's "Abort(N)" lines) on its way out.
+            MPI.Finalize()
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,18 +485,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
         commands = {"run": run_command, "simulate": simulate_command, "plan": plan_command,
                     "heatmap": heatmap_command, "profile": profile_command}
-        return commands[args.command](args)
-    except ConfigError as exc:
-        if _rank() == 0:
-            print(f"dsi-mpi: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    except Exception:  # noqa: BLE001 - any failure ends the whole job, never a hang
-        if "mpi4py.MPI" in sys.modules:
-            from mpi4py import MPI
+        return _exit(commands[args.command](args), None, everyone=True)
+    except ConfigError as exc:  # found alike on every rank (or broadcast by rank 0)
+        return _exit(EXIT_BAD_INPUT, f"error: {exc}" if _rank() == 0 else None, everyone=True)
+    except BaseException as exc:  # noqa: BLE001 - a signal, a failure: the job ends, never hangs
+        ending = ending_of(exc)
+        if "ending" not in vars(exc) and not isinstance(exc, (Stopped, KeyboardInterrupt)):
+            import traceback
 
-            sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(1)
-        raise
+            traceback.print_exc()  # outside the run: a bug, its traceback helps
+        # A clean ending is told by rank 0 alone; a rank that ends the job alone says why.
+        speak = _rank() == 0 or not ending.everyone
+        return _exit(ending.code if speak else EXIT_OK, ending.reason if speak else None,
+                     ending.everyone)
 
 
 if __name__ == "__main__":

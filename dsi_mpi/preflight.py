@@ -4,6 +4,11 @@ Only configs and tokenizers are read here, never weights, so bad input is report
 second or two even for a 70B-parameter target. Once every check has passed, GGUF specs are
 converted to their cached folders (``backends/gguf.py``), so the other ranks, which load
 after rank 0's verdict, all find the converted folder.
+
+Model specs are looked at before transformers is imported (:func:`check_model_source`): a
+local folder must hold a config and weights; a name like ``org/name`` that is no local path
+is a hub id, which must be in the Hugging Face cache or reachable (offline, the message says
+how ``HF_HUB_OFFLINE`` and the cache work).
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 from dsi_mpi.backends import (
     EmulatedSpec,
@@ -37,6 +45,81 @@ class ModelInfo:
     num_layers: int | None = None  # decoder layers, for self:layers=N drafters
 
 
+# What from_pretrained loads weights from (transformers' SAFE_WEIGHTS_NAME, WEIGHTS_NAME and
+# their shards and indexes).
+WEIGHT_FILE = re.compile(r"^(model.*\.safetensors|pytorch_model.*\.bin|.*\.safetensors\.index\.json"
+                         r"|pytorch_model\.bin\.index\.json)$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or org/name
+HUB_TIMEOUT_S = 3.0  # how long to try to reach the hub before calling it offline
+
+
+def is_hub_id(spec: str) -> bool:
+    """``org/name`` (or ``name``) with no local file or folder of that name: a hub id."""
+    return bool(HUB_ID.match(spec)) and ".." not in spec and not os.path.exists(spec)
+
+
+def check_model_source(spec: str, flag: str) -> None:
+    """Before transformers loads anything: a local folder holds a config and weights; a hub id
+    is in the local cache or the hub can be reached."""
+    if is_gguf(spec):
+        return  # checked when its header is read
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if not names:
+            raise ConfigError(f"{flag} {spec!r} is an empty folder: give a folder made by "
+                              "save_pretrained (config.json and the weights), a hub id or an "
+                              "emulated: spec")
+        if "config.json" not in names:
+            raise ConfigError(f"{flag} {spec!r} has no config.json: not a model folder "
+                              "(save_pretrained writes config.json and the weights)")
+        if not any(WEIGHT_FILE.match(name) for name in names):
+            raise ConfigError(f"{flag} {spec!r} has a config.json but no weights "
+                              "(model*.safetensors or pytorch_model*.bin): copy them in, or save "
+                              "the model again with save_pretrained")
+        return
+    if os.path.exists(path):
+        raise ConfigError(f"{flag} {spec!r} is a file: give a model folder, a .gguf file, a hub "
+                          "id or an emulated: spec")
+    if not is_hub_id(spec):
+        raise ConfigError(f"{flag}: model path {spec!r} does not exist; pass a directory made by "
+                          "save_pretrained, a .gguf file, a hub id (org/name) or an emulated: spec")
+    _check_hub_id(spec, flag)
+
+
+def _check_hub_id(repo: str, flag: str) -> None:
+    """A hub id must be in the cache, or the hub reachable now (compute nodes often have no
+    network: then say how to use the cache)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    cache = constants.HF_HUB_CACHE
+    where = (f"{flag} {repo!r} is no local path, so it is a hub id, and it is not in the "
+             f"Hugging Face cache ({cache}, set by HF_HUB_CACHE or HF_HOME)")
+    fetch = (f"download it once on a machine with network (hf download {repo}, with the same "
+             "HF_HOME), or pass a local folder")
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{where}; HF_HUB_OFFLINE=1 forbids downloading: {fetch}")
+    unreachable = _hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        raise ConfigError(f"{where}, and the hub ({constants.ENDPOINT}) cannot be reached "
+                          f"({unreachable}): {fetch}; on nodes without network set "
+                          "HF_HUB_OFFLINE=1 so the cache alone is used")
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub cannot be reached within HUB_TIMEOUT_S, or None (a TCP connection is made:
+    huggingface_hub itself would retry for about 20 s before giving up)."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
 def inspect_model(spec: str, flag: str, target: ModelInfo | None = None) -> ModelInfo:
     """Vocabulary, context length and tokenizer of a spec, without loading weights.
 
@@ -55,6 +138,7 @@ def inspect_model(spec: str, flag: str, target: ModelInfo | None = None) -> Mode
             raise ConfigError(f"{flag} {spec}: N must be between 1 and the target's {target.num_layers} "
                               "decoder layers")
         return target
+    check_model_source(spec, flag)
     from dsi_mpi.backends.hf import context_length, load_config, load_tokenizer
 
     try:
@@ -141,10 +225,17 @@ def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | 
                     seed = record.get("seed")
                     if seed is not None and (not isinstance(seed, int) or seed < 0):
                         raise ConfigError(f"{prompt_file}:{number}: seed must be an integer >= 0")
+                    if not isinstance(record, dict):
+                        raise ConfigError(f"{prompt_file}:{number}: a JSON line must be an "
+                                          "object with 'prompt' or 'prompt_ids'")
                     if "prompt_ids" in record:
-                        texts.append(([int(x) for x in record["prompt_ids"]], seed))
+                        ids = _ids_of(record["prompt_ids"], f"{prompt_file}:{number}")
+                        texts.append((ids, seed))
                     elif "prompt" in record:
-                        texts.append((str(record["prompt"]), seed))
+                        if not isinstance(record["prompt"], str):
+                            raise ConfigError(f"{prompt_file}:{number}: 'prompt' must be a "
+                                              f"string, got {record['prompt']!r}")
+                        texts.append((record["prompt"], seed))
                     else:
                         raise ConfigError(f"{prompt_file}:{number}: a JSON line needs 'prompt' or 'prompt_ids'")
                 else:
@@ -191,6 +282,14 @@ def _lines(fh, path: str):  # noqa: ANN001, ANN202 - lines of a text file
         yield from fh
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--prompt-file {path!r} cannot be read as text: {exc}") from None
+
+
+def _ids_of(value: object, where: str) -> list[int]:
+    """A JSON line's prompt_ids: a non-empty list of integers."""
+    if not isinstance(value, list) or not value or not all(type(x) is int for x in value):
+        raise ConfigError(f"{where}: 'prompt_ids' must be a non-empty list of integers, got "
+                          f"{json.dumps(value)[:80]}")
+    return value
 
 
 def _parse_ids(text: str, flag: str) -> list[int]:

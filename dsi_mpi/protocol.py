@@ -8,10 +8,13 @@ distributions, float64 ``[rows, vocab]``, right after as a second message tagged
 non-overtaking rule pairs the two. ERROR carries UTF-8 text. The layout is derived from the
 dataclass fields, so this module alone knows it; no pickle.
 
-Coordinator -> target:   Verify, Cancel, Shutdown
-Target -> coordinator:   Result [+ PROBS], Cancelled, Error, Bye
-Coordinator -> drafter:  Start, Rollback, Advance, Stop, Shutdown
-Drafter -> coordinator:  Draft [+ PROBS], Error, Bye
+Coordinator -> target:   Verify, Cancel, Shutdown, Heartbeat
+Target -> coordinator:   Ready, Result [+ PROBS], Cancelled, Error, Signalled, Bye
+Coordinator -> drafter:  Start, Rollback, Advance, Stop, Shutdown, Heartbeat
+Drafter -> coordinator:  Ready, Draft [+ PROBS], Error, Signalled, Bye
+
+Heartbeat is the transport's own (``transport.py`` sends and swallows it): while a run is
+active a worker hears from rank 0 at least this often, or ends the job.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class Tag(IntEnum):
     BYE = 11
     ERROR = 12  # payload: UTF-8 text as bytes (not int64)
     PROBS = 13  # payload: float64 [rows, vocab], follows a Result or Draft that has probs
+    HEARTBEAT = 14
+    SIGNALLED = 15
+    READY = 16
 
 
 # ----------------------------------------------------------------- coordinator -> target
@@ -169,8 +175,22 @@ class Shutdown:
 
 
 @dataclass(frozen=True, slots=True)
+class Ready:
+    """A worker has loaded its model and serves (the first prompt waits for every worker)."""
+
+    TAG: ClassVar[Tag] = Tag.READY
+
+
+@dataclass(frozen=True, slots=True)
 class Bye:
     TAG: ClassVar[Tag] = Tag.BYE
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The coordinator is alive (sent to a worker that has had no other message for a while)."""
+
+    TAG: ClassVar[Tag] = Tag.HEARTBEAT
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +201,19 @@ class Error:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class Signalled:
+    """A worker got SIGTERM or SIGINT: the coordinator ends the job (Shutdown to every rank)."""
+
+    TAG: ClassVar[Tag] = Tag.SIGNALLED
+    signum: int
+
+
 # Messages that make a drafter's forward in flight stale: it abandons the forward for them.
 PREEMPTS_DRAFT = (Tag.START, Tag.ROLLBACK, Tag.STOP, Tag.SHUTDOWN)
 
-Message = (Verify | Cancel | Result | Cancelled | Start | Rollback | Advance | Stop | Draft | Shutdown | Bye
-           | Error)
+Message = (Verify | Cancel | Result | Cancelled | Start | Rollback | Advance | Stop | Draft
+           | Shutdown | Ready | Bye | Heartbeat | Error | Signalled)
 DrafterMessage = Start | Rollback | Advance | Stop
 
 
@@ -219,8 +247,9 @@ def _layout(cls: type) -> _Layout:
     return _Layout(cls, tuple(ints), frozenset(bools), tokens, probs)
 
 
-_LAYOUTS = {cls.TAG: _layout(cls) for cls in (Verify, Cancel, Result, Cancelled, Start, Rollback, Advance, Stop,
-                                              Draft, Shutdown, Bye)}
+_LAYOUTS = {cls.TAG: _layout(cls) for cls in (Verify, Cancel, Result, Cancelled, Start, Rollback,
+                                              Advance, Stop, Draft, Shutdown, Ready, Bye, Heartbeat,
+                                              Signalled)}
 
 
 def encode(msg: Message) -> np.ndarray | bytes:

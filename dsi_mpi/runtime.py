@@ -2,31 +2,48 @@
 
 Rank 0 coordinates, drafter and target ranks load their model once and serve every mode
 and prompt in turn, so DSI, SI and non-SI are measured on the same ranks and the same
-caches. All ranks synchronise (with a deadline) after loading, so no prompt's time includes
-another rank's model load.
+caches. Rank 0 starts the first prompt once every worker has said Ready (with a deadline),
+so no prompt's time includes another rank's model load; it hands each record to a sink as
+its prompt finishes (``results.py`` streams them to the output file).
+
+Every way a run can end early (a signal on any rank, a failure, a worker or the coordinator
+hung or gone) goes through :func:`_end_early`: the ranks that can still hear are told, within
+``END_GRACE_S``, and the exception carries an ``exits.Ending`` for the command line's one exit
+path (``docs/reliability.md``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
 from dsi_mpi.backends import Backend, load_backend
 from dsi_mpi.config import ConfigError, RunConfig
-from dsi_mpi.coordinator import Coordinator, PromptResult
+from dsi_mpi.coordinator import Coordinator, PromptResult, Unresponsive
 from dsi_mpi.devices import model_device
 from dsi_mpi.drafter import serve_drafter
+from dsi_mpi.exits import EXIT_FAILED, Ending, Stopped, attach, interruptible, signal_exit_code
 from dsi_mpi.preflight import Prompt
-from dsi_mpi.protocol import Bye, Tag
+from dsi_mpi.protocol import Bye, Error, Ready, Shutdown, Signalled
 from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
 from dsi_mpi.translate import load_drafter, method_for, vocabularies_differ
-from dsi_mpi.transport import IDLE, Transport
+from dsi_mpi.transport import IDLE, CoordinatorLost, RemoteError, Transport, WaitTimeout
+
+HEARTBEAT_S = 1.0  # ranks tell their peers they are alive this often (at most --timeout / 4)
+END_GRACE_S = 1.5  # how long the ranks of a run that ends early wait for each other
+# A worker gives rank 0 this much longer than --timeout before it declares it lost: when a
+# worker hangs, rank 0 names it first (its sends to everyone may stall behind the hung rank's
+# full queue, so the others stop hearing it too). Rank 1 notices first, the others a little
+# later, so that one rank, not all, says so before the job is aborted.
+LOST_AFTER_S = (1.5, 2.0)  # rank 1, other workers
 
 
 @dataclass
@@ -69,6 +86,7 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "seed": config.sampling.seed if seed is None else seed,
         "target": config.target,
         "drafter": config.drafter if config.mode != "nonsi" else None,
+        "max_new_tokens": config.max_new_tokens,
         # How drafts reach the target's vocabulary: None (the drafter's is the target's), slem or
         # tli (dsi_mpi/translate.py); drafts, acceptance and counters are in target tokens.
         "translation": translation if config.mode != "nonsi" else None,
@@ -78,12 +96,44 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
     return out
 
 
+def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prompt],
+            repeats: int) -> dict:
+    """Every record a run writes, by (mode, prompt index, repeat), with the fields that tell
+    which run wrote it (``results.IDENTITY``, the values :func:`record` writes): what
+    ``--resume`` checks an existing output against."""
+    out = {}
+    for config in configs:
+        sp = len(layout.active_targets(config.mode, config.sp))
+        for repeat in range(repeats):
+            for index, prompt in enumerate(prompts):
+                out[(config.mode, index, repeat)] = {
+                    "prompt_tokens": len(prompt.ids),
+                    "lookahead": config.lookahead if config.mode != "nonsi" else 0,
+                    "sp": sp,
+                    "verify": config.verify,
+                    "temperature": config.sampling.temperature,
+                    "seed": config.sampling.seed if prompt.seed is None else prompt.seed,
+                    "target": config.target,
+                    "drafter": config.drafter if config.mode != "nonsi" else None,
+                    "max_new_tokens": config.max_new_tokens,
+                }
+    return out
+
+
 def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt | Sequence[int]] = (),
-        tokenizer: object | None = None, repeats: int = 1, warmup: int = 0) -> RunOutcome:
+        tokenizer: object | None = None, repeats: int = 1, warmup: int = 0,
+        sink: Callable[[dict], None] | None = None,
+        done: Collection[tuple[str, int, int]] = ()) -> RunOutcome:
     """Run every config (one per mode) over every prompt; collective over ``comm``.
 
     The configs may differ in mode, lookahead and SP only: models and sampling are loaded once.
-    ``prompts`` (rank 0 only) are token lists or :class:`Prompt` with their own seeds.
+    ``prompts`` (rank 0 only) are token lists or :class:`Prompt` with their own seeds. Rank 0
+    hands each record to ``sink`` as its prompt finishes (default: ``RunOutcome.records``) and
+    skips the (mode, prompt index, repeat) in ``done`` (a resumed run).
+
+    A run that ends early re-raises, on every rank, the exception that ended it there, with an
+    :class:`~dsi_mpi.exits.Ending` attached (``exits.ending_of``): the other ranks were told
+    first (or found hung or gone), so the caller only has to print and exit, or abort.
     """
     base = configs[0]
     for c in configs:
@@ -98,69 +148,143 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     role = layout.role(rank)
     transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll, poll_max_s=base.poll_max_s)
     outcome = RunOutcome(role=role)
+    coordinator = Coordinator(transport, layout, eos) if role == "coordinator" else None
     try:
-        backend: Backend | None = None
-        translated = False
+        if coordinator is not None:
+            if base.device == "cuda":
+                model_device(comm, layout, base.device)  # the split is collective over the node
+            _coordinate(coordinator, configs, prompts, tokenizer, repeats, warmup,
+                        sink or outcome.records.append, frozenset(done))
+        else:
+            _serve(transport, layout, configs, eos)
+    except ConfigError:
+        raise  # bad input (e.g. too few GPUs) is found alike on every rank: rank 0 reports it
+    except BaseException as exc:
+        raise attach(exc, _end_early(transport, coordinator, rank, role, exc)) from None
+    finally:
+        outcome.pending_requests = transport.close()
+    return outcome
+
+
+def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
+           eos: frozenset[int]) -> None:
+    """A worker: load the model, say Ready, serve until Shutdown, say Bye."""
+    base = configs[0]
+    comm, role = transport.comm, layout.role(transport.rank)
+    backend: Backend | None = None
+    with interruptible():  # a signal while loading stops at once: nothing to keep yet
         if role == "target":
             backend = load_backend(base.target, base.dtype, model_device(comm, layout, base.device))
-        elif role == "drafter" and any(c.uses_drafter for c in configs):
+        elif any(c.uses_drafter for c in configs):
             # A self:layers=N drafter is built from the target; one with another vocabulary is
             # wrapped in a translating drafter (dsi_mpi/translate.py).
             backend = load_drafter(base.drafter or "", base.target, base.dtype,
                                    model_device(comm, layout, base.device), target_eos=eos)
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
-        if role == "coordinator" and any(c.uses_drafter for c in configs):
-            # Read the tokenizers while the other ranks load their models.
-            translated = vocabularies_differ(base.target, base.drafter or "")
-        transport.barrier("every rank to load its model")
-        if role == "coordinator":
-            outcome.records = _coordinate(transport, layout, configs, prompts, tokenizer, repeats,
-                                          warmup, eos, translated)
-        else:
-            if role == "target":
-                serve_target(transport, backend, base.sampling)
-            elif backend is not None:
-                serve_drafter(transport, backend, base.sampling, eos)
-            else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
-                transport.wait(source=0, tag=Tag.SHUTDOWN, what="shutdown", timeout_s=IDLE)
-            transport.flush()
-            transport.send(0, Bye())
-    except ConfigError:
-        raise  # bad input (e.g. too few GPUs) is found alike on every rank: rank 0 reports it
-    except BaseException as exc:
-        _report_failure(transport, rank, role, exc)
-        raise
-    finally:
-        outcome.pending_requests = transport.close()
-    return outcome
-
-
-def _coordinate(transport: Transport, layout: Layout, configs: Sequence[RunConfig], prompts: Sequence[Prompt],
-                tokenizer: object | None, repeats: int, warmup: int, eos: frozenset[int],
-                translated: bool = False) -> list[dict]:
-    coordinator = Coordinator(transport, layout, eos)
-    records = []
-    try:
-        for config in configs:
-            policy = coordinator.make_policy(config)
-            sp = len(layout.active_targets(config.mode, config.sp))
-            for _ in range(warmup):
-                coordinator.generate(policy, prompts[0].ids, prompts[0].seed)
-            for repeat in range(repeats):
-                for index, prompt in enumerate(prompts):
-                    result = coordinator.generate(policy, prompt.ids, prompt.seed)
-                    method = method_for(config.verify) if translated else None
-                    records.append(record(result, config, sp, index, len(prompt.ids), tokenizer,
-                                          repeat, prompt.seed, method))
-    except BaseException:
-        try:  # release the workers quickly; a failed one never says BYE
-            coordinator.shutdown(timeout_s=5.0)
-        except Exception:  # noqa: BLE001 - the original error is the one to report
+    transport.send(0, Ready())
+    # While the run is active, each side hears from the other at least every heartbeat.
+    transport.start_heartbeats([0], _heartbeat_s(base.timeout_s))
+    transport.watch(0, base.timeout_s + LOST_AFTER_S[transport.rank != 1])
+    if role == "target":
+        serve_target(transport, backend, base.sampling)
+    elif backend is not None:
+        serve_drafter(transport, backend, base.sampling, eos)
+    else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
+        while not isinstance(transport.wait(source=0, what="shutdown", timeout_s=IDLE).message,
+                             Shutdown):
             pass
-        raise
+    transport.unwatch()
+    transport.stop_heartbeats()  # nothing may follow the Bye
+    transport.flush()
+    transport.send(0, Bye())
+
+
+def _heartbeat_s(timeout_s: float) -> float:
+    return min(HEARTBEAT_S, timeout_s / 4)
+
+
+def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts: Sequence[Prompt],
+                tokenizer: object | None, repeats: int, warmup: int, sink: Callable[[dict], None],
+                done: frozenset[tuple[str, int, int]]) -> None:
+    layout, transport = coordinator.layout, coordinator.transport
+    # Read the tokenizers while the workers load their models.
+    base = configs[0]
+    translated = (any(c.uses_drafter for c in configs)
+                  and vocabularies_differ(base.target, base.drafter or ""))
+    transport.start_heartbeats(coordinator.workers, _heartbeat_s(transport.timeout_s))
+    coordinator.wait_ready()
+    for config in configs:
+        todo = [(repeat, index, prompt) for repeat in range(repeats)
+                for index, prompt in enumerate(prompts) if (config.mode, index, repeat) not in done]
+        if not todo:
+            continue  # a resumed run: this mode is complete, warm-up included
+        policy = coordinator.make_policy(config)
+        sp = len(layout.active_targets(config.mode, config.sp))
+        for _ in range(warmup):
+            coordinator.generate(policy, prompts[0].ids, prompts[0].seed)
+        for repeat, index, prompt in todo:
+            result = coordinator.generate(policy, prompt.ids, prompt.seed)
+            method = method_for(config.verify) if translated else None
+            sink(record(result, config, sp, index, len(prompt.ids), tokenizer, repeat, prompt.seed,
+                        method))
     coordinator.shutdown()
-    return records
+
+
+def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int, role: str,
+               exc: BaseException) -> Ending:
+    """Tell the other ranks that the run ends (rank 0: Shutdown to every worker; a worker: its
+    failure or signal to rank 0, then wait for rank 0's Shutdown), bounded by END_GRACE_S; then
+    how it ended. Never raises: this is the way out."""
+    if isinstance(exc, KeyboardInterrupt):  # no handler installed (library use): as SIGINT
+        exc = Stopped(signal.SIGINT)
+    if coordinator is not None:
+        code, reason = EXIT_FAILED, f"rank 0 (coordinator) failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, Stopped):
+            code, reason = signal_exit_code(exc.signum), str(exc)
+        elif isinstance(exc, (RemoteError, Unresponsive, WaitTimeout)):
+            reason = str(exc)  # names the rank (a RemoteError is the worker's own message)
+        else:
+            _print_traceback(exc, rank, role)  # a bug: its traceback helps
+        if isinstance(exc, Unresponsive):
+            # A rank is hung or gone: only an abort ends it, and rank 0's sends to the others
+            # may be stuck behind it, so it does not wait for them (they would soon declare
+            # rank 0 lost and blame it).
+            transport.close(timeout_s=0.0)
+            return Ending(code, reason, everyone=False)
+        try:
+            missing = coordinator.end(END_GRACE_S)
+        except BaseException as error:  # noqa: BLE001 - the job is aborted instead
+            missing = [-1]
+            reason += f" (ending it failed too: {type(error).__name__}: {error})"
+        pending = transport.close(timeout_s=0.2 if missing else END_GRACE_S)
+        return Ending(code, reason, everyone=not missing and not pending)
+    if isinstance(exc, CoordinatorLost):
+        transport.close(timeout_s=0.0)
+        return Ending(EXIT_FAILED, f"rank {rank} ({role}): {exc}", everyone=False)
+    if isinstance(exc, Stopped):
+        code, reason = signal_exit_code(exc.signum), f"{exc} on rank {rank} ({role})"
+        report: Signalled | Error = Signalled(exc.signum)
+    else:
+        _print_traceback(exc, rank, role)
+        code, reason = EXIT_FAILED, f"rank {rank} ({role}) failed: {type(exc).__name__}: {exc}"
+        report = Error(reason)
+    answered = False
+    try:
+        transport.unwatch()
+        transport.stop_heartbeats()
+        transport.send(0, report)
+        deadline = time.monotonic() + END_GRACE_S
+        while not answered and (left := deadline - time.monotonic()) > 0:
+            reply = transport.wait(source=0, what="Shutdown", timeout_s=left)
+            answered = isinstance(reply.message, Shutdown)
+        transport.send(0, Bye())
+    except BaseException:  # noqa: BLE001 - rank 0 did not answer: the job is aborted
+        answered = False
+    pending = transport.close(timeout_s=END_GRACE_S if answered else 0.0)
+    if not answered:
+        reason += "; the coordinator (rank 0) did not answer"
+    return Ending(code, reason, everyone=answered and not pending)
 
 
 def _share_eos_ids(comm: MPI.Comm, config: RunConfig) -> frozenset[int]:
@@ -186,14 +310,11 @@ def _share_eos_ids(comm: MPI.Comm, config: RunConfig) -> frozenset[int]:
     return frozenset(value)
 
 
-def _report_failure(transport: Transport, rank: int, role: str, exc: BaseException) -> None:
-    """Tell rank 0 (best effort) and print a clear message on this rank's stderr."""
-    text = f"rank {rank} ({role}) failed: {type(exc).__name__}: {exc}"
+def _print_traceback(exc: BaseException, rank: int, role: str) -> None:
+    """The failing rank's traceback, on its own stderr (``DSI_MPI_QUIET_ERRORS=1``: none); the
+    one-line reason is printed by the exit path."""
     if os.environ.get("DSI_MPI_QUIET_ERRORS") != "1":
-        print(f"dsi-mpi: {text}", file=sys.stderr, flush=True)
-        traceback.print_exc(file=sys.stderr)
-    if rank != 0 and not transport.closed:
-        try:
-            transport.send_error(0, text)
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
+        lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        text = "".join(lines).rstrip()
+        print(f"dsi-mpi: rank {rank} ({role}): traceback of its failure:\n{text}", file=sys.stderr,
+              flush=True)

@@ -22,6 +22,7 @@ from dsi_mpi.verify import SamplingParams
 from dsi_mpi.worker import TargetWorker
 
 COORDINATOR = 0
+ENDS_TASK = (Tag.SHUTDOWN,)  # a run that ends early does not wait for the forward in flight
 
 
 def serve_target(transport: Transport, backend: Backend, params: SamplingParams) -> None:
@@ -35,7 +36,7 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams)
         while (msg := transport.poll(source=COORDINATOR, tag=Tag.CANCEL)) is not None:
             if msg.message.task_id == current:
                 return True
-        return False
+        return transport.pending_any(COORDINATOR, ENDS_TASK)  # the job ends: drop the task
 
     while True:
         msg = transport.wait(source=COORDINATOR, what="a request from the coordinator", timeout_s=IDLE).message

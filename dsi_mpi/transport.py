@@ -15,9 +15,21 @@ Receives poll with ``Iprobe``, in one of two ways (``poll``):
 - ``auto`` (made when the transport is made, collectively): ``spin`` on nodes where every
   rank has a core of its own, ``backoff`` elsewhere (:func:`dsi_mpi.devices.poll_strategy`).
 
-Either way every wait has a deadline and raises the ERROR a failing rank sends. ``close``
-completes or cancels what is left and frees the communicator, and reports how many requests
-were still open, which tests assert to be zero.
+Either way every wait has a deadline and raises the ERROR a failing rank sends (and a
+worker's SIGNALLED as :class:`~dsi_mpi.exits.Stopped`). Every poll raises ``Stopped`` when a
+signal asked this rank to stop (``exits.py``).
+
+Liveness, both ways, while a run is active: every rank sends a HEARTBEAT to its peers (rank 0
+to every worker, a worker to rank 0) each ``every_s`` seconds from its waits, which is where
+an idle rank spends its time; poll swallows heartbeats (the role loops never see them) and
+notes when each rank was last heard from. A worker that watches rank 0 raises
+:class:`CoordinatorLost` from a wait once rank 0 has been silent for its bound; the
+coordinator names a silent worker itself (``coordinator.py``).
+
+``close`` completes what is left and frees the communicator, and reports how many requests
+were still open, which tests assert to be zero. It never cancels a send: cancelling a send
+to a rank that is hung or gone crashes MPICH (a segfault in ``MPI_Cancel``); a job with sends
+left open is aborted instead.
 """
 
 from __future__ import annotations
@@ -31,8 +43,20 @@ from typing import NamedTuple
 import numpy as np
 from mpi4py import MPI
 
+from dsi_mpi import exits
 from dsi_mpi.devices import poll_strategy
-from dsi_mpi.protocol import Error, Message, Tag, decode, encode, probs_of, with_probs
+from dsi_mpi.exits import Stopped
+from dsi_mpi.protocol import (
+    Error,
+    Heartbeat,
+    Message,
+    Signalled,
+    Tag,
+    decode,
+    encode,
+    probs_of,
+    with_probs,
+)
 
 IDLE = float("inf")  # a worker waiting for its next request from the coordinator (see wait)
 # An Iprobe that finds nothing may only have advanced MPI's progress engine: MPICH reports a
@@ -69,6 +93,11 @@ class RemoteError(RuntimeError):
     """Another rank reported a failure."""
 
 
+class CoordinatorLost(TimeoutError):
+    """A worker heard nothing from rank 0 (not even a heartbeat) for its bound: rank 0 is hung
+    or gone, and nobody else can end the job."""
+
+
 class Transport:
     def __init__(self, comm: MPI.Comm, timeout_s: float = 600.0, poll: str = "backoff",
                  poll_max_s: float = BACKOFF_MAX_S) -> None:
@@ -85,6 +114,14 @@ class Transport:
         self._status = MPI.Status()  # reused by every probe: no allocation per poll
         self._sends: list[tuple[MPI.Request, np.ndarray | bytes]] = []
         self.closed = False
+        # Liveness (see the module docstring): the coordinator's heartbeats ...
+        self._beat_to: tuple[int, ...] = ()
+        self._beat_every = 0.0
+        self._beat_due = float("inf")
+        # ... when each rank was last heard from, and a worker's watch on rank 0.
+        self._heard = [time.monotonic()] * self.size
+        self._watched = -1  # the rank whose silence ends the job (0), or -1
+        self._watch_s = float("inf")
 
     # ------------------------------------------------------------------ sending
 
@@ -125,13 +162,20 @@ class Transport:
         Probes up to ``PROBES`` times: MPICH's ``Iprobe`` looks for a match before it makes
         progress, so a message that arrived while this rank was busy or asleep is found by a
         later probe only (the 2nd to the 5th, measured with 2 to 17 ranks)."""
+        exits.take_stop()  # a signal asked this rank to stop: raise Stopped here
         status, probe = self._status, self.comm.Iprobe
-        for _ in range(PROBES):
-            if probe(source, tag, status):
+        while True:
+            for _ in range(PROBES):
+                if probe(source, tag, status):
+                    break
+            else:
+                return None
+            src, kind = status.Get_source(), status.Get_tag()
+            self._heard[src] = time.monotonic()
+            if kind != Tag.HEARTBEAT:
                 break
-        else:
-            return None
-        src, kind = status.Get_source(), status.Get_tag()
+            beat = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+            self.comm.Recv([beat, MPI.INT64_T], source=src, tag=kind)
         if kind == Tag.ERROR:
             payload: np.ndarray | bytearray = bytearray(status.Get_count(MPI.BYTE))
             self.comm.Recv([payload, MPI.BYTE], source=src, tag=kind)
@@ -147,6 +191,8 @@ class Transport:
         """Whether a message with one of ``tags`` has arrived from ``source`` (not received).
         One probe per tag: a caller that checks often (between decoder layers) sees a message a
         check late at worst."""
+        if exits.stop_pending():
+            return True  # abandon the forward: the next poll raises Stopped
         iprobe = self.comm.Iprobe
         return any(iprobe(source=source, tag=int(tag)) for tag in tags)
 
@@ -177,6 +223,8 @@ class Transport:
         start = time.monotonic()
         deadline = start + limit
         spin, longest = self._spin, self.poll_max_s
+        if start >= self._beat_due:
+            self._beat(start)
         while msg is None:
             if self._sends:
                 self.progress()
@@ -186,12 +234,67 @@ class Transport:
                     f"rank {self.rank} waited {limit:.0f} s for {what}; aborting "
                     "(raise --timeout if forwards are this slow)"
                 )
+            if now >= self._beat_due:
+                self._beat(now)
+            if now - self._heard[self._watched] > self._watch_s:
+                self._check_watched(now)
             if not spin:
                 time.sleep(min(max(BACKOFF_FRACTION * (now - start), BACKOFF_MIN_S), longest))
             msg = self.poll(source, tag)
         if isinstance(msg.message, Error):
             raise RemoteError(msg.message.text)
+        if isinstance(msg.message, Signalled):
+            raise Stopped(msg.message.signum, rank=msg.source)
         return msg
+
+    # ------------------------------------------------------------------ liveness
+
+    def start_heartbeats(self, ranks: Sequence[int], every_s: float) -> None:
+        """From now on, send a HEARTBEAT to ``ranks`` every ``every_s`` seconds (from waits)."""
+        self._beat_to, self._beat_every = tuple(ranks), every_s
+        self._beat(time.monotonic())
+
+    def stop_heartbeats(self) -> None:
+        """Before the last message to a peer (Shutdown, Bye): nothing may follow it."""
+        self._beat_to, self._beat_due = (), float("inf")
+
+    def _beat(self, now: float) -> None:
+        for rank in self._beat_to:
+            self.send(rank, Heartbeat())
+        self._beat_due = now + self._beat_every if self._beat_to else float("inf")
+
+    def heard(self, rank: int) -> float:
+        """When a message (a heartbeat included) from ``rank`` last arrived (monotonic clock)."""
+        return self._heard[rank]
+
+    def watch(self, rank: int, silence_s: float) -> None:
+        """Worker: raise CoordinatorLost from a wait once ``rank`` has been silent this long."""
+        self._watched, self._watch_s = rank, silence_s
+        self._heard[rank] = time.monotonic()
+
+    def _drain_heartbeats(self) -> int:
+        """Receive the heartbeats queued from the watched rank; how many there were."""
+        if self._watched < 0:
+            return 0
+        status, count = MPI.Status(), 0
+        while self.comm.Iprobe(source=self._watched, tag=Tag.HEARTBEAT, status=status):
+            self.comm.Recv([np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64), MPI.INT64_T],
+                           source=self._watched, tag=Tag.HEARTBEAT)
+            count += 1
+        return count
+
+    def unwatch(self) -> None:
+        self._watched, self._watch_s = -1, float("inf")
+
+    def _check_watched(self, now: float) -> None:
+        """The watched rank seems silent: receive the heartbeats a wait for one tag left
+        queued, and raise if there were none."""
+        if self._drain_heartbeats():
+            self._heard[self._watched] = now
+        silent = now - self._heard[self._watched]
+        if silent > self._watch_s:
+            raise CoordinatorLost(f"the coordinator (rank {self._watched}) has sent nothing, not "
+                                  f"even a heartbeat, for {silent:.0f} s: it is hung or gone")
 
     # ------------------------------------------------------------------ collective helpers
 
@@ -202,9 +305,10 @@ class Transport:
         deadline = time.monotonic() + self.timeout_s
         delay = 0.0
         while not request.Test():
-            failure = self.poll(tag=Tag.ERROR)
-            if failure is not None:
-                raise RemoteError(failure.message.text)
+            exits.take_stop()
+            for kind in (Tag.ERROR, Tag.SIGNALLED):
+                if self.comm.Iprobe(tag=kind):
+                    self.wait(tag=kind, what="a failure report")  # raises it
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s for {what}")
             delay = min(max(delay * 2, 1e-5), 0.01)
@@ -220,14 +324,17 @@ class Transport:
         return self.pending
 
     def close(self, timeout_s: float = 10.0) -> int:
-        """Complete or cancel every request, free the communicator; returns requests left open."""
+        """Complete every request (bounded), free the communicator; returns requests left open.
+
+        Sends still open are never cancelled (MPICH crashes cancelling a send to a rank that
+        is hung or gone); their buffers stay referenced, and the caller, seeing them, aborts
+        the job rather than finalizing MPI."""
         if self.closed:
             return 0
+        self.stop_heartbeats()
         left = self.flush(timeout_s)
-        for request, _ in self._sends:
-            request.Cancel()
-            request.Free()
-        self._sends.clear()
-        self.comm.Free()
+        self._drain_heartbeats()  # those a wait for one tag left queued
+        if not left:
+            self.comm.Free()
         self.closed = True
         return left

@@ -23,8 +23,13 @@
 #
 # Whatever every job step needs is done here and nowhere else: requeueing, a signal before
 # the time limit, resuming (their #SBATCH lines must stay in each script, as sbatch reads
-# only the file it is given). Bash runs a trap only between commands, so a TERM handler
-# needs the step started in the background and waited for (`srun ... & wait $!`).
+# only the file it is given: `--requeue` and `--signal=B:TERM@120`). Bash runs a trap only
+# between commands, so the step runs in the background and is waited for (`srun ... & wait`):
+# a TERM to this shell (120 s before the time limit) is passed to every rank of the step
+# (`scancel --signal=TERM`: srun itself would kill the step); dsi-mpi stops within 2 s,
+# keeping every record written, and the job requeues itself. A requeued job (SLURM_RESTART_COUNT > 0; Slurm also requeues after a preemption or
+# a node failure) runs with --resume (an --overwrite is dropped): it appends the missing
+# records to the same output, and the file ends equal to one uninterrupted run's.
 
 DSI_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TABLE2=$DSI_REPO/bench/table2.csv
@@ -119,6 +124,12 @@ run_dsi() {
         has_prompt "$@" || run+=("${EMULATED_PROMPT[@]}")
         echo "$job: DSI_SMOKE=1: $name as emulated models"
     fi
+    if ((${SLURM_RESTART_COUNT:-0} > 0)); then
+        local arg kept=()
+        for arg; do [[ $arg == --overwrite ]] || kept+=("$arg"); done
+        set -- "${kept[@]}" --resume
+        echo "$job: restart ${SLURM_RESTART_COUNT} of job ${SLURM_JOB_ID:-?}: --resume"
+    fi
     run+=("$@")
     target=$(flag_value --target "${run[@]}") || true
     if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $target != emulated:* ]] &&
@@ -140,6 +151,41 @@ run_dsi() {
         "${srun[@]}" "$python" -m mpi4py -m dsi_mpi.devices
     fi
     echo "+ ${hostfile:+SLURM_HOSTFILE=$hostfile }$(printf '%q ' "${srun[@]}" "${run[@]}")"
-    "${srun[@]}" "${run[@]}"
+    local status=0
+    "${srun[@]}" "${run[@]}" &
+    step_pid=$!
+    trap stop_step TERM
+    while :; do
+        wait "$step_pid" && status=0 || status=$?
+        kill -0 "$step_pid" 2>/dev/null || break  # still running: a trap cut the wait short
+    done
+    trap - TERM
+    if ((stopping)); then
+        requeue_job
+        exit "$status"
+    fi
+    ((status == 0)) || exit "$status"
     echo "$job: wrote $output"
+}
+
+stopping=0 step_pid=""
+
+# stop_step -- the TERM trap (Slurm's --signal=B:TERM@120 before the time limit, a preemption,
+# scancel --signal=TERM --batch): pass it to the ranks of the job's steps, which stop and keep
+# what they wrote. Not to srun itself: srun answers a TERM by killing the step.
+stop_step() {
+    stopping=1
+    echo "$job: SIGTERM: stopping the run (its finished records are kept)"
+    scancel --signal=TERM "${SLURM_JOB_ID:?}" ||
+        { [[ -z $step_pid ]] || kill -TERM "$step_pid" 2>/dev/null || true; }
+}
+
+# requeue_job -- after a TERM: put the job back in the queue; it runs again with --resume.
+requeue_job() {
+    if scontrol requeue "${SLURM_JOB_ID:?}"; then
+        echo "$job: requeued job $SLURM_JOB_ID: it runs again with --resume"
+    else
+        echo "$job: could not requeue job $SLURM_JOB_ID (submit with --requeue); resubmit with" \
+            "the same flags and --resume to finish $output" >&2
+    fi
 }

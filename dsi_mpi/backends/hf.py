@@ -238,12 +238,13 @@ def load_config(name_or_path: str):  # noqa: ANN201 - a transformers PretrainedC
         config.generation_config = None  # eos_ids() then reads the config's own
         return config
     name_or_path = pretrained_path(name_or_path)
-    if os.path.sep in name_or_path or name_or_path.startswith("."):
-        if not os.path.isdir(name_or_path):
-            raise FileNotFoundError(
-                f"model path {name_or_path!r} does not exist; pass a directory made by "
-                "save_pretrained, a hub id, or an emulated: spec"
-            )
+    # Only a path can start so; "org/name" is a hub id unless such a folder exists.
+    is_path = name_or_path.startswith((os.path.sep, ".", "~"))
+    if is_path and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} does not exist; pass a directory made by "
+            "save_pretrained, a hub id, or an emulated: spec"
+        )
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as exc:

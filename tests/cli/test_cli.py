@@ -89,14 +89,32 @@ def test_a_drafter_sharing_too_few_tokens_fails_before_loading(tiny_suite: dict[
     assert proc.returncode == 2 and "use --verify exact" in proc.stderr, proc.stderr
 
 
-def test_a_failing_rank_aborts_the_job_with_its_message(tiny_suite: dict[str, str], tmp_path: Path) -> None:
-    """Config present, weights missing: preflight passes, loading fails on the model ranks."""
+def test_a_folder_without_weights_is_bad_input(tiny_suite: dict[str, str], tmp_path: Path) -> None:
+    """Config present, weights missing: rank 0 says so before any model loads (was a traceback
+    from every model rank, 30 s later)."""
     broken = tmp_path / "broken"
     shutil.copytree(tiny_suite["llama"], broken)
     for weights in broken.glob("*.safetensors"):
         weights.unlink()
     proc = launch(3, "run", "--target", str(broken), "--drafter", str(broken), "--prompt", "hi",
                   "--output", str(tmp_path / "o.jsonl"), "--timeout", "30", timeout=120)
-    assert proc.returncode not in (0, 2), proc.stderr
-    assert "failed:" in proc.stderr and ("(target)" in proc.stderr or "(drafter)" in proc.stderr), proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no weights" in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_failing_rank_aborts_the_job_with_its_message(tiny_suite: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    """Weights present but unreadable: the input checks pass, loading fails on the model ranks;
+    the job ends with the failing rank's message and leaves no output file."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_suite["llama"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    proc = launch(3, "run", "--target", str(broken), "--drafter", str(broken), "--prompt", "hi",
+                  "--output", str(tmp_path / "o.jsonl"), "--timeout", "30", timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "failed:" in proc.stderr, proc.stderr
+    assert "(target)" in proc.stderr or "(drafter)" in proc.stderr, proc.stderr
+    assert "no prompt had finished" in proc.stderr, proc.stderr
     assert not (tmp_path / "o.jsonl").exists()

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,11 +114,11 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def assert_modes_agree(records: list[dict], prompts: int, max_new_tokens: int | None = None
-                       ) -> dict[int, list[int]]:
+def assert_modes_agree(records: list[dict], prompts: int, max_new_tokens: int | None = None,
+                       modes: tuple[str, ...] = MODES) -> dict[int, list[int]]:
     """DSI and SI tokens equal the non-SI tokens, prompt by prompt; returns the latter."""
     assert sorted((r["mode"], r["prompt_index"]) for r in records) == sorted(
-        (m, i) for m in MODES for i in range(prompts))
+        (m, i) for m in modes for i in range(prompts))
     nonsi = {r["prompt_index"]: r["tokens"] for r in records if r["mode"] == "nonsi"}
     for r in records:
         assert r["tokens"] == nonsi[r["prompt_index"]], (
@@ -233,3 +234,48 @@ def test_one_node_job_with_a_tiny_model(slurm: dict[str, str], tiny_suite: dict[
             out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
         assert nonsi[index] == out[0, len(ids):].tolist(), (
             f"prompt {index} is not the target's greedy output")
+
+
+def test_a_job_stopped_before_its_time_limit_requeues_and_resumes(slurm: dict[str, str],
+                                                                   tmp_path: Path) -> None:
+    """The TERM that --signal=B:TERM@120 sends the batch shell before the time limit (sent
+    here with scancel --batch, mid-run): the step stops keeping its records, the job requeues
+    itself and runs again with --resume, and the output ends complete: every (mode, prompt)
+    once, DSI equal to non-SI."""
+    prompts = tmp_path / "prompts.jsonl"
+    count = 24
+    prompts.write_text("".join(json.dumps({"prompt_ids": [1 + i, 5, 2 + i % 5]}) + "\n"
+                               for i in range(count)))
+    out = tmp_path / "out.jsonl"
+    run_args = ["--target", "emulated:tpot_ms=3,ttft_ms=4", "--drafter",
+                "emulated:tpot_ms=1,ttft_ms=1,acceptance=0.8", "--mode", "dsi,nonsi",
+                "--prompt-file", str(prompts), "--max-new-tokens", "40", "--output", str(out)]
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = slurm | {"DSI_MPI_PLUGIN": "pmi2", "DSI_PYTHON": sys.executable, "PYTHONPATH": path}
+    proc = subprocess.run(["sbatch", "--parsable", "--ntasks=4", "--gpus-per-node=0",
+                           str(SLURM_DIR / "dsi_node.sbatch"), *run_args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not out.exists() or len(out.read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline, "no records"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], env=env, check=True, timeout=30)
+    # Slurm holds a requeued job for 2 minutes (its BeginTime): let it start at once.
+    while "Restarts=1" not in (show := subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
+            timeout=30).stdout) or "JobState=PENDING" not in show:
+        assert time.monotonic() < deadline and "JobState=COMPLETED" not in show, show
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True,
+                   timeout=30)
+    waited = _local_slurm(env, "wait-job", job_id, str(JOB_TIMEOUT_S), timeout=JOB_TIMEOUT_S + 60)
+    log = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.out")))
+    assert waited.returncode == 0, f"{waited.stderr}\n{_tail(log, 60)}"
+    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True,
+                          text=True, timeout=30).stdout
+    assert "Restarts=1" in show, show
+    assert "stopped by SIGTERM after" in log and "--resume" in log, log
+    assert re.search(r"wrote \d+ records to \S+ \(\d+ were there already\)", log), log
+    assert_modes_agree(read_records(out), prompts=count, modes=("dsi", "nonsi"))

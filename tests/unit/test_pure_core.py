@@ -9,7 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker", "sequences", "config")
+PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker",
+        "sequences", "config", "exits", "results")
 
 SCRIPT = """
 import sys
@@ -35,3 +36,21 @@ def test_the_guard_itself_works() -> None:
     out = subprocess.run([sys.executable, "-c", SCRIPT.format(modules=("backends.hf",))], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0 and "import of torch halted" in out.stderr
+
+
+def test_bad_run_arguments_are_reported_before_torch_or_mpi_is_imported() -> None:
+    """Issue 9: every rank parses and checks its arguments first, so a bad flag costs a
+    fraction of a second at any rank count, not a torch import per rank."""
+    script = """
+import sys
+for name in ("torch", "mpi4py", "transformers"):
+    sys.modules[name] = None
+from dsi_mpi.cli import main
+sys.exit(main(["run", "--target", "emulated:tpot_ms=1", "--drafter", "emulated:tpot_ms=1",
+               "--lookahead", "0", "--prompt-ids", "1,2", "--output", "o.jsonl"]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip() == ("dsi-mpi: error: --lookahead must be >= 1, got 0: a task "
+                                  "verifies at least one draft")

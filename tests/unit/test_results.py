@@ -1,0 +1,97 @@
+"""The output file: streamed records, torn lines, and what --resume accepts (no MPI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dsi_mpi.config import ConfigError
+from dsi_mpi.preflight import is_hub_id
+from dsi_mpi.results import ResultsFile, check_flags, open_output, read_records
+
+PLAN = {("dsi", i, 0): {"prompt_tokens": 3, "lookahead": 2, "target": "t"} for i in range(3)}
+
+
+def _record(index: int, **extra: object) -> dict:
+    return {
+        "mode": "dsi",
+        "prompt_index": index,
+        "repeat": 0,
+        "tokens": [index],
+        "prompt_tokens": 3,
+        "lookahead": 2,
+        "target": "t",
+    } | extra
+
+
+def test_each_record_is_on_disk_as_it_is_appended_and_no_file_before(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    out = ResultsFile(str(path))
+    assert not path.exists()  # nothing finished: no file
+    out.append(_record(0))
+    assert json.loads(path.read_text()) == _record(0)  # readable before close
+    out.append(_record(1))
+    out.close()
+    assert [r["prompt_index"] for r in read_records(str(path))[0]] == [0, 1] and out.written == 2
+
+
+def test_an_existing_output_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    check_flags(str(path), False, False)  # no file: fine
+    path.write_text("")
+    with pytest.raises(ConfigError, match="--resume .* --overwrite"):
+        check_flags(str(path), False, False)
+    with pytest.raises(ConfigError, match="is a directory"):
+        check_flags(str(tmp_path), True, False)
+
+
+def test_overwrite_removes_the_old_file_before_the_run(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(_record(0)) + "\n")
+    out, resumed = open_output(str(path), False, True, PLAN)
+    assert (
+        not path.exists() and not resumed.done
+    )  # a failed run leaves nothing that looks like its own
+    out.close()
+
+
+def test_resume_skips_what_is_there_and_cuts_a_torn_tail(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    good = json.dumps(_record(0)) + "\n" + json.dumps(_record(2)) + "\n"
+    path.write_text(good + '{"mode": "dsi", "prompt_in')
+    assert (
+        len(read_records(str(path))[0]) == 2 and read_records(str(path))[1] == 1
+    )  # a reader skips it
+    out, resumed = open_output(str(path), True, False, PLAN)
+    assert resumed.done == {("dsi", 0, 0), ("dsi", 2, 0)} and resumed.dropped_tail
+    assert path.read_text() == good
+    out.append(_record(1))
+    out.close()
+    assert [r["prompt_index"] for r in read_records(str(path))[0]] == [0, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ([_record(0, lookahead=5)], "written with lookahead 5, this run has 2"),
+        ([_record(7)], "prompt 7, repeat 0, which this run does not make"),
+        (["not json", _record(1)], ":1 is not a record .* and records follow it"),
+    ],
+)
+def test_resume_refuses_a_file_of_another_run(tmp_path: Path, lines: list, message: str) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    with pytest.raises(ConfigError, match=message):
+        open_output(str(path), True, False, PLAN)
+
+
+def test_org_name_is_a_hub_id_unless_such_a_path_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("HuggingFaceTB/SmolLM2-135M") and is_hub_id("gpt2")
+    (tmp_path / "HuggingFaceTB" / "SmolLM2-135M").mkdir(parents=True)
+    assert not is_hub_id("HuggingFaceTB/SmolLM2-135M")
+    assert not is_hub_id("/abs/path") and not is_hub_id("../x/y") and not is_hub_id("a/b/c")
