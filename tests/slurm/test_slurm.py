@@ -262,14 +262,9 @@ def test_a_job_stopped_before_its_time_limit_requeues_and_resumes(slurm: dict[st
         assert time.monotonic() < deadline, "no records"
         time.sleep(0.05)
     subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], env=env, check=True, timeout=30)
-    # Slurm holds a requeued job for 2 minutes (its BeginTime): let it start at once.
-    while "Restarts=1" not in (show := subprocess.run(
-            ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
-            timeout=30).stdout) or "JobState=PENDING" not in show:
-        assert time.monotonic() < deadline and "JobState=COMPLETED" not in show, show
-        time.sleep(0.1)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True,
-                   timeout=30)
+    # Slurm holds a requeued job for 2 minutes (its BeginTime). Lifting the hold (scontrol
+    # update StartTime=now) made the resumed step fail in PMI2 at its end ("failed to send temp
+    # kvs"), probably as the first step's PMI state was not gone yet: the test waits.
     waited = _local_slurm(env, "wait-job", job_id, str(JOB_TIMEOUT_S), timeout=JOB_TIMEOUT_S + 60)
     log = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.out")))
     assert waited.returncode == 0, f"{waited.stderr}\n{_tail(log, 60)}"

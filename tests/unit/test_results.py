@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,20 @@ def test_org_name_is_a_hub_id_unless_such_a_path_exists(
     (tmp_path / "HuggingFaceTB" / "SmolLM2-135M").mkdir(parents=True)
     assert not is_hub_id("HuggingFaceTB/SmolLM2-135M")
     assert not is_hub_id("/abs/path") and not is_hub_id("../x/y") and not is_hub_id("a/b/c")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt_ids": [1, "abc", 3]}', "'prompt_ids' must be a non-empty list of integers"),
+        ('{"prompt_ids": 5}', "'prompt_ids' must be a non-empty list of integers, got 5"),
+        ('{"prompt": 7}', "'prompt' must be a string, got 7"),
+    ],
+)
+def test_malformed_prompt_lines_are_bad_input(tmp_path: Path, line: str, message: str) -> None:
+    from dsi_mpi.preflight import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"p.jsonl:1: {message}")):
+        read_prompts(None, str(path), None, None)
