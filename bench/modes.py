@@ -2,11 +2,13 @@
 
     mpiexec -n 5 python -m mpi4py bench/modes.py --prompts FILE.jsonl [--model SPEC]
         [--device cpu|cuda] [--dtypes bfloat16,float32] [--num-prompts 20] [--max-new-tokens 64]
-        [--layers 15] [--lookahead 4] [--out FILE]
+        [--layers 15 | --drafter SPEC] [--lookahead 4] [--out FILE]
 
 The target is ``--model`` (a folder, a ``.gguf`` file or ``random:SHAPE``, see ``models.py``;
 default ``random:smollm2``); the drafter is the target's own first ``--layers`` decoder layers
-(``self:layers=N`` where the package has self-drafters, else a folder holding those layers).
+(``self:layers=N`` where the package has self-drafters, else a folder holding those layers),
+or ``--drafter``, a model of its own (a folder or a ``.gguf`` file; with another vocabulary
+than the target's it drafts through ``dsi_mpi/translate.py``, and the rows say how).
 For each dtype the runtime runs the three modes on the same ranks (coordinator, drafter, the
 rest targets: DSI uses them all) over the same prompts, after one untimed warm-up prompt per
 mode; then rank 0 runs ``generate(do_sample=False)`` of the same model in the same dtype on
@@ -121,6 +123,7 @@ def summarise(dtype: str, records: list[dict], expected: list[list[int]], gen_ti
             "acceptance": (statistics.fmean(r["acceptance_rate"] for r in mine)
                            if mode != "nonsi" else None),
             "lookahead": mine[0]["lookahead"], "sp": mine[0]["sp"], "tokens": tokens,
+            "translation": mine[0].get("translation"),
             "wall_s": round(totals[mode], 4), "median_prompt_s": round(statistics.median(walls), 4),
             "tokens_per_s": round(tokens / totals[mode], 2),
             "nonsi_over_mode": round(totals["nonsi"] / totals[mode], 3),
@@ -158,6 +161,8 @@ def main() -> int:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--layers", type=int, default=15, help="decoder layers of the self-drafter")
+    parser.add_argument("--drafter", default=None,
+                        help="a drafter model (folder or .gguf) instead of the self-drafter")
     parser.add_argument("--lookahead", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--workdir", default=None,
@@ -180,7 +185,8 @@ def main() -> int:
             workdir = args.workdir or os.path.join(tempfile.gettempdir(), "dsi-mpi-bench-models")
             os.makedirs(workdir, exist_ok=True)
             folder = resolve(args.model, workdir)
-            drafter = self_drafter(folder, args.layers, workdir)
+            drafter = (resolve(args.drafter, workdir) if args.drafter
+                       else self_drafter(folder, args.layers, workdir))
             check = RunConfig(target=folder, drafter=drafter, mode="si", lookahead=args.lookahead,
                               max_new_tokens=args.max_new_tokens, device=args.device)
             prompts, _ = preflight(check, prompt_file=args.prompts)
@@ -198,7 +204,8 @@ def main() -> int:
                      device=args.device, timeout_s=args.timeout)
     configs = [replace(base, mode="dsi", lookahead=args.lookahead, sp=size - 2),
                replace(base, mode="si", lookahead=args.lookahead), base]
-    meta = {"device": None, "model": describe(args.model), "drafter": f"first {args.layers} layers",
+    drafter_name = describe(args.drafter) if args.drafter else f"first {args.layers} layers"
+    meta = {"device": None, "model": describe(args.model), "drafter": drafter_name,
             "max_new_tokens": args.max_new_tokens, **provenance(size)}
     rows, failed = [], []
     for dtype in args.dtypes.split(","):
@@ -221,7 +228,7 @@ def main() -> int:
                        if r.get("identical", r["prompts"]) != r["prompts"]]
     if rank != 0:
         return 0
-    print(f"\n{meta['device']}, {describe(args.model)}, drafter: first {args.layers} layers, "
+    print(f"\n{meta['device']}, {describe(args.model)}, drafter: {drafter_name}, "
           f"lookahead {args.lookahead}, {len(prompts)} prompts x {args.max_new_tokens} tokens, "
           f"{size} ranks\n")
     print(table(rows), flush=True)

@@ -31,6 +31,11 @@ from dsi_mpi.backends import (
 )
 from dsi_mpi.config import ConfigError, RunConfig
 
+TRANSLATIONS = {  # how preflight names the methods of dsi_mpi/translate.py
+    "slem": "string-level exact matching, SLEM: greedy and shared-noise sampling stay exact",
+    "tli": "token-level intersection, TLI: rejection sampling over the tokens both share",
+}
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -145,17 +150,38 @@ def inspect_model(spec: str, flag: str, target: ModelInfo | None = None) -> Mode
                      int(layers) if isinstance(layers, int) else None)
 
 
-def check_vocabularies(target: ModelInfo, drafter: ModelInfo, config: RunConfig) -> None:
-    """The drafter must speak the target's vocabulary: the same tokens under the same ids."""
-    if target.tokenizer is not None and drafter.tokenizer is not None:
-        same = target.tokenizer.get_vocab() == drafter.tokenizer.get_vocab()
-    else:
-        same = target.vocab_size == drafter.vocab_size
-    if not same or (config.verify == "rejection" and target.vocab_size != drafter.vocab_size):
-        raise ConfigError(
-            f"drafter and target vocabularies differ (target {target.vocab_size} tokens, drafter "
-            f"{drafter.vocab_size}): choose a drafter trained with the target's tokenizer"
-        )
+def check_vocabularies(target: ModelInfo, drafter: ModelInfo, config: RunConfig) -> str | None:
+    """How the drafter's tokens reach the target's: None when it speaks the target's vocabulary
+    (the same tokens under the same ids), else by translation (``dsi_mpi/translate.py``):
+    ``slem`` for ``--verify exact``, ``tli`` for ``--verify rejection``, which needs enough
+    tokens in common. Without tokenizers to translate through, the vocabularies must agree."""
+    if target.tokenizer is None or drafter.tokenizer is None:
+        if target.vocab_size != drafter.vocab_size:
+            raise ConfigError(
+                f"drafter and target vocabularies differ (target {target.vocab_size} tokens, "
+                f"drafter {drafter.vocab_size}) and a model without a tokenizer cannot be "
+                "translated: choose a drafter with the target's vocabulary, or models that ship "
+                "tokenizers"
+            )
+        return None
+    from dsi_mpi import translate
+
+    if translate.same_vocabulary(target.tokenizer, drafter.tokenizer):
+        if config.verify == "rejection" and target.vocab_size != drafter.vocab_size:
+            raise ConfigError(
+                f"--verify rejection compares the two models' distributions token by token, but "
+                f"their vocabulary sizes differ (target {target.vocab_size}, drafter "
+                f"{drafter.vocab_size}): use --verify exact"
+            )
+        return None
+    try:
+        source = translate.Vocabulary.of(drafter.tokenizer, drafter.vocab_size)
+        vocabulary = translate.Vocabulary.of(target.tokenizer, target.vocab_size)
+        if config.verify == "rejection":
+            translate.check_intersection(source, vocabulary)
+    except ValueError as exc:
+        raise ConfigError(f"--drafter {config.drafter}: {exc}") from None
+    return translate.method_for(config.verify)
 
 
 @dataclass(frozen=True)
@@ -306,7 +332,13 @@ def preflight(config: RunConfig, prompt: str | None = None, prompt_file: str | N
     if config.uses_drafter:
         assert config.drafter is not None
         drafter = inspect_model(config.drafter, "--drafter", target)
-        check_vocabularies(target, drafter, config)
+        method = check_vocabularies(target, drafter, config)
+        if method is not None:
+            print(f"dsi-mpi: the drafter's vocabulary differs from the target's: its drafts are "
+                  f"translated ({TRANSLATIONS[method]}); acceptance counts target tokens",
+                  flush=True)
+            # The prompts are target ids; the drafter's context length still bounds them.
+            drafter = ModelInfo(target.vocab_size, drafter.max_positions, None)
         infos.append(drafter)
     prompts = read_prompts(prompt, prompt_file, prompt_ids, target.tokenizer, chat, num_prompts)
     check_prompts(prompts, config, infos)

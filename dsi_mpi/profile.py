@@ -15,6 +15,11 @@ position ``i`` of a block is accepted with probability
 ``#(blocks whose first i drafts match) / #(blocks whose first i - 1 match)``, which an i.i.d.
 acceptance rate ``a`` (the simulator's model) predicts to be ``a`` at every position.
 
+A drafter with another vocabulary drafts through a translating drafter (``translate.py``), as
+on a drafter rank: its times and matches are per target token, and the result adds the
+``translation`` and, per target token, the drafter model's forwards, the time in them and the
+rest (translation: detokenizing, re-tokenizing, syncing).
+
 One process, no MPI; any backend spec (emulated ones sleep their latencies, which makes the
 measurement itself testable).
 """
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 
 from dsi_mpi.backends import Backend, load_backend
 from dsi_mpi.config import RunConfig
+from dsi_mpi.translate import TranslatingDrafter, load_drafter, method_for
 from dsi_mpi.verify import SamplingParams
 
 GREEDY = SamplingParams()
@@ -132,6 +138,8 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
     for _ in range(warmup):
         tokens, _ = generate(target, prompts[0], max_new_tokens)
         follow(drafter, prompts[0], tokens)
+    if isinstance(drafter, TranslatingDrafter):  # its model's forwards and time: measured ones only
+        drafter.drafter_forwards, drafter.model_seconds, drafter.timed = 0, 0.0, True
     per_prompt, matches, target_timings, drafter_timings = [], [], [], []
     for index, prompt in enumerate(prompts):
         tokens, t_timing = generate(target, prompt, max_new_tokens)
@@ -175,8 +183,23 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
     import transformers
 
     target = load_backend(config.target, config.dtype, config.device)
-    drafter = load_backend(config.drafter or "", config.dtype, config.device, target=config.target)
+    # A drafter with another vocabulary drafts through a translating drafter (translate.py): its
+    # forwards, timings and matches are per target token, as the planner needs them.
+    drafter = load_drafter(config.drafter or "", config.target, config.dtype, config.device,
+                           target_eos=target.eos_token_ids)
     result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup)
+    result["translation"] = None
+    if isinstance(drafter, TranslatingDrafter):
+        result["translation"] = method_for(config.verify)
+        # Drafter model forwards per target token drafted (SLEM runs the drafter's model as
+        # often as its text needs, and holds back the last, unstable target token).
+        result["drafter"]["model_forwards"] = drafter.drafter_forwards
+        # The rest of its time is translation: detokenizing, re-tokenizing, syncing.
+        total_ms = sum(p["drafter_ttft_ms"] + (p["drafter_tpot_ms"] or 0.0) * (p["new_tokens"] - 1)
+                       for p in result["per_prompt"])
+        model_ms = drafter.model_seconds * 1e3
+        result["drafter"]["model_ms_per_token"] = model_ms / result["tokens"]
+        result["drafter"]["translation_ms_per_token"] = (total_ms - model_ms) / result["tokens"]
     result["target"]["spec"], result["drafter"]["spec"] = config.target, config.drafter
     for name, backend in (("target", target), ("drafter", drafter)):
         config_ = getattr(backend, "config", None)
@@ -206,4 +229,11 @@ def table(result: dict) -> str:
     lines.append(f"acceptance {result['acceptance']:.3f} over {result['tokens']} target tokens of "
                  f"{result['prompts']} prompts; per draft position in blocks of {result['lookahead']}: "
                  f"{per_position or '- (too few tokens per prompt)'}")
+    if result.get("translation"):
+        drafter = result["drafter"]
+        per_token = drafter["model_forwards"] / drafter["forwards"]
+        lines.append(f"the drafter's vocabulary differs: drafts translated "
+                     f"({result['translation']}); per target token {per_token:.2f} drafter "
+                     f"forwards, {drafter['model_ms_per_token']:.2f} ms in them, "
+                     f"{drafter['translation_ms_per_token']:.2f} ms translating")
     return "\n".join(lines)

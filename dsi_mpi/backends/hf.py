@@ -100,6 +100,31 @@ def keep_first_layers(model: torch.nn.Module, n: int) -> None:
     config.num_hidden_layers = n
 
 
+def croppable_cache(config: object):  # noqa: ANN201 - a transformers DynamicCache
+    """A ``DynamicCache`` whose every layer rolls back exactly.
+
+    transformers gives a sliding-window layer (Gemma 3, Mistral, chunked attention) a cache
+    that keeps only the last ``window - 1`` positions, so once a sequence outgrows the window a
+    crop cannot bring back what was dropped (it raises). Such a layer gets a plain full-length
+    layer here: the model's attention mask, built from absolute positions, still limits the
+    layer to its window, so the output is the same, and a crop is exact at any length. The
+    cost is memory: the layer keeps every position, as a full-attention layer does. A layer
+    that cannot be cropped at all (recurrent state) is refused.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicSlidingWindowLayer:  # not its subclasses with recurrent state
+            cache.layers[i] = DynamicLayer()
+        elif not getattr(layer, "is_croppable", False):
+            raise ValueError(f"layer {i} of this model keeps a {type(layer).__name__} cache, "
+                             "which cannot be rolled back: speculative decoding needs a "
+                             "croppable KV cache")
+    return cache
+
+
 def pretrained_path(spec: str) -> str:
     """What ``from_pretrained`` loads for a spec: a GGUF file's converted folder, else the spec."""
     return gguf.convert(spec) if gguf.is_gguf(spec) else spec
@@ -110,7 +135,7 @@ class HFBackend(Backend):
     calls; with ``layers``, only its first decoder layers (a self-drafter)."""
 
     def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu", layers: int | None = None) -> None:
-        from transformers import AutoModelForCausalLM, DynamicCache
+        from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -124,7 +149,7 @@ class HFBackend(Backend):
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.eos_token_ids = eos_ids(self.model)
         self.max_positions = context_length(self.config)
-        self.cache = DynamicCache(config=self.config)
+        self.cache = croppable_cache(self.config)
         self._cache_keyword = cache_keyword(self.model)
         self.gate = LayerGate.for_device(self.device)  # DSI_MPI_GATE: window, hook or sync
         self.gate.install(_decoder_layers(self.model))
@@ -150,6 +175,17 @@ class HFBackend(Backend):
         want_probs: bool = False,
         should_cancel: Callable[[], bool] | None = None,
     ) -> StepOutput:
+        start = self.cached_length()
+        logits = self.forward_logits(tokens, num_outputs, should_cancel)  # [n, vocab]
+        first = start + len(tokens) - logits.shape[0] + 1  # logits[i] predicts this position + i
+        probs = distributions(logits, params).numpy() if want_probs else None
+        tokens_out = select_tokens(logits, first, params)
+        return StepOutput(first_position=first, tokens=tokens_out, probs=probs)
+
+    def forward_logits(self, tokens: Sequence[int], num_outputs: int | None = None,
+                       should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """:meth:`forward`'s logits for the last ``num_outputs`` positions, ``[n, vocab]``, on the
+        model's device (a translating drafter selects its tokens from them itself)."""
         if not tokens:
             raise ValueError("forward needs at least one token")
         start = self.cached_length()
@@ -167,10 +203,7 @@ class HFBackend(Backend):
             raise
         finally:
             self.gate.end()
-        logits = out.logits[0, -n:, :]  # [n, vocab]
-        first = start + len(tokens) - n + 1  # logits[i] predicts this position + i
-        probs = distributions(logits, params).numpy() if want_probs else None
-        return StepOutput(first_position=first, tokens=select_tokens(logits, first, params), probs=probs)
+        return out.logits[0, -n:, :]
 
 
 def load_tokenizer(name_or_path: str):  # noqa: ANN201 - a transformers tokenizer or None

@@ -75,13 +75,18 @@ def test_bad_input_is_reported_once_and_every_rank_exits_2(ranks: int, args: lis
     assert "Traceback" not in proc.stderr
 
 
-def test_mismatched_vocabularies_fail_before_loading(tiny_suite: dict[str, str], tmp_path: Path) -> None:
-    from dsi_mpi.tiny import build_tiny_model, build_tokenizer
+def test_a_drafter_sharing_too_few_tokens_fails_before_loading(tiny_suite: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    """Rejection sampling across vocabularies needs tokens in common; preflight refuses a pair
+    that shares too few, with exit code 2 and no model loaded."""
+    from dsi_mpi.tiny import build_tiny_model, build_tokenizer, unrelated_lines
 
-    other = build_tiny_model(tmp_path / "other", tokenizer=build_tokenizer(tmp_path / "tok", vocab_size=300))
+    other = build_tiny_model(tmp_path / "other", tokenizer=build_tokenizer(
+        tmp_path / "tok", vocab_size=1500, lines=unrelated_lines()))
     proc = launch(3, "run", "--target", tiny_suite["llama"], "--drafter", other, "--prompt", "hi",
-                  "--output", str(tmp_path / "o.jsonl"), timeout=60)
-    assert proc.returncode == 2 and "vocabularies differ" in proc.stderr
+                  "--verify", "rejection", "--temperature", "1", "--output",
+                  str(tmp_path / "o.jsonl"), timeout=60)
+    assert proc.returncode == 2 and "use --verify exact" in proc.stderr, proc.stderr
 
 
 def test_a_folder_without_weights_is_bad_input(tiny_suite: dict[str, str], tmp_path: Path) -> None:

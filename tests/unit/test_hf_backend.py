@@ -16,7 +16,7 @@ GREEDY = SamplingParams()
 PROMPT = [5, 17, 42, 8, 99, 3, 250]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str, device: str) -> None:
     backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
     assert backend.model.dtype == torch.float64
@@ -33,7 +33,7 @@ def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str],
     assert backend.forward(PROMPT[:2] + [7, 7, 7], GREEDY).tokens[2:].tolist() == rolled
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str, device: str) -> None:
     backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
     runner = ContextRunner(backend)
@@ -109,3 +109,65 @@ def test_the_cache_goes_by_the_keyword_the_forward_takes(tiny_suite: dict[str, s
     backend = load_backend(tiny_suite["llama"], dtype="float64", device=device)
     assert backend._cache_keyword in inspect.signature(backend.model.forward).parameters
 
+
+
+def test_sliding_window_rollback_is_exact_past_the_window(tiny_suite: dict[str, str],
+                                                          device: str) -> None:
+    """Gemma 3's sliding-window layers: the cache transformers builds by default keeps only the
+    window and cannot roll back past it; ours keeps every position (the attention mask keeps the
+    window), gives the default cache's logits, and crops exactly at any length."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from dsi_mpi.tiny import SLIDING_WINDOW
+
+    backend = load_backend(tiny_suite["gemma3"], dtype="float64", device=device)
+    model = backend.model
+    assert "sliding_attention" in model.config.layer_types
+    assert model.config.sliding_window == SLIDING_WINDOW
+    ids = list(range(5, 5 + 3 * SLIDING_WINDOW))  # [1, 24]: three windows long
+
+    def full(context: list[int]) -> torch.Tensor:  # no cache at all: the model's own masks
+        with torch.inference_mode():
+            ids_ = torch.tensor([context], device=device)
+            return model(input_ids=ids_, use_cache=False).logits[0]
+
+    default = DynamicCache(config=model.config)
+    assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in default.layers)
+    with torch.inference_mode():
+        ours = model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+                     **{cache_keyword(model): default}).logits[0]
+    with pytest.raises(RuntimeError, match="sliding window"):  # what a rollback would meet
+        for layer in default.layers:
+            layer.crop(-3)
+
+    logits = backend.forward_logits(ids)
+    assert torch.allclose(logits, ours, rtol=0, atol=1e-10)
+    assert torch.allclose(logits, full(ids), rtol=0, atol=1e-10)
+    # Roll back past the window, several times, and go on: always the full forward's logits.
+    for keep, extra in ((2 * SLIDING_WINDOW + 1, [7, 8, 9]), (SLIDING_WINDOW - 2, [3] * 20),
+                        (2 * SLIDING_WINDOW + 3, [11, 12])):
+        assert keep < backend.cached_length() == len(ids)
+        backend.crop(keep)
+        ids = ids[:keep] + extra
+        got = backend.forward_logits(extra)
+        assert torch.allclose(got, full(ids)[keep:], rtol=0, atol=1e-10), keep
+
+
+def test_sliding_window_decoding_equals_generate(tiny_suite: dict[str, str], device: str) -> None:
+    """Decoding far past the window with rollbacks (SI with a drafter that is often wrong)
+    equals ``generate``, which decodes with the default sliding-window cache."""
+    from transformers import AutoModelForCausalLM
+
+    from dsi_mpi.reference import generate_nonsi, generate_si
+
+    target = load_backend(tiny_suite["gemma3"], dtype="float64", device=device)
+    drafter = load_backend(tiny_suite["gemma3/perturbed"], dtype="float64", device=device)
+    model = AutoModelForCausalLM.from_pretrained(tiny_suite["gemma3"], dtype=torch.float64)
+    with torch.inference_mode():
+        out = model.to(device).generate(torch.tensor([PROMPT], device=device), max_new_tokens=40,
+                                        do_sample=False)
+    expected = out[0, len(PROMPT):].tolist()
+    assert generate_nonsi(target, PROMPT, 40, GREEDY).tokens == expected
+    gen = generate_si(target, drafter, PROMPT, 40, 4, GREEDY)
+    assert gen.tokens == expected and gen.counters.rejected > 0
