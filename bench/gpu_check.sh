@@ -195,7 +195,9 @@ main() {
             --label long --workdir "$WORK/models" --out "$OUTDIR/preemption.jsonl"
     fi
 
-    step mpi-tests 240 "$MPIEXEC" -n 5 "$PY" -m pytest -q --with-mpi -p no:cacheprovider --device "$DEVICE" tests/mpi
+    # Gemma 3 270M's GGUF (five PyPI packages, 250 MB) is not carried: its tests run in CI only.
+    step mpi-tests 240 "$MPIEXEC" -n 5 "$PY" -m pytest -q --with-mpi -p no:cacheprovider --device "$DEVICE" tests/mpi \
+        --ignore tests/mpi/test_gemma3.py
 
     echo
     echo "=== summary ($((SECONDS - START))s of the ${BUDGET}s budget)"
