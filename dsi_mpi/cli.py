@@ -237,7 +237,7 @@ def _check_on_rank_0(args: argparse.Namespace, configs: list[RunConfig], layout:
         return ("bad", str(exc)), None
     except Stopped as exc:
         return ("stopped", exc.signum), None
-    except Exception as exc:  # noqa: BLE001 - every rank must learn it
+    except Exception as exc:  # every rank must learn it
         import traceback
 
         traceback.print_exc()
@@ -300,7 +300,7 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="processes (default: every core)")
 
 
-def _latencies(args: argparse.Namespace, need_drafter: bool):  # noqa: ANN202 - a simulate.Latencies
+def _latencies(args: argparse.Namespace, need_drafter: bool):  # a simulate.Latencies
     """The latencies from the flags or from --profile (which also sets ``args.acceptance``)."""
     from dsi_mpi.simulate import Latencies
 
@@ -563,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit(commands[args.command](args), None, everyone=True)
     except ConfigError as exc:  # found alike on every rank (or broadcast by rank 0)
         return _exit(EXIT_BAD_INPUT, f"error: {exc}" if _rank() == 0 else None, everyone=True)
-    except BaseException as exc:  # noqa: BLE001 - a signal, a failure: the job ends, never hangs
+    except BaseException as exc:  # a signal, a failure: the job ends, never hangs
         ending = ending_of(exc)
         if "ending" not in vars(exc) and not isinstance(exc, (Stopped, KeyboardInterrupt)):
             import traceback

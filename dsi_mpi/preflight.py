@@ -270,14 +270,14 @@ def _first(items: list, num_prompts: int | None, source: str) -> list:
     return items[:num_prompts]
 
 
-def _open_text(path: str):  # noqa: ANN202 - a text file object
+def _open_text(path: str):  # a text file object
     """A prompt file, gzip-compressed when its name ends in .gz (HumanEval.jsonl.gz as shipped)."""
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
-def _lines(fh, path: str):  # noqa: ANN001, ANN202 - lines of a text file
+def _lines(fh, path: str):  # lines of a text file
     try:
         yield from fh
     except (OSError, EOFError, UnicodeDecodeError) as exc:

@@ -299,7 +299,7 @@ def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int,
             return Ending(code, reason, everyone=False)
         try:
             missing = coordinator.end(END_GRACE_S)
-        except BaseException as error:  # noqa: BLE001 - the job is aborted instead
+        except BaseException as error:  # the job is aborted instead
             missing = [-1]
             reason += f" (ending it failed too: {type(error).__name__}: {error})"
         pending = transport.close(timeout_s=0.2 if missing else END_GRACE_S)
@@ -324,7 +324,7 @@ def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int,
             reply = transport.wait(source=0, what="Shutdown", timeout_s=left)
             answered = isinstance(reply.message, Shutdown)
         transport.send(0, Bye())
-    except BaseException:  # noqa: BLE001 - rank 0 did not answer: the job is aborted
+    except BaseException:  # rank 0 did not answer: the job is aborted
         answered = False
     pending = transport.close(timeout_s=END_GRACE_S if answered else 0.0)
     if not answered:
@@ -347,7 +347,7 @@ def _share_eos_ids(comm: MPI.Comm, config: RunConfig) -> frozenset[int]:
 
                 ids = eos_ids(load_config(config.target))
             verdict = (True, sorted(ids))
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        except Exception as exc:  # every rank must learn it
             verdict = (False, f"{type(exc).__name__}: {exc}")
     ok, value = comm.bcast(verdict, root=0)
     if not ok:

@@ -100,7 +100,7 @@ def keep_first_layers(model: torch.nn.Module, n: int) -> None:
     config.num_hidden_layers = n
 
 
-def croppable_cache(config: object):  # noqa: ANN201 - a transformers DynamicCache
+def croppable_cache(config: object):  # a transformers DynamicCache
     """A ``DynamicCache`` whose every layer rolls back exactly.
 
     transformers gives a sliding-window layer (Gemma 3, Mistral, chunked attention) a cache
@@ -206,7 +206,7 @@ class HFBackend(Backend):
         return out.logits[0, -n:, :]
 
 
-def load_tokenizer(name_or_path: str):  # noqa: ANN201 - a transformers tokenizer or None
+def load_tokenizer(name_or_path: str):  # a transformers tokenizer or None
     """The model's tokenizer, or None when it ships none (token ids only)."""
     from transformers import AutoTokenizer
 
@@ -226,7 +226,7 @@ def _config_source(spec: str) -> tuple[str, dict]:
     return pretrained_path(spec), {}
 
 
-def load_config(name_or_path: str):  # noqa: ANN201 - a transformers PretrainedConfig
+def load_config(name_or_path: str):  # a transformers PretrainedConfig
     """The model's config without its weights: what rank 0 checks before any compute.
 
     Raises FileNotFoundError for a missing model and ValueError for a GGUF file transformers

@@ -134,7 +134,7 @@ def test_rejection_sampling_is_lossless_in_distribution(mpi_tiny_suite: dict[str
     agree(ok, message)
 
 
-def _logits(backend, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+def _logits(backend, ids: list[int]) -> torch.Tensor:
     backend.reset()
     with torch.inference_mode():
         out = backend.model(input_ids=torch.tensor([ids], device=backend.device))

@@ -49,14 +49,14 @@ def test_temperature_and_top_p_errors_name_the_fix() -> None:
         SamplingParams(top_p=1.01)
 
 
-def test_missing_model_path(tmp_path) -> None:  # noqa: ANN001
+def test_missing_model_path(tmp_path) -> None:
     config = RunConfig(target=str(tmp_path / "missing"), drafter=str(tmp_path / "missing2"))
     with pytest.raises(ConfigError, match="--target: model path .* does not exist"):
         preflight(config, prompt="hello")
 
 
 def test_mismatched_vocabularies_are_translated_or_refused(tiny_suite: dict[str, str], tmp_path,
-                                                           capsys) -> None:  # noqa: ANN001
+                                                           capsys) -> None:
     """A drafter with another tokenizer is translated (preflight says how); under rejection
     sampling one that shares too few tokens with the target is refused before any compute."""
     from dsi_mpi.tiny import build_tiny_model, build_tokenizer, unrelated_lines
@@ -83,7 +83,7 @@ def test_prompt_longer_than_context(tiny_suite: dict[str, str]) -> None:
     assert [p.ids for p in prompts] == [[5, 6, 7]] and tokenizer is not None
 
 
-def test_prompt_sources(tiny_suite: dict[str, str], tmp_path) -> None:  # noqa: ANN001
+def test_prompt_sources(tiny_suite: dict[str, str], tmp_path) -> None:
     config = RunConfig(target=tiny_suite["gpt2"], drafter=tiny_suite["gpt2/identical"])
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "Once upon a time"}\n\n{"prompt_ids": [3, 4, 5], "seed": 9}\nplain text line\n')

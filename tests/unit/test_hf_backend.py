@@ -81,7 +81,7 @@ def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str],
     assert all(out.probs[i, t] > 0 for i, t in enumerate(out.tokens))
 
 
-def test_bad_path_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
+def test_bad_path_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(str(tmp_path / "no-such-model"))
 
@@ -98,11 +98,11 @@ def test_the_cache_goes_by_the_keyword_the_forward_takes(tiny_suite: dict[str, s
     would vanish into **kwargs and the model would run without its cache."""
 
     class Old(torch.nn.Module):
-        def forward(self, input_ids=None, past_key_values=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
             return None
 
     class New(torch.nn.Module):
-        def forward(self, input_ids=None, cache=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        def forward(self, input_ids=None, cache=None, **kwargs):
             return None
 
     assert (cache_keyword(Old()), cache_keyword(New())) == ("past_key_values", "cache")
