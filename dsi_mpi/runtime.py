@@ -136,8 +136,9 @@ def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prom
     return out
 
 
-def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt | Sequence[int]] = (),
-        tokenizer: object | None = None, repeats: int = 1, warmup: int = 0,
+def run(comm: MPI.Comm, configs: Sequence[RunConfig],
+        prompts: Sequence[Prompt | Sequence[int]] = (), tokenizer: object | None = None,
+        repeats: int = 1, warmup: int = 0,
         sink: Callable[[dict], None] | None = None,
         done: Collection[tuple[str, int, int]] = (), trace: str | None = None,
         progress: Progress | None = None) -> RunOutcome:
@@ -156,16 +157,19 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     """
     base = configs[0]
     for c in configs:
-        if (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, c.sampling.temperature, c.sampling.top_k, c.sampling.top_p) != (
-                base.target, base.drafter, base.dtype, base.device, base.reuse_cache, base.sampling.temperature,
-                base.sampling.top_k, base.sampling.top_p):
+        if (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, c.sampling.temperature,
+                c.sampling.top_k, c.sampling.top_p) != (
+                base.target, base.drafter, base.dtype, base.device, base.reuse_cache,
+                base.sampling.temperature, base.sampling.top_k, base.sampling.top_p):
             raise ValueError("configs of one run may differ in mode, lookahead, sp and seed only")
     prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
-    layout = make_layout(comm.Get_size(), [c.mode for c in configs], max((c.sp or 0) for c in configs) or None)
+    max_sp = max((c.sp or 0) for c in configs) or None
+    layout = make_layout(comm.Get_size(), [c.mode for c in configs], max_sp)
     rank = comm.Get_rank()
     eos = _share_eos_ids(comm, base)
     role = layout.role(rank)
-    transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll, poll_max_s=base.poll_max_s)
+    transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll,
+                          poll_max_s=base.poll_max_s)
     outcome = RunOutcome(role=role)
     coordinator = Coordinator(transport, layout, eos) if role == "coordinator" else None
     try:

@@ -50,7 +50,8 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384,
         show_progress=False,
     )
     tok.train_from_iterator(corpus_lines() if lines is None else lines, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -99,7 +100,8 @@ def _save(model, tokenizer, out_dir: str | os.PathLike) -> str:
 
 def _greedy(model, ids: list[int], steps: int) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, pad_token_id=0)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
+                             pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
@@ -120,7 +122,8 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
     probe = tokenizer(EOS_PROBE_PROMPT)["input_ids"]
     continuation = _greedy(model, probe, eos_after + 1)
-    eos = next((t for i, t in enumerate(continuation) if i >= eos_after - 1 and t not in continuation[:i]), continuation[-1])
+    eos = next((t for i, t in enumerate(continuation)
+                if i >= eos_after - 1 and t not in continuation[:i]), continuation[-1])
     model.config.eos_token_id = eos
     model.generation_config.eos_token_id = eos
     return _save(model, tokenizer, out_dir)
@@ -179,7 +182,8 @@ def build_suite(root: str | os.PathLike, archs: tuple[str, ...] = ARCHS) -> dict
         target = build_tiny_model(root / arch, arch=arch, seed=10 + i, tokenizer=tokenizer)
         paths[arch] = target
         for kind in DRAFTER_KINDS:
-            paths[f"{arch}/{kind}"] = derive_drafter(target, root / f"{arch}-{kind}", kind=kind, seed=20 + i)
+            paths[f"{arch}/{kind}"] = derive_drafter(target, root / f"{arch}-{kind}", kind=kind,
+                                                     seed=20 + i)
     index.write_text(json.dumps(paths, indent=1))
     return paths
 
