@@ -137,7 +137,8 @@ def tiny_broken_model(mpi_tiny_suite: dict[str, str]) -> str:
     return path
 
 
-def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: object | None = None, **kwargs):
+def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: object | None = None,
+           **kwargs):
     """Run the runtime on the first ``ranks`` ranks; returns (records on rank 0, error, pending)."""
     from mpi4py import MPI
 
@@ -150,7 +151,8 @@ def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: obj
     records, error, pending = [], None, 0
     if sub != MPI.COMM_NULL:
         try:
-            outcome = run(sub, configs, prompts if world.Get_rank() == 0 else (), tokenizer, **kwargs)
+            mine = prompts if world.Get_rank() == 0 else ()
+            outcome = run(sub, configs, mine, tokenizer, **kwargs)
             records, pending = outcome.records, outcome.pending_requests
         except Exception as exc:  # reported through the verdict
             error = f"rank {world.Get_rank()}: {type(exc).__name__}: {exc}"
