@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, provenance  # noqa: E402
-from tests.jobs import Job  # noqa: E402
+from bench.common import REPO, provenance
+from tests.jobs import Job
 
 EMU_T = "emulated:tpot_ms=2,ttft_ms=4"
 EMU_D = "emulated:tpot_ms=0.5,ttft_ms=1,acceptance=0.8"

@@ -54,7 +54,8 @@ def read_rows(path: Path = TABLE2) -> list[dict]:
             for r in table]
 
 
-def choose_lookaheads(lat: Latencies, acceptance: float, tokens: int, repeats: int) -> tuple[int, int]:
+def choose_lookaheads(lat: Latencies, acceptance: float, tokens: int,
+                      repeats: int) -> tuple[int, int]:
     """(DSI's, SI's) best lookahead from {1, 5, 10}; DSI's subject to Eq. 1 with SP <= 7."""
     allowed = [k for k in LOOKAHEADS if servers_needed(lat, k) <= SP] or [max(LOOKAHEADS)]
     dsi = best("dsi", lat, acceptance, allowed, SP, tokens, repeats, 0)
@@ -64,19 +65,21 @@ def choose_lookaheads(lat: Latencies, acceptance: float, tokens: int, repeats: i
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per mode (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed runs per mode (after one warm-up)")
     parser.add_argument("--tokens", type=int, default=50)
     parser.add_argument("--sim-repeats", type=int, default=200, help="simulated runs per mode")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "paper_table2.jsonl"))
-    parser.add_argument("--markdown", metavar="JSONL", help="print a JSONL of an earlier run as a Markdown table")
+    parser.add_argument("--markdown", metavar="JSONL",
+                        help="print a JSONL of an earlier run as a Markdown table")
     args = parser.parse_args()
     if args.markdown:
         with open(args.markdown) as fh:
@@ -85,7 +88,8 @@ def main() -> int:
     comm = MPI.COMM_WORLD
     if comm.Get_size() != 2 + SP:
         if comm.Get_rank() == 0:
-            print(f"launch with mpiexec -n {2 + SP} (coordinator, drafter, {SP} targets)", file=sys.stderr)
+            print(f"launch with mpiexec -n {2 + SP} (coordinator, drafter, {SP} targets)",
+                  file=sys.stderr)
         return 2
     rank = comm.Get_rank()
     rows = read_rows()
@@ -96,39 +100,46 @@ def main() -> int:
         plan = choose_lookaheads(lat, a, args.tokens, args.sim_repeats) if rank == 0 else None
         k_dsi, k_si = comm.bcast(plan, root=0)
         target = f"emulated:tpot_ms={lat.target_tpot_ms},ttft_ms={lat.target_ttft}"
-        drafter = f"emulated:tpot_ms={lat.drafter_tpot_ms},ttft_ms={lat.drafter_ttft},acceptance={a}"
+        drafter = (f"emulated:tpot_ms={lat.drafter_tpot_ms},ttft_ms={lat.drafter_ttft},"
+                   f"acceptance={a}")
         base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=k_dsi, sp=SP,
                          max_new_tokens=args.tokens, timeout_s=120.0)
-        configs = [base, replace(base, mode="si", lookahead=k_si, sp=None), replace(base, mode="nonsi", sp=None)]
+        configs = [base, replace(base, mode="si", lookahead=k_si, sp=None),
+                   replace(base, mode="nonsi", sp=None)]
         # Different prompts are different emulated sequences, so acceptances vary run to run.
         prompts = [Prompt([1, 2, 3, i]) for i in range(args.repeats)]
         comm.Barrier()
         outcome = run(comm, configs, prompts if rank == 0 else (), warmup=1)
         if rank != 0:
             continue
-        measured = {m: statistics.median(r["wall_time_s"] * 1e3 for r in outcome.records if r["mode"] == m)
+        walls_ms = {m: [r["wall_time_s"] * 1e3 for r in outcome.records if r["mode"] == m]
                     for m in ("dsi", "si", "nonsi")}
-        spread = {m: statistics.pstdev(r["wall_time_s"] * 1e3 for r in outcome.records if r["mode"] == m)
-                  for m in ("dsi", "si", "nonsi")}
+        measured = {m: statistics.median(walls) for m, walls in walls_ms.items()}
+        spread = {m: statistics.pstdev(walls) for m, walls in walls_ms.items()}
         sim = {"dsi": simulate("dsi", lat, a, k_dsi, SP, args.tokens, args.sim_repeats).mean_ms,
                "si": simulate("si", lat, a, k_si, 1, args.tokens, args.sim_repeats).mean_ms,
                "nonsi": simulate("nonsi", lat, a, 1, 1, args.tokens, args.sim_repeats).mean_ms}
         # The simulator on the very prompts the runtime ran (its acceptances): the runtime's ideal.
-        ideal = {"dsi": _sim_prompts("dsi", lat, a, k_dsi, args), "si": _sim_prompts("si", lat, a, k_si, args),
+        ideal = {"dsi": _sim_prompts("dsi", lat, a, k_dsi, args),
+                 "si": _sim_prompts("si", lat, a, k_si, args),
                  "nonsi": _sim_prompts("nonsi", lat, a, 1, args)}
         result = {
             "target": row["target"], "drafter": row["drafter"], "dataset": row["dataset"],
             "target_tpot_ms": lat.target_tpot_ms, "target_ttft_ms": lat.target_ttft,
-            "drafter_tpot_ms": lat.drafter_tpot_ms, "drafter_ttft_ms": lat.drafter_ttft, "acceptance": a,
+            "drafter_tpot_ms": lat.drafter_tpot_ms, "drafter_ttft_ms": lat.drafter_ttft,
+            "acceptance": a,
             "lookahead_dsi": k_dsi, "lookahead_si": k_si, "sp": SP, "tokens": args.tokens,
             "paper_dsi_over_si": row["paper"],
-            "sim_si_over_dsi": sim["si"] / sim["dsi"], "sim_nonsi_over_dsi": sim["nonsi"] / sim["dsi"],
+            "sim_si_over_dsi": sim["si"] / sim["dsi"],
+            "sim_nonsi_over_dsi": sim["nonsi"] / sim["dsi"],
             "mpi_si_over_dsi": measured["si"] / measured["dsi"],
             "mpi_nonsi_over_dsi": measured["nonsi"] / measured["dsi"],
-            "mpi_median_ms": measured, "mpi_std_ms": spread, "sim_mean_ms": sim, "ideal_median_ms": ideal,
+            "mpi_median_ms": measured, "mpi_std_ms": spread, "sim_mean_ms": sim,
+            "ideal_median_ms": ideal,
             "runtime_over_ideal": {m: measured[m] / ideal[m] for m in measured},
             "repeats": args.repeats, "sim_repeats": args.sim_repeats, "commit": git_commit(),
-            "host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "ranks": comm.Get_size(),
+            "host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "ranks": comm.Get_size(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         results.append(result)
@@ -143,34 +154,39 @@ def main() -> int:
 
 def _sim_prompts(mode: str, lat: Latencies, a: float, k: int, args: argparse.Namespace) -> float:
     """Median simulated time over the very prompts the runtime generated for."""
-    return statistics.median(simulate_once(mode, lat, a, k, SP, args.tokens, 0, prompt=(1, 2, 3, i)).latency_ms
-                             for i in range(args.repeats))
+    return statistics.median(
+        simulate_once(mode, lat, a, k, SP, args.tokens, 0, prompt=(1, 2, 3, i)).latency_ms
+        for i in range(args.repeats))
 
 
 def print_table(results: list[dict]) -> None:
-    head = (f"{'target / drafter':<32} {'dataset':<10} {'k dsi/si':>8} {'paper':>6} {'sim':>6} {'MPI':>6} "
-            f"{'sim':>6} {'MPI':>6} {'MPI/ideal dsi,si,nonsi':>24}")
+    head = (f"{'target / drafter':<32} {'dataset':<10} {'k dsi/si':>8} {'paper':>6} {'sim':>6} "
+            f"{'MPI':>6} {'sim':>6} {'MPI':>6} {'MPI/ideal dsi,si,nonsi':>24}")
     print("\n" + " " * 58 + "DSI over SI" + " " * 10 + "DSI over non-SI")
     print(head)
     for r in results:
         ratio = r["runtime_over_ideal"]
+        lookaheads = f"{r['lookahead_dsi']}/{r['lookahead_si']}"
         print(f"{r['target'] + ' / ' + r['drafter']:<32} {r['dataset']:<10} "
-              f"{str(r['lookahead_dsi']) + '/' + str(r['lookahead_si']):>8} {r['paper_dsi_over_si']:>6.2f} "
-              f"{r['sim_si_over_dsi']:>6.2f} {r['mpi_si_over_dsi']:>6.2f} {r['sim_nonsi_over_dsi']:>6.2f} "
-              f"{r['mpi_nonsi_over_dsi']:>6.2f} {ratio['dsi']:>8.3f},{ratio['si']:.3f},{ratio['nonsi']:.3f}")
+              f"{lookaheads:>8} {r['paper_dsi_over_si']:>6.2f} "
+              f"{r['sim_si_over_dsi']:>6.2f} {r['mpi_si_over_dsi']:>6.2f} "
+              f"{r['sim_nonsi_over_dsi']:>6.2f} {r['mpi_nonsi_over_dsi']:>6.2f} "
+              f"{ratio['dsi']:>8.3f},{ratio['si']:.3f},{ratio['nonsi']:.3f}")
 
 
 def markdown_table(results: list[dict]) -> str:
     lines = [
-        "| target / drafter | dataset | k DSI / SI | paper DSI/SI | sim DSI/SI | MPI DSI/SI | sim DSI/non-SI "
-        "| MPI DSI/non-SI | MPI / ideal (DSI, SI, non-SI) |",
+        "| target / drafter | dataset | k DSI / SI | paper DSI/SI | sim DSI/SI | MPI DSI/SI "
+        "| sim DSI/non-SI | MPI DSI/non-SI | MPI / ideal (DSI, SI, non-SI) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = r["runtime_over_ideal"]
         lines.append(
-            f"| {r['target']} / {r['drafter']} | {r['dataset']} | {r['lookahead_dsi']} / {r['lookahead_si']} "
-            f"| {r['paper_dsi_over_si']:.2f} | {r['sim_si_over_dsi']:.2f} | {r['mpi_si_over_dsi']:.2f} "
+            f"| {r['target']} / {r['drafter']} | {r['dataset']} "
+            f"| {r['lookahead_dsi']} / {r['lookahead_si']} "
+            f"| {r['paper_dsi_over_si']:.2f} | {r['sim_si_over_dsi']:.2f} "
+            f"| {r['mpi_si_over_dsi']:.2f} "
             f"| {r['sim_nonsi_over_dsi']:.2f} | {r['mpi_nonsi_over_dsi']:.2f} "
             f"| {ratio['dsi']:.3f}, {ratio['si']:.3f}, {ratio['nonsi']:.3f} |")
     return "\n".join(lines)

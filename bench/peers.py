@@ -53,9 +53,9 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_name, provenance  # noqa: E402
-from dsi_mpi.config import RunConfig  # noqa: E402
-from dsi_mpi.runtime import run  # noqa: E402
+from bench.common import device_name, provenance
+from dsi_mpi.config import RunConfig
+from dsi_mpi.runtime import run
 
 METHODS = ("generate", "assisted", "nonsi", "si", "dsi")
 

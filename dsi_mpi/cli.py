@@ -50,12 +50,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate with DSI, SI or non-SI over MPI ranks",
-                       description="Run under mpiexec/srun: rank 0 coordinates, rank 1 drafts, the rest verify.")
-    p.add_argument("--target", required=True, help="local path, hub id, .gguf file or emulated:tpot_ms=..,ttft_ms=..")
-    p.add_argument("--drafter", help="local path, hub id, .gguf file, self:layers=N (the target's first N layers) "
-                                     "or emulated:tpot_ms=..,acceptance=..; unused by nonsi")
-    p.add_argument("--mode", default="dsi", help="dsi, si, nonsi, or a comma-separated list run on the same ranks")
-    p.add_argument("--lookahead", type=int, default=5, help="drafts per verification task (ignored by nonsi)")
+                       description="Run under mpiexec/srun: rank 0 coordinates, rank 1 drafts, "
+                                   "the rest verify.")
+    p.add_argument("--target", required=True,
+                   help="local path, hub id, .gguf file or emulated:tpot_ms=..,ttft_ms=..")
+    p.add_argument("--drafter", help="local path, hub id, .gguf file, self:layers=N (the target's "
+                                     "first N layers) or emulated:tpot_ms=..,acceptance=..; "
+                                     "unused by nonsi")
+    p.add_argument("--mode", default="dsi",
+                   help="dsi, si, nonsi, or a comma-separated list run on the same ranks")
+    p.add_argument("--lookahead", type=int, default=5,
+                   help="drafts per verification task (ignored by nonsi)")
     p.add_argument("--sp", type=int, help="target servers DSI uses (default: every target rank)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -64,10 +69,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the shared per-position noise")
     p.add_argument("--verify", choices=VERIFY_MODES, default="exact")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda (each model rank takes a GPU of its node)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda (each model rank takes a GPU of its node)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt as text")
-    src.add_argument("--prompt-file", help="text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
+    src.add_argument("--prompt-file",
+                     help="text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
     src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
     _add_prompt_options(p)
     p.add_argument("--output", required=True,
@@ -77,16 +84,22 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                           help="keep the records in --output and run only the missing ones "
                                "(a requeued job)")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--repeats", type=int, default=1, help="run every prompt this many times per mode")
-    p.add_argument("--warmup", type=int, default=0, help="untimed runs of the first prompt per mode")
-    p.add_argument("--max-run-ahead", type=int, help="drafts the drafter may hold beyond the committed text")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every prompt this many times per mode")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed runs of the first prompt per mode")
+    p.add_argument("--max-run-ahead", type=int,
+                   help="drafts the drafter may hold beyond the committed text")
     p.add_argument("--reuse-cache", action="store_true",
-                   help="keep KV caches across prompts and reuse shared prefixes (off: each prompt pays its prefill)")
+                   help="keep KV caches across prompts and reuse shared prefixes "
+                        "(off: each prompt pays its prefill)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a rank may stay silent (hung or gone: named) before the job ends")
     p.add_argument("--poll", choices=POLL_CHOICES, default="auto",
-                   help="how waiting ranks wait: spin (a core each), backoff (sleep between probes), "
-                        "auto (spin on nodes where every rank has a core of its own; docs/cluster.md)")
+                   help="how waiting ranks wait: spin (a core each), "
+                        "backoff (sleep between probes), "
+                        "auto (spin on nodes where every rank has a core of its own; "
+                        "docs/cluster.md)")
     p.add_argument("--trace", metavar="FILE.json",
                    help="write what every rank did, on one clock, as a Chrome trace "
                         "(Perfetto; dsi-mpi timeline)")
@@ -112,13 +125,14 @@ def build_configs(args: argparse.Namespace) -> list[RunConfig]:
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as exc:
-        raise ConfigError(str(exc).replace("temperature", "--temperature").replace("top_p", "--top-p")
-                          .replace("top_k", "--top-k").replace("seed", "--seed")) from None
+        raise ConfigError(str(exc).replace("temperature", "--temperature")
+                          .replace("top_p", "--top-p").replace("top_k", "--top-k")
+                          .replace("seed", "--seed")) from None
     base = RunConfig(
-        target=args.target, drafter=args.drafter, mode=modes[0], lookahead=args.lookahead, sp=args.sp,
-        max_new_tokens=args.max_new_tokens, sampling=sampling, verify=args.verify, dtype=args.dtype,
-        device=args.device, max_run_ahead=args.max_run_ahead, reuse_cache=args.reuse_cache, timeout_s=args.timeout,
-        poll=args.poll,
+        target=args.target, drafter=args.drafter, mode=modes[0], lookahead=args.lookahead,
+        sp=args.sp, max_new_tokens=args.max_new_tokens, sampling=sampling, verify=args.verify,
+        dtype=args.dtype, device=args.device, max_run_ahead=args.max_run_ahead,
+        reuse_cache=args.reuse_cache, timeout_s=args.timeout, poll=args.poll,
     )
     # sp and lookahead are DSI's and SI's knobs; the other modes accept and ignore them, so
     # one command line serves all three.
@@ -129,15 +143,18 @@ def _summary(records: Sequence[dict]) -> str:
     lines = []
     for r in records:
         lines.append(
-            f"{r['mode']:>5} prompt {r['prompt_index']}: {r['num_new_tokens']} tokens in {r['wall_time_s']:.3f} s "
-            f"(ttft {r['ttft_s'] * 1e3:.1f} ms, tpot {r['tpot_s'] * 1e3:.1f} ms), acceptance {r['acceptance_rate']:.2f}, "
+            f"{r['mode']:>5} prompt {r['prompt_index']}: {r['num_new_tokens']} tokens "
+            f"in {r['wall_time_s']:.3f} s "
+            f"(ttft {r['ttft_s'] * 1e3:.1f} ms, tpot {r['tpot_s'] * 1e3:.1f} ms), "
+            f"acceptance {r['acceptance_rate']:.2f}, "
             f"{r['verifications_sent']} verifications, {r['verifications_cancelled']} cancelled"
         )
     by_mode: dict[str, float] = {}
     for r in records:
         by_mode[r["mode"]] = by_mode.get(r["mode"], 0.0) + r["wall_time_s"]
     if "dsi" in by_mode and len(by_mode) > 1:
-        ratios = ", ".join(f"{m}/dsi = {t / by_mode['dsi']:.2f}x" for m, t in by_mode.items() if m != "dsi")
+        ratios = ", ".join(f"{m}/dsi = {t / by_mode['dsi']:.2f}x"
+                           for m, t in by_mode.items() if m != "dsi")
         lines.append(f"total wall time ratios: {ratios}")
     return "\n".join(lines)
 
@@ -237,7 +254,7 @@ def _check_on_rank_0(args: argparse.Namespace, configs: list[RunConfig], layout:
         return ("bad", str(exc)), None
     except Stopped as exc:
         return ("stopped", exc.signum), None
-    except Exception as exc:  # noqa: BLE001 - every rank must learn it
+    except Exception as exc:  # every rank must learn it
         import traceback
 
         traceback.print_exc()
@@ -252,12 +269,13 @@ def _check_on_rank_0(args: argparse.Namespace, configs: list[RunConfig], layout:
     return ("ok", None), (prompts, tokenizer, output, resumed)
 
 
-LATENCY_FLAGS = ("target_tpot_ms", "target_ttft_ms", "drafter_tpot_ms", "drafter_ttft_ms", "acceptance")
+LATENCY_FLAGS = ("target_tpot_ms", "target_ttft_ms", "drafter_tpot_ms", "drafter_ttft_ms",
+                 "acceptance")
 
 
 def _add_latency_flags(p: argparse.ArgumentParser, drafter_required: bool = False) -> None:
-    p.add_argument("--profile", help="a JSON file written by dsi-mpi profile, in place of the latency "
-                                     "and acceptance flags")
+    p.add_argument("--profile", help="a JSON file written by dsi-mpi profile, in place of the "
+                                     "latency and acceptance flags")
     p.add_argument("--target-tpot-ms", type=float, help="required unless --profile")
     p.add_argument("--target-ttft-ms", type=float, help="default: the target's TPOT")
     required = " (required unless --profile)" if drafter_required else ""
@@ -267,7 +285,8 @@ def _add_latency_flags(p: argparse.ArgumentParser, drafter_required: bool = Fals
 
 
 def _add_offline(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="ideal latency of dsi, si or nonsi on a virtual clock (no MPI)")
+    p = sub.add_parser("simulate",
+                       help="ideal latency of dsi, si or nonsi on a virtual clock (no MPI)")
     p.add_argument("--mode", choices=("dsi", "si", "nonsi"), required=True)
     _add_latency_flags(p)
     p.add_argument("--lookahead", default="5", help="an integer, or auto (the planner's choice)")
@@ -276,15 +295,18 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--message-latency-ms", type=float, default=0.0,
-                   help="one-way time of every message (default 0: the ideal; bench/roundtrip.py measures it)")
+                   help="one-way time of every message "
+                        "(default 0: the ideal; bench/roundtrip.py measures it)")
     p.add_argument("--cancel-check-ms", type=float, default=0.0,
                    help="a target notices a CANCEL only at checks this far apart (0: at once)")
     p.add_argument("--poll-misses", type=int, default=0,
-                   help="polls of a busy rank that miss a message already delivered (0 with this transport)")
+                   help="polls of a busy rank that miss a message already delivered "
+                        "(0 with this transport)")
 
     p = sub.add_parser("plan", help="recommended lookahead and SP for a target/drafter pair")
     _add_latency_flags(p, drafter_required=True)
-    p.add_argument("--gpus", type=int, required=True, help="GPUs for model ranks: one drafter, the rest targets")
+    p.add_argument("--gpus", type=int, required=True,
+                   help="GPUs for model ranks: one drafter, the rest targets")
     p.add_argument("--tokens", type=int, default=50)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -295,21 +317,24 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sp", type=int, default=7)
     p.add_argument("--tokens", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--lookaheads", default="1,2,3,5,8", help="the sweep each algorithm takes its best from")
+    p.add_argument("--lookaheads", default="1,2,3,5,8",
+                   help="the sweep each algorithm takes its best from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, help="processes (default: every core)")
 
 
-def _latencies(args: argparse.Namespace, need_drafter: bool):  # noqa: ANN202 - a simulate.Latencies
+def _latencies(args: argparse.Namespace, need_drafter: bool):  # a simulate.Latencies
     """The latencies from the flags or from --profile (which also sets ``args.acceptance``)."""
     from dsi_mpi.simulate import Latencies
 
     if args.profile is not None:
         from dsi_mpi.plan import from_profile
 
-        given = [f"--{name.replace('_', '-')}" for name in LATENCY_FLAGS if getattr(args, name) is not None]
+        given = [f"--{name.replace('_', '-')}" for name in LATENCY_FLAGS
+                 if getattr(args, name) is not None]
         if given:
-            raise ConfigError(f"--profile gives the latencies and the acceptance; drop {', '.join(given)}")
+            raise ConfigError("--profile gives the latencies and the acceptance; "
+                              f"drop {', '.join(given)}")
         try:
             lat, args.acceptance = from_profile(args.profile)
         except (OSError, ValueError) as exc:
@@ -318,13 +343,15 @@ def _latencies(args: argparse.Namespace, need_drafter: bool):  # noqa: ANN202 - 
     if args.target_tpot_ms is None:
         raise ConfigError("--target-tpot-ms is required (or --profile FILE from dsi-mpi profile)")
     if need_drafter and (args.drafter_tpot_ms is None or args.acceptance is None):
-        raise ConfigError("--drafter-tpot-ms and --acceptance are required for dsi and si (or --profile FILE)")
+        raise ConfigError("--drafter-tpot-ms and --acceptance are required for dsi and si "
+                          "(or --profile FILE)")
     if need_drafter and not 0.0 <= args.acceptance <= 1.0:
         raise ConfigError(f"--acceptance must be in [0, 1], got {args.acceptance}")
     values = [args.target_tpot_ms, args.target_ttft_ms, args.drafter_tpot_ms, args.drafter_ttft_ms]
     if any(v is not None and v < 0 for v in values) or args.target_tpot_ms <= 0:
         raise ConfigError("latencies must be >= 0 ms and the target's TPOT > 0")
-    return Latencies(args.target_tpot_ms, args.drafter_tpot_ms or 0.0, args.target_ttft_ms, args.drafter_ttft_ms)
+    return Latencies(args.target_tpot_ms, args.drafter_tpot_ms or 0.0, args.target_ttft_ms,
+                     args.drafter_ttft_ms)
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -338,26 +365,32 @@ def simulate_command(args: argparse.Namespace) -> int:
     from dsi_mpi.simulate import MessageModel, dsi_lookaheads, simulate
 
     _positive(args, "sp", "tokens", "repeats")
-    lat = _latencies(args, need_drafter=args.mode != "nonsi")  # may set args.acceptance from --profile
+    # may set args.acceptance from --profile
+    lat = _latencies(args, need_drafter=args.mode != "nonsi")
     try:
         messages = MessageModel(args.message_latency_ms, args.cancel_check_ms, args.poll_misses)
     except ValueError:
-        raise ConfigError("--message-latency-ms, --cancel-check-ms and --poll-misses must be >= 0") from None
+        raise ConfigError("--message-latency-ms, --cancel-check-ms and --poll-misses "
+                          "must be >= 0") from None
     acceptance = args.acceptance if args.acceptance is not None else 0.0
     if args.mode == "nonsi":
-        summary = simulate("nonsi", lat, acceptance, 1, 1, args.tokens, args.repeats, args.seed, messages=messages)
+        summary = simulate("nonsi", lat, acceptance, 1, 1, args.tokens, args.repeats, args.seed,
+                           messages=messages)
     elif args.lookahead == "auto":
-        sweep = dsi_lookaheads(lat, args.sp, DEFAULT_LOOKAHEADS) if args.mode == "dsi" else DEFAULT_LOOKAHEADS
-        summary = best(args.mode, lat, acceptance, sweep, args.sp, args.tokens, args.repeats, args.seed,
-                       messages=messages)
+        sweep = DEFAULT_LOOKAHEADS
+        if args.mode == "dsi":
+            sweep = dsi_lookaheads(lat, args.sp, DEFAULT_LOOKAHEADS)
+        summary = best(args.mode, lat, acceptance, sweep, args.sp, args.tokens, args.repeats,
+                       args.seed, messages=messages)
     else:
         try:
             lookahead = int(args.lookahead)
         except ValueError:
-            raise ConfigError(f"--lookahead must be an integer or auto, got {args.lookahead!r}") from None
+            raise ConfigError(
+                f"--lookahead must be an integer or auto, got {args.lookahead!r}") from None
         _positive(argparse.Namespace(lookahead=lookahead), "lookahead")
-        summary = simulate(args.mode, lat, acceptance, lookahead, args.sp, args.tokens, args.repeats, args.seed,
-                           messages=messages)
+        summary = simulate(args.mode, lat, acceptance, lookahead, args.sp, args.tokens,
+                           args.repeats, args.seed, messages=messages)
     out = summary.as_dict()
     if not messages.ideal:
         out["messages"] = dataclasses.asdict(messages)
@@ -370,16 +403,19 @@ def plan_command(args: argparse.Namespace) -> int:
 
     _positive(args, "tokens", "repeats")
     if args.gpus < 2:
-        raise ConfigError(f"--gpus must be >= 2 (one drafter and at least one target), got {args.gpus}")
+        raise ConfigError(
+            f"--gpus must be >= 2 (one drafter and at least one target), got {args.gpus}")
     lat = _latencies(args, need_drafter=True)  # may set args.acceptance from --profile
     plan = make_plan(lat, args.acceptance, args.gpus, args.tokens, args.repeats, args.seed)
     d = plan.as_dict()
     print(f"recommended: --mode dsi --lookahead {d['lookahead']} --sp {d['sp']} "
           f"(mpiexec -n {d['ranks']}: coordinator, drafter, {d['sp']} targets)")
-    print(f"Eq. 1 lookahead with {args.gpus - 1} target servers: {d['eq1_lookahead']}; SI's best lookahead: {d['si_lookahead']}")
-    print(f"expected latency for {args.tokens} tokens: DSI {d['dsi_ms']:.1f} ms, SI {d['si_ms']:.1f} ms, "
-          f"non-SI {d['nonsi_ms']:.1f} ms")
-    print(f"expected speedup: {d['speedup_over_si']:.2f}x over SI, {d['speedup_over_nonsi']:.2f}x over non-SI")
+    print(f"Eq. 1 lookahead with {args.gpus - 1} target servers: {d['eq1_lookahead']}; "
+          f"SI's best lookahead: {d['si_lookahead']}")
+    print(f"expected latency for {args.tokens} tokens: DSI {d['dsi_ms']:.1f} ms, "
+          f"SI {d['si_ms']:.1f} ms, non-SI {d['nonsi_ms']:.1f} ms")
+    print(f"expected speedup: {d['speedup_over_si']:.2f}x over SI, "
+          f"{d['speedup_over_nonsi']:.2f}x over non-SI")
     print(json.dumps(d))
     return 0
 
@@ -391,33 +427,43 @@ def heatmap_command(args: argparse.Namespace) -> int:
     try:
         lookaheads = tuple(int(x) for x in args.lookaheads.split(","))
     except ValueError:
-        raise ConfigError(f"--lookaheads must be comma-separated integers, got {args.lookaheads!r}") from None
+        raise ConfigError(
+            f"--lookaheads must be comma-separated integers, got {args.lookaheads!r}") from None
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--out: directory {out_dir!r} does not exist")
-    result = heatmap.run(args.out, args.grid, args.sp, args.tokens, args.repeats, args.seed, lookaheads, args.workers)
+    result = heatmap.run(args.out, args.grid, args.sp, args.tokens, args.repeats, args.seed,
+                         lookaheads, args.workers)
     print(json.dumps(result))
     return 0
 
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="measure TTFT, TPOT and acceptance of a model pair (one process, no MPI)",
-                       description="What plan and simulate need, measured as in the paper's appendix F: each "
-                                   "model's TTFT and TPOT per prompt after a warm-up, and the drafter's "
-                                   "acceptance of the target's greedy tokens.")
-    p.add_argument("--target", required=True, help="local path, hub id, .gguf file or emulated: spec")
-    p.add_argument("--drafter", required=True, help="local path, hub id, .gguf file, self:layers=N or emulated: spec")
+    p = sub.add_parser("profile", help="measure TTFT, TPOT and acceptance of a model pair "
+                                       "(one process, no MPI)",
+                       description="What plan and simulate need, measured as in the paper's "
+                                   "appendix F: each model's TTFT and TPOT per prompt after a "
+                                   "warm-up, and the drafter's acceptance of the target's greedy "
+                                   "tokens.")
+    p.add_argument("--target", required=True,
+                   help="local path, hub id, .gguf file or emulated: spec")
+    p.add_argument("--drafter", required=True,
+                   help="local path, hub id, .gguf file, self:layers=N or emulated: spec")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt as text")
-    src.add_argument("--prompt-file", help="text, JSONL or JSONL.gz (HumanEval) with prompt or prompt_ids")
+    src.add_argument("--prompt-file",
+                     help="text, JSONL or JSONL.gz (HumanEval) with prompt or prompt_ids")
     src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
     _add_prompt_options(p)
-    p.add_argument("--max-new-tokens", type=int, default=20, help="target tokens generated per prompt")
-    p.add_argument("--lookahead", type=int, default=5, help="block length of the per-position acceptance")
+    p.add_argument("--max-new-tokens", type=int, default=20,
+                   help="target tokens generated per prompt")
+    p.add_argument("--lookahead", type=int, default=5,
+                   help="block length of the per-position acceptance")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations of the first prompt")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models on it)")
-    p.add_argument("--output", default="profile.json", help="JSON file for plan --profile and simulate --profile")
+    p.add_argument("--output", default="profile.json",
+                   help="JSON file for plan --profile and simulate --profile")
 
 
 def profile_command(args: argparse.Namespace) -> int:
@@ -427,12 +473,14 @@ def profile_command(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     # The run's own checks: the same errors as dsi-mpi run, before any weights load.
-    config = RunConfig(target=args.target, drafter=args.drafter, mode="si", lookahead=args.lookahead,
-                       max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device)
+    config = RunConfig(target=args.target, drafter=args.drafter, mode="si",
+                       lookahead=args.lookahead, max_new_tokens=args.max_new_tokens,
+                       dtype=args.dtype, device=args.device)
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--output: directory {out_dir!r} does not exist")
-    prompts, _ = preflight(config, args.prompt, args.prompt_file, args.prompt_ids, args.chat, args.num_prompts)
+    prompts, _ = preflight(config, args.prompt, args.prompt_file, args.prompt_ids, args.chat,
+                           args.num_prompts)
     result = profile(config, [p.ids for p in prompts], warmup=args.warmup)
     with open(args.output, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
@@ -563,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit(commands[args.command](args), None, everyone=True)
     except ConfigError as exc:  # found alike on every rank (or broadcast by rank 0)
         return _exit(EXIT_BAD_INPUT, f"error: {exc}" if _rank() == 0 else None, everyone=True)
-    except BaseException as exc:  # noqa: BLE001 - a signal, a failure: the job ends, never hangs
+    except BaseException as exc:  # a signal, a failure: the job ends, never hangs
         ending = ending_of(exc)
         if "ending" not in vars(exc) and not isinstance(exc, (Stopped, KeyboardInterrupt)):
             import traceback

@@ -120,7 +120,8 @@ class Coordinator:
                       config.max_new_tokens, eos_ids=self.eos_ids, verify=config.verify,
                       seed=config.sampling.seed, reuse_cache=config.reuse_cache, ids=self.ids)
 
-    def generate(self, policy: Policy, prompt: Sequence[int], seed: int | None = None) -> PromptResult:
+    def generate(self, policy: Policy, prompt: Sequence[int],
+                 seed: int | None = None) -> PromptResult:
         trace = self.trace
         forwards: dict[int, tuple[int, float]] = {}
         start = time.perf_counter()

@@ -41,7 +41,8 @@ def serve_drafter(transport: Transport, backend: Backend, params: SamplingParams
     while True:
         msg = transport.poll(source=COORDINATOR)
         if msg is None and not worker.can_draft():
-            msg = transport.wait(source=COORDINATOR, what="a message from the coordinator", timeout_s=IDLE)
+            msg = transport.wait(source=COORDINATOR, what="a message from the coordinator",
+                                 timeout_s=IDLE)
         if msg is not None:
             if isinstance(msg.message, Shutdown):
                 return

@@ -220,7 +220,8 @@ class ServerPool:
         ``keep`` positions if the forward was abandoned."""
         task = self.tasks.pop(task_id, None)
         if task is None or task.server != server or self._busy[server] is not task:
-            raise ProtocolError(f"reply for task {task_id} from server {server}, which does not hold it")
+            raise ProtocolError(
+                f"reply for task {task_id} from server {server}, which does not hold it")
         self._busy[server] = None
         self._cache[server] = task.context if completed else task.context[: task.keep]
         return task
@@ -269,9 +270,10 @@ class _Prompt:
 class Policy:
     """The coordinator's decisions for one mode; ``begin`` a prompt, then feed it events."""
 
-    def __init__(self, mode: str, servers: Sequence[int], lookahead: int, run_ahead: int, max_new_tokens: int,
-                 eos_ids: frozenset[int] = frozenset(), verify: str = "exact", seed: int = 0,
-                 reuse_cache: bool = False, ids: Ids | None = None, restart_on_forced: bool = False) -> None:
+    def __init__(self, mode: str, servers: Sequence[int], lookahead: int, run_ahead: int,
+                 max_new_tokens: int, eos_ids: frozenset[int] = frozenset(), verify: str = "exact",
+                 seed: int = 0, reuse_cache: bool = False, ids: Ids | None = None,
+                 restart_on_forced: bool = False) -> None:
         if mode not in RULES:
             raise ValueError(f"unknown mode {mode!r}")
         self.rules = RULES[mode]
@@ -356,7 +358,8 @@ class Policy:
     # ----------------------------------------------------------------- events in
 
     def begin(self, prompt: Sequence[int], seed: int | None = None) -> list[Send]:
-        """Start a prompt (with its own sampling seed, default the policy's); servers must be idle."""
+        """Start a prompt (with its own sampling seed, default the policy's); servers must be
+        idle."""
         if not self.idle:
             raise ProtocolError("begin() while tasks are outstanding")
         if not prompt:
@@ -366,22 +369,23 @@ class Policy:
             self.pool.forget()
         n = len(prompt)
         self.ids.next_epoch()
-        s = self._prompt = _Prompt(seed=self.seed if seed is None else seed, proposed=list(prompt), n=n,
-                                   last_position=n + self.max_new_tokens - 1, limit=n + self.run_ahead,
-                                   covered_end=n - 1, uses_drafter=self.uses_drafter,
-                                   first_epoch=self.epoch)
+        s = self._prompt = _Prompt(seed=self.seed if seed is None else seed, proposed=list(prompt),
+                                   n=n, last_position=n + self.max_new_tokens - 1,
+                                   limit=n + self.run_ahead, covered_end=n - 1,
+                                   uses_drafter=self.uses_drafter, first_epoch=self.epoch)
         actions: list[Send] = []
         if self.uses_drafter:
             # Drafting the last position is wasted work: the target's token there is committed
             # whatever the draft says.
             actions.append(Send(DRAFTER, Start(self.epoch, s.limit, s.last_position - 1,
-                                               self.verify == "rejection", s.seed, not self.reuse_cache,
-                                               tuple(prompt))))
+                                               self.verify == "rejection", s.seed,
+                                               not self.reuse_cache, tuple(prompt))))
         for server in self.rules.prefill(self.servers):
             actions.append(self._send(self._new_task(n, n), server))
         return actions + self._dispatch()
 
-    def on_draft(self, epoch: int, position: int, token: int, q: np.ndarray | None = None) -> list[Send]:
+    def on_draft(self, epoch: int, position: int, token: int,
+                 q: np.ndarray | None = None) -> list[Send]:
         """The drafter proposed ``token`` for ``position`` (with distribution ``q``)."""
         s = self._prompt
         assert s is not None, "a draft before any prompt"
@@ -414,7 +418,8 @@ class Policy:
         s.counters.target_forwards += 1
         s.answered[task_id] = task
         if first_position != task.first_position or len(tokens) != task.num_outputs:
-            raise ProtocolError(f"task {task_id}: result for positions {first_position}+{len(tokens)}, "
+            raise ProtocolError(f"task {task_id}: result for positions "
+                                f"{first_position}+{len(tokens)}, "
                                 f"asked {task.first_position}..{task.length}")
         actions: list[Send] = []
         # The task's epoch as the pool knows it, not the message's: a restart keeps (and
@@ -452,8 +457,9 @@ class Policy:
         task.context = task.context or tuple(s.proposed[: task.length])
         self.pool.assign(task, server)
         s.counters.verifications_sent += 1
-        return Send(server, Verify(task.epoch, task.task_id, task.keep, task.first_position, task.context[task.keep:],
-                                   want_probs=self.verify == "rejection", seed=s.seed))
+        return Send(server, Verify(task.epoch, task.task_id, task.keep, task.first_position,
+                                   task.context[task.keep:], want_probs=self.verify == "rejection",
+                                   seed=s.seed))
 
     def _dispatch(self) -> list[Send]:
         """Create the tasks the mode's rule asks for, then hand queued tasks to free servers."""
@@ -462,7 +468,8 @@ class Policy:
         if s is None or s.finished:
             return actions
         while True:
-            length = self.rules.next_task_length(s, self.lookahead, bool(self.pool.tasks or s.queue))
+            pending = bool(self.pool.tasks or s.queue)
+            length = self.rules.next_task_length(s, self.lookahead, pending)
             if length is None:
                 break
             length = min(length, s.last_position)
@@ -550,7 +557,8 @@ class Policy:
             s.limit = max(s.limit, s.n + self.run_ahead)
             if s.limit > limit_before or learned is not None:
                 start = s.n if learned is None else learned
-                actions.append(Send(DRAFTER, Advance(self.epoch, s.limit, start, tuple(s.proposed[start:s.n]))))
+                committed = tuple(s.proposed[start:s.n])
+                actions.append(Send(DRAFTER, Advance(self.epoch, s.limit, start, committed)))
         return actions
 
     def _account(self, j: int, accepted: bool | None) -> None:
@@ -598,7 +606,8 @@ class Policy:
         for task in self.pool.tasks.values():
             if task.cancelled:
                 continue
-            if keep_committed and task.length <= s.n and list(task.context) == committed[: task.length]:
+            if (keep_committed and task.length <= s.n
+                    and list(task.context) == committed[: task.length]):
                 task.epoch = self.epoch
                 s.covered_end = max(s.covered_end, task.length)
                 continue
@@ -627,7 +636,8 @@ class Policy:
         s.limit = s.n + self.run_ahead
         if self.uses_drafter:
             forced = s.proposed[j:s.n] if committed else s.proposed[j:j + 1]
-            actions.append(Send(DRAFTER, Rollback(self.epoch, j, s.limit, tuple(int(t) for t in forced))))
+            forced_ids = tuple(int(t) for t in forced)
+            actions.append(Send(DRAFTER, Rollback(self.epoch, j, s.limit, forced_ids)))
         return actions
 
     def _finish(self) -> list[Send]:

@@ -133,10 +133,11 @@ def inspect_model(spec: str, flag: str, target: ModelInfo | None = None) -> Mode
         except ValueError as exc:
             raise ConfigError(f"{flag}: {exc}") from None
         if target is None or target.num_layers is None:
-            raise ConfigError(f"{flag} {spec}: a self-drafter needs a --target model with decoder layers")
-        if not 1 <= n <= target.num_layers:
-            raise ConfigError(f"{flag} {spec}: N must be between 1 and the target's {target.num_layers} "
+            raise ConfigError(f"{flag} {spec}: a self-drafter needs a --target model with "
                               "decoder layers")
+        if not 1 <= n <= target.num_layers:
+            raise ConfigError(f"{flag} {spec}: N must be between 1 and the target's "
+                              f"{target.num_layers} decoder layers")
         return target
     check_model_source(spec, flag)
     from dsi_mpi.backends.hf import context_length, load_config, load_tokenizer
@@ -190,17 +191,20 @@ class Prompt:
     seed: int | None = None  # a JSONL line's own sampling seed; None: --seed
 
 
-def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | None, tokenizer: object | None,
-                 chat: bool = False, num_prompts: int | None = None) -> list[Prompt]:
+def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | None,
+                 tokenizer: object | None, chat: bool = False,
+                 num_prompts: int | None = None) -> list[Prompt]:
     """Every prompt, from exactly one of the three sources; the first ``num_prompts`` of them;
     with ``chat``, each text wrapped in the tokenizer's chat template as a user message."""
     given = [x is not None for x in (prompt, prompt_file, prompt_ids)]
     if sum(given) != 1:
-        raise ConfigError("give exactly one of --prompt TEXT, --prompt-file FILE, --prompt-ids 1,2,3")
+        raise ConfigError("give exactly one of --prompt TEXT, --prompt-file FILE, "
+                          "--prompt-ids 1,2,3")
     if num_prompts is not None and num_prompts < 1:
         raise ConfigError(f"--num-prompts must be >= 1, got {num_prompts}")
     if chat and prompt_ids is not None:
-        raise ConfigError("--chat applies a chat template to text prompts; --prompt-ids are already tokens")
+        raise ConfigError("--chat applies a chat template to text prompts; "
+                          "--prompt-ids are already tokens")
     if chat and getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError("--chat: the target's tokenizer has no chat template; drop --chat")
     if prompt_ids is not None:
@@ -221,7 +225,8 @@ def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | 
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ConfigError(f"{prompt_file}:{number}: not valid JSON ({exc.msg})") from None
+                        raise ConfigError(
+                            f"{prompt_file}:{number}: not valid JSON ({exc.msg})") from None
                     seed = record.get("seed")
                     if seed is not None and (not isinstance(seed, int) or seed < 0):
                         raise ConfigError(f"{prompt_file}:{number}: seed must be an integer >= 0")
@@ -237,26 +242,31 @@ def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | 
                                               f"string, got {record['prompt']!r}")
                         texts.append((record["prompt"], seed))
                     else:
-                        raise ConfigError(f"{prompt_file}:{number}: a JSON line needs 'prompt' or 'prompt_ids'")
+                        raise ConfigError(f"{prompt_file}:{number}: a JSON line needs "
+                                          "'prompt' or 'prompt_ids'")
                 else:
                     texts.append((line.rstrip("\n"), None))
         if not texts:
             raise ConfigError(f"--prompt-file {prompt_file!r} holds no prompt")
-    texts = _first(texts, num_prompts, f"--prompt-file {prompt_file!r}" if prompt_file else "--prompt")
+    source = f"--prompt-file {prompt_file!r}" if prompt_file else "--prompt"
+    texts = _first(texts, num_prompts, source)
     out = []
     for text, seed in texts:
         if isinstance(text, list):
             if chat:
-                raise ConfigError("--chat applies a chat template to text prompts; this file has prompt_ids")
+                raise ConfigError("--chat applies a chat template to text prompts; "
+                                  "this file has prompt_ids")
             out.append(Prompt(text, seed))
         elif tokenizer is None:
-            raise ConfigError("text prompts need a tokenizer; this target has none: use --prompt-ids or prompt_ids")
+            raise ConfigError("text prompts need a tokenizer; this target has none: "
+                              "use --prompt-ids or prompt_ids")
         elif chat:
             # Render the template as text, then tokenize it as it stands: the template already
             # holds the special tokens the model was trained with.
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                     add_generation_prompt=True)
-            out.append(Prompt(list(tokenizer(rendered, add_special_tokens=False)["input_ids"]), seed))
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                     tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            out.append(Prompt(list(ids), seed))
         else:
             out.append(Prompt(list(tokenizer(text)["input_ids"]), seed))
     return out
@@ -266,18 +276,19 @@ def _first(items: list, num_prompts: int | None, source: str) -> list:
     if num_prompts is None:
         return items
     if num_prompts > len(items):
-        raise ConfigError(f"--num-prompts {num_prompts}: {source} holds only {len(items)} prompt(s)")
+        raise ConfigError(
+            f"--num-prompts {num_prompts}: {source} holds only {len(items)} prompt(s)")
     return items[:num_prompts]
 
 
-def _open_text(path: str):  # noqa: ANN202 - a text file object
+def _open_text(path: str):  # a text file object
     """A prompt file, gzip-compressed when its name ends in .gz (HumanEval.jsonl.gz as shipped)."""
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
-def _lines(fh, path: str):  # noqa: ANN001, ANN202 - lines of a text file
+def _lines(fh, path: str):  # lines of a text file
     try:
         yield from fh
     except (OSError, EOFError, UnicodeDecodeError) as exc:
@@ -310,15 +321,18 @@ def check_prompts(prompts: Sequence[Prompt], config: RunConfig, infos: Sequence[
             raise ConfigError(f"prompt {index} is empty")
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ConfigError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            raise ConfigError(f"prompt {index} has token ids outside the vocabulary "
+                              f"[0, {vocab}): {bad[:5]}")
         if limits:
             # Drafts can run ahead of the committed text, so leave room for them too.
-            need = len(ids) + config.max_new_tokens + (config.lookahead if config.uses_drafter else 0)
+            run_ahead = config.lookahead if config.uses_drafter else 0
+            need = len(ids) + config.max_new_tokens + run_ahead
             if need > min(limits):
                 raise ConfigError(
-                    f"prompt {index} has {len(ids)} tokens; with --max-new-tokens {config.max_new_tokens} "
-                    f"it needs {need} positions but the model's context is {min(limits)}: shorten the "
-                    "prompt or lower --max-new-tokens"
+                    f"prompt {index} has {len(ids)} tokens; "
+                    f"with --max-new-tokens {config.max_new_tokens} "
+                    f"it needs {need} positions but the model's context is {min(limits)}: "
+                    "shorten the prompt or lower --max-new-tokens"
                 )
 
 

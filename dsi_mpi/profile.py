@@ -69,7 +69,8 @@ def _timed_forward(backend: Backend, tokens: Sequence[int]) -> tuple[int, float]
     return int(out.tokens[-1]), (time.perf_counter() - start) * 1e3
 
 
-def generate(target: Backend, prompt: Sequence[int], max_new_tokens: int) -> tuple[list[int], Timing]:
+def generate(target: Backend, prompt: Sequence[int],
+             max_new_tokens: int) -> tuple[list[int], Timing]:
     """Greedy non-SI decoding, timed: stops at ``max_new_tokens`` or an EOS (kept)."""
     target.reset()
     token, ms = _timed_forward(target, prompt)
@@ -81,7 +82,8 @@ def generate(target: Backend, prompt: Sequence[int], max_new_tokens: int) -> tup
     return tokens, timing
 
 
-def follow(drafter: Backend, prompt: Sequence[int], tokens: Sequence[int]) -> tuple[list[int], Timing]:
+def follow(drafter: Backend, prompt: Sequence[int],
+           tokens: Sequence[int]) -> tuple[list[int], Timing]:
     """The drafter's greedy prediction for each position of ``tokens`` given the prefix before it
     (the prompt and the target's earlier tokens), timed like :func:`generate`."""
     drafter.reset()
@@ -94,7 +96,8 @@ def follow(drafter: Backend, prompt: Sequence[int], tokens: Sequence[int]) -> tu
     return predictions, timing
 
 
-def block_acceptance(matches: Sequence[Sequence[bool]], lookahead: int) -> tuple[list[float | None], float | None]:
+def block_acceptance(matches: Sequence[Sequence[bool]],
+                     lookahead: int) -> tuple[list[float | None], float | None]:
     """Per-position acceptance in blocks of ``lookahead`` drafts, and the mean accepted length.
 
     A block starts at every position with ``lookahead`` positions after it; draft ``i`` of a
@@ -109,7 +112,8 @@ def block_acceptance(matches: Sequence[Sequence[bool]], lookahead: int) -> tuple
                 accepted += 1
             for i in range(accepted + 1):
                 reached[i] += 1
-    rates = [reached[i] / reached[i - 1] if reached[i - 1] else None for i in range(1, lookahead + 1)]
+    rates = [reached[i] / reached[i - 1] if reached[i - 1] else None
+             for i in range(1, lookahead + 1)]
     mean_length = sum(reached[1:]) / reached[0] if reached[0] else None
     return rates, mean_length
 
@@ -129,8 +133,8 @@ def _summary(spec: str, timings: Sequence[Timing]) -> dict:
     }
 
 
-def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int = 20,
-            lookahead: int = 5, warmup: int = 1) -> dict:
+def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
+            max_new_tokens: int = 20, lookahead: int = 5, warmup: int = 1) -> dict:
     """Profile a loaded pair on ``prompts`` (token ids); the dict ``dsi-mpi profile`` writes,
     without the specs."""
     if not prompts:
@@ -219,15 +223,19 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
 def table(result: dict) -> str:
     """The profile as the table ``dsi-mpi profile`` prints."""
     lines = [f"{'':<8} {'mean':>19} {'median':>19}",
-             f"{'model':<8} {'TTFT ms':>9} {'TPOT ms':>9} {'TTFT ms':>9} {'TPOT ms':>9} {'TTFT/TPOT':>9}  spec"]
+             f"{'model':<8} {'TTFT ms':>9} {'TPOT ms':>9} {'TTFT ms':>9} {'TPOT ms':>9} "
+             f"{'TTFT/TPOT':>9}  spec"]
     for name in ("target", "drafter"):
         m = result[name]
         ratio = f"{m['ttft_over_tpot']:.2f}" if m["ttft_over_tpot"] is not None else "-"
-        lines.append(f"{name:<8} {m['ttft_ms']:>9.2f} {m['tpot_ms']:>9.2f} {m['ttft_ms_median']:>9.2f} "
-                     f"{m['tpot_ms_median']:>9.2f} {ratio:>9}  {m['spec']}")
-    per_position = " ".join("-" if a is None else f"{a:.2f}" for a in result["acceptance_per_position"])
+        lines.append(f"{name:<8} {m['ttft_ms']:>9.2f} {m['tpot_ms']:>9.2f} "
+                     f"{m['ttft_ms_median']:>9.2f} {m['tpot_ms_median']:>9.2f} {ratio:>9}  "
+                     f"{m['spec']}")
+    per_position = " ".join("-" if a is None else f"{a:.2f}"
+                            for a in result["acceptance_per_position"])
     lines.append(f"acceptance {result['acceptance']:.3f} over {result['tokens']} target tokens of "
-                 f"{result['prompts']} prompts; per draft position in blocks of {result['lookahead']}: "
+                 f"{result['prompts']} prompts; "
+                 f"per draft position in blocks of {result['lookahead']}: "
                  f"{per_position or '- (too few tokens per prompt)'}")
     if result.get("translation"):
         drafter = result["drafter"]

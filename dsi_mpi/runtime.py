@@ -136,8 +136,9 @@ def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prom
     return out
 
 
-def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt | Sequence[int]] = (),
-        tokenizer: object | None = None, repeats: int = 1, warmup: int = 0,
+def run(comm: MPI.Comm, configs: Sequence[RunConfig],
+        prompts: Sequence[Prompt | Sequence[int]] = (), tokenizer: object | None = None,
+        repeats: int = 1, warmup: int = 0,
         sink: Callable[[dict], None] | None = None,
         done: Collection[tuple[str, int, int]] = (), trace: str | None = None,
         progress: Progress | None = None) -> RunOutcome:
@@ -156,16 +157,19 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], prompts: Sequence[Prompt |
     """
     base = configs[0]
     for c in configs:
-        if (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, c.sampling.temperature, c.sampling.top_k, c.sampling.top_p) != (
-                base.target, base.drafter, base.dtype, base.device, base.reuse_cache, base.sampling.temperature,
-                base.sampling.top_k, base.sampling.top_p):
+        if (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, c.sampling.temperature,
+                c.sampling.top_k, c.sampling.top_p) != (
+                base.target, base.drafter, base.dtype, base.device, base.reuse_cache,
+                base.sampling.temperature, base.sampling.top_k, base.sampling.top_p):
             raise ValueError("configs of one run may differ in mode, lookahead, sp and seed only")
     prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
-    layout = make_layout(comm.Get_size(), [c.mode for c in configs], max((c.sp or 0) for c in configs) or None)
+    max_sp = max((c.sp or 0) for c in configs) or None
+    layout = make_layout(comm.Get_size(), [c.mode for c in configs], max_sp)
     rank = comm.Get_rank()
     eos = _share_eos_ids(comm, base)
     role = layout.role(rank)
-    transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll, poll_max_s=base.poll_max_s)
+    transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll,
+                          poll_max_s=base.poll_max_s)
     outcome = RunOutcome(role=role)
     coordinator = Coordinator(transport, layout, eos) if role == "coordinator" else None
     try:
@@ -299,7 +303,7 @@ def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int,
             return Ending(code, reason, everyone=False)
         try:
             missing = coordinator.end(END_GRACE_S)
-        except BaseException as error:  # noqa: BLE001 - the job is aborted instead
+        except BaseException as error:  # the job is aborted instead
             missing = [-1]
             reason += f" (ending it failed too: {type(error).__name__}: {error})"
         pending = transport.close(timeout_s=0.2 if missing else END_GRACE_S)
@@ -324,7 +328,7 @@ def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int,
             reply = transport.wait(source=0, what="Shutdown", timeout_s=left)
             answered = isinstance(reply.message, Shutdown)
         transport.send(0, Bye())
-    except BaseException:  # noqa: BLE001 - rank 0 did not answer: the job is aborted
+    except BaseException:  # rank 0 did not answer: the job is aborted
         answered = False
     pending = transport.close(timeout_s=END_GRACE_S if answered else 0.0)
     if not answered:
@@ -347,7 +351,7 @@ def _share_eos_ids(comm: MPI.Comm, config: RunConfig) -> frozenset[int]:
 
                 ids = eos_ids(load_config(config.target))
             verdict = (True, sorted(ids))
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        except Exception as exc:  # every rank must learn it
             verdict = (False, f"{type(exc).__name__}: {exc}")
     ok, value = comm.bcast(verdict, root=0)
     if not ok:

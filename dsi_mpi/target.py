@@ -45,7 +45,8 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams,
         return transport.pending_any(COORDINATOR, ENDS_TASK)  # the job ends: drop the task
 
     while True:
-        msg = transport.wait(source=COORDINATOR, what="a request from the coordinator", timeout_s=IDLE).message
+        msg = transport.wait(source=COORDINATOR, what="a request from the coordinator",
+                             timeout_s=IDLE).message
         if isinstance(msg, Shutdown):
             return
         if isinstance(msg, Cancel):

@@ -34,7 +34,7 @@ def corpus_lines() -> list[str]:
 
 
 def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384,
-                    lines: list[str] | None = None):  # noqa: ANN201
+                    lines: list[str] | None = None):
     """Train a byte-level BPE tokenizer on the bundled corpus (or on ``lines``) and save it to
     ``out_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -50,12 +50,13 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384,
         show_progress=False,
     )
     tok.train_from_iterator(corpus_lines() if lines is None else lines, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
     fast.save_pretrained(str(out_dir))
     return fast
 
 
-def _config(arch: str, vocab_size: int, layers: int, hidden: int, max_positions: int):  # noqa: ANN202
+def _config(arch: str, vocab_size: int, layers: int, hidden: int, max_positions: int):
     from transformers import GPT2Config, LlamaConfig
 
     # A large init range makes random models confident and varied, so greedy outputs do not
@@ -88,7 +89,7 @@ def _config(arch: str, vocab_size: int, layers: int, hidden: int, max_positions:
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
 
 
-def _save(model, tokenizer, out_dir: str | os.PathLike) -> str:  # noqa: ANN001
+def _save(model, tokenizer, out_dir: str | os.PathLike) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = 0
@@ -97,15 +98,16 @@ def _save(model, tokenizer, out_dir: str | os.PathLike) -> str:  # noqa: ANN001
     return str(out)
 
 
-def _greedy(model, ids: list[int], steps: int) -> list[int]:  # noqa: ANN001
+def _greedy(model, ids: list[int], steps: int) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, pad_token_id=0)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
+                             pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
 def build_tiny_model(
     out_dir: str | os.PathLike, arch: str = "llama", seed: int = 0, layers: int = 2,
-    hidden: int = 64, max_positions: int = 256, tokenizer=None, eos_after: int = 5,  # noqa: ANN001
+    hidden: int = 64, max_positions: int = 256, tokenizer=None, eos_after: int = 5,
 ) -> str:
     """Build, save and return the directory of a tiny float64 target model.
 
@@ -120,7 +122,8 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
     probe = tokenizer(EOS_PROBE_PROMPT)["input_ids"]
     continuation = _greedy(model, probe, eos_after + 1)
-    eos = next((t for i, t in enumerate(continuation) if i >= eos_after - 1 and t not in continuation[:i]), continuation[-1])
+    eos = next((t for i, t in enumerate(continuation)
+                if i >= eos_after - 1 and t not in continuation[:i]), continuation[-1])
     model.config.eos_token_id = eos
     model.generation_config.eos_token_id = eos
     return _save(model, tokenizer, out_dir)
@@ -179,7 +182,8 @@ def build_suite(root: str | os.PathLike, archs: tuple[str, ...] = ARCHS) -> dict
         target = build_tiny_model(root / arch, arch=arch, seed=10 + i, tokenizer=tokenizer)
         paths[arch] = target
         for kind in DRAFTER_KINDS:
-            paths[f"{arch}/{kind}"] = derive_drafter(target, root / f"{arch}-{kind}", kind=kind, seed=20 + i)
+            paths[f"{arch}/{kind}"] = derive_drafter(target, root / f"{arch}-{kind}", kind=kind,
+                                                     seed=20 + i)
     index.write_text(json.dumps(paths, indent=1))
     return paths
 
@@ -188,7 +192,7 @@ def build_suite(root: str | os.PathLike, archs: tuple[str, ...] = ARCHS) -> dict
 
 
 def build_sentencepiece_tokenizer(out_dir: str | os.PathLike,
-                                  vocab_size: int = 320):  # noqa: ANN201
+                                  vocab_size: int = 320):
     """A sentencepiece-style BPE tokenizer, as Gemma's and Llama 2's: spaces spelled ``▁``,
     the 256 byte tokens ``<0x00>``..``<0xFF>`` for characters outside its alphabet (byte
     fallback), and a BOS before every text. Trained on the corpus, so its merges differ from
@@ -241,7 +245,7 @@ def unrelated_lines(count: int = 150, seed: int = 0) -> list[str]:
     return [" ".join(words[i: i + 20]) for i in range(0, len(words), 20)]
 
 
-def _recite(model, tokenizer, steps: int, seed: int) -> None:  # noqa: ANN001
+def _recite(model, tokenizer, steps: int, seed: int) -> None:
     """Train ``model`` to recite the corpus, each line ending with EOS (float32, full batch)."""
     torch.manual_seed(seed)
     rows = [tokenizer(line)["input_ids"] + [tokenizer.eos_token_id] for line in corpus_lines()]

@@ -63,7 +63,7 @@ def method_for(verify: str) -> str:
 # ----------------------------------------------------------------- vocabularies as bytes
 
 
-def _decoder_kind(tokenizer) -> tuple[str, list[tuple[str, str]], bool]:  # noqa: ANN001
+def _decoder_kind(tokenizer) -> tuple[str, list[tuple[str, str]], bool]:
     """How a fast tokenizer's decoder spells tokens: ``byte_level``, or ``pieces`` with its
     string replacements (``▁`` -> space) and whether ``<0xXX>`` tokens are bytes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -107,7 +107,7 @@ class Vocabulary:
     eos_ids: frozenset[int]
 
     @classmethod
-    def of(cls, tokenizer, size: int | None = None,  # noqa: ANN001 - a fast tokenizer
+    def of(cls, tokenizer, size: int | None = None,  # a fast tokenizer
            eos_ids: Sequence[int] = ()) -> Vocabulary:
         """The vocabulary of a fast tokenizer, sized to the model's ``size`` rows (default: the
         tokenizer's length); ``eos_ids`` adds the model's own end-of-sequence ids."""
@@ -239,7 +239,7 @@ def shared_tokens(source: Vocabulary, target: Vocabulary) -> tuple[np.ndarray, n
     return np.asarray(d_ids, dtype=np.int64), np.asarray(t_ids, dtype=np.int64)
 
 
-def same_vocabulary(target_tokenizer, drafter_tokenizer) -> bool:  # noqa: ANN001
+def same_vocabulary(target_tokenizer, drafter_tokenizer) -> bool:
     """The same tokens under the same ids: no translation needed."""
     return target_tokenizer.get_vocab() == drafter_tokenizer.get_vocab()
 
@@ -307,11 +307,11 @@ class TranslatingDrafter(Backend):
     # ----------------------------------------------------------------- Backend
 
     @property
-    def device(self):  # noqa: ANN201 - what profile synchronises on
+    def device(self):  # what profile synchronises on
         return getattr(self.drafter, "device", None)
 
     @property
-    def config(self):  # noqa: ANN201 - the drafter's model config (its layer count, for profile)
+    def config(self):  # the drafter's model config (its layer count, for profile)
         return getattr(self.drafter, "config", None)
 
     def cached_length(self) -> int:
@@ -515,7 +515,7 @@ class TranslatingDrafter(Backend):
 # ----------------------------------------------------------------- from model specs
 
 
-def _tokenizer(spec: str):  # noqa: ANN202 - a transformers tokenizer or None
+def _tokenizer(spec: str):  # a transformers tokenizer or None
     from dsi_mpi.backends import is_emulated, is_self_drafter
 
     if is_emulated(spec) or is_self_drafter(spec):

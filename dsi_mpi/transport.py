@@ -66,7 +66,8 @@ IDLE = float("inf")  # a worker waiting for its next request from the coordinato
 PROBES = 8
 BACKOFF_MIN_S = 1e-5  # shortest sleep of a backoff wait
 BACKOFF_FRACTION = 0.25  # each sleep: this fraction of the time waited so far ...
-BACKOFF_MAX_S = 5e-4  # ... but at most this long (the default; a message is seen this late at worst)
+# ... but at most this long (the default; a message is seen this late at worst)
+BACKOFF_MAX_S = 5e-4
 PR_SET_TIMERSLACK = 29  # prctl(2)
 
 

@@ -43,7 +43,8 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}") from None
+        raise ValueError(
+            f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}") from None
 
 
 def context_length(config: object) -> int | None:
@@ -92,7 +93,8 @@ def keep_first_layers(model: torch.nn.Module, n: int) -> None:
     config = model.config
     total = int(config.num_hidden_layers)
     if not 1 <= n <= total:
-        raise ValueError(f"self:layers={n} is out of range: the target has {total} decoder layers (1..{total})")
+        raise ValueError(f"self:layers={n} is out of range: the target has {total} decoder "
+                         f"layers (1..{total})")
     del _decoder_layers(model)[n:]
     for name, value in list(vars(config).items()):
         if isinstance(value, (list, tuple)) and len(value) == total and name != "architectures":
@@ -100,7 +102,7 @@ def keep_first_layers(model: torch.nn.Module, n: int) -> None:
     config.num_hidden_layers = n
 
 
-def croppable_cache(config: object):  # noqa: ANN201 - a transformers DynamicCache
+def croppable_cache(config: object):  # a transformers DynamicCache
     """A ``DynamicCache`` whose every layer rolls back exactly.
 
     transformers gives a sliding-window layer (Gemma 3, Mistral, chunked attention) a cache
@@ -134,7 +136,8 @@ class HFBackend(Backend):
     """A causal LM from a local path, hub id or GGUF file, one sequence, KV cache kept across
     calls; with ``layers``, only its first decoder layers (a self-drafter)."""
 
-    def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu", layers: int | None = None) -> None:
+    def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu",
+                 layers: int | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
@@ -206,7 +209,7 @@ class HFBackend(Backend):
         return out.logits[0, -n:, :]
 
 
-def load_tokenizer(name_or_path: str):  # noqa: ANN201 - a transformers tokenizer or None
+def load_tokenizer(name_or_path: str):  # a transformers tokenizer or None
     """The model's tokenizer, or None when it ships none (token ids only)."""
     from transformers import AutoTokenizer
 
@@ -226,7 +229,7 @@ def _config_source(spec: str) -> tuple[str, dict]:
     return pretrained_path(spec), {}
 
 
-def load_config(name_or_path: str):  # noqa: ANN201 - a transformers PretrainedConfig
+def load_config(name_or_path: str):  # a transformers PretrainedConfig
     """The model's config without its weights: what rank 0 checks before any compute.
 
     Raises FileNotFoundError for a missing model and ValueError for a GGUF file transformers

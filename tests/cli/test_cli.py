@@ -23,19 +23,21 @@ def launch(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_one_line_run_writes_the_documented_records(tiny_suite: dict[str, str], tmp_path: Path) -> None:
+def test_one_line_run_writes_the_documented_records(tiny_suite: dict[str, str],
+                                                     tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\nThe coordinator owns the committed sequence\n")
-    proc = launch(4, "run", "--target", tiny_suite["gpt2"], "--drafter", tiny_suite["gpt2/perturbed"],
-                  "--mode", "dsi,si,nonsi", "--lookahead", "3", "--max-new-tokens", "16", "--dtype", "float64",
+    proc = launch(4, "run", "--target", tiny_suite["gpt2"],
+                  "--drafter", tiny_suite["gpt2/perturbed"], "--mode", "dsi,si,nonsi",
+                  "--lookahead", "3", "--max-new-tokens", "16", "--dtype", "float64",
                   "--prompt-file", str(prompts), "--output", str(out), "--timeout", "60")
     assert proc.returncode == 0, proc.stderr
     assert "si/dsi" in proc.stdout and "wrote 6 records" in proc.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    required = {"mode", "prompt_index", "tokens", "text", "num_new_tokens", "wall_time_s", "ttft_s", "tpot_s",
-                "acceptance_rate", "mean_accepted_length", "verifications_sent", "verifications_cancelled",
-                "lookahead", "sp"}
+    required = {"mode", "prompt_index", "tokens", "text", "num_new_tokens", "wall_time_s", "ttft_s",
+                "tpot_s", "acceptance_rate", "mean_accepted_length", "verifications_sent",
+                "verifications_cancelled", "lookahead", "sp"}
     assert all(required <= set(r) for r in records)
     assert {r["mode"] for r in records} == {"dsi", "si", "nonsi"}
     for index in (0, 1):
@@ -65,10 +67,13 @@ def test_nonsi_runs_on_two_ranks_without_a_drafter(tmp_path: Path) -> None:
         (3, ["--mode", "warp"], "--mode must be one or more of"),
     ],
 )
-def test_bad_input_is_reported_once_and_every_rank_exits_2(ranks: int, args: list[str], message: str, tmp_path: Path) -> None:
-    flags = {"--target": EMU_T, "--drafter": EMU_D, "--mode": "dsi"} | dict(zip(args[::2], args[1::2], strict=True))
+def test_bad_input_is_reported_once_and_every_rank_exits_2(ranks: int, args: list[str],
+                                                          message: str, tmp_path: Path) -> None:
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    flags = {"--target": EMU_T, "--drafter": EMU_D, "--mode": "dsi"} | given
     flat = [x for pair in flags.items() for x in pair]
-    proc = launch(ranks, "run", *flat, "--prompt-ids", "1,2", "--output", str(tmp_path / "o.jsonl"), timeout=60)
+    proc = launch(ranks, "run", *flat, "--prompt-ids", "1,2", "--output", str(tmp_path / "o.jsonl"),
+                  timeout=60)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert proc.stderr.count("dsi-mpi: error:") == 1, proc.stderr
     assert message in proc.stderr

@@ -17,7 +17,7 @@ import pytest
 TIMEOUT_S = 120.0
 
 
-def settle(comm) -> None:  # noqa: ANN001 - an mpi4py communicator
+def settle(comm) -> None:  # an mpi4py communicator
     """Wait for every rank of ``comm`` without spinning: MPICH's blocking collectives poll at
     full speed, so ranks waiting for rank 0's serial work (a conversion, a reference
     ``generate``) would take the 2 cores from it. A nonblocking barrier, tested with a sleep."""
@@ -58,7 +58,7 @@ def mpi_tiny_mixed() -> dict[str, str]:
                     else tempfile.mkdtemp(prefix="dsi-mpi-mixed-"))
             build_mixed_pair(root)
             verdict = (root, None)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        except Exception as exc:  # every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
     settle(comm)
     root, error = comm.bcast(verdict, root=0)
@@ -83,7 +83,7 @@ def _convert_on_rank_0(*gguf_paths: Callable[[], str]) -> None:
             for path in gguf_paths:
                 gguf.convert(path())
             verdict = (cache, None)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        except Exception as exc:  # every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
     settle(comm)
     cache, error = comm.bcast(verdict, root=0)
@@ -137,7 +137,8 @@ def tiny_broken_model(mpi_tiny_suite: dict[str, str]) -> str:
     return path
 
 
-def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: object | None = None, **kwargs):  # noqa: ANN201
+def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: object | None = None,
+           **kwargs):
     """Run the runtime on the first ``ranks`` ranks; returns (records on rank 0, error, pending)."""
     from mpi4py import MPI
 
@@ -150,9 +151,10 @@ def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: obj
     records, error, pending = [], None, 0
     if sub != MPI.COMM_NULL:
         try:
-            outcome = run(sub, configs, prompts if world.Get_rank() == 0 else (), tokenizer, **kwargs)
+            mine = prompts if world.Get_rank() == 0 else ()
+            outcome = run(sub, configs, mine, tokenizer, **kwargs)
             records, pending = outcome.records, outcome.pending_requests
-        except Exception as exc:  # noqa: BLE001 - reported through the verdict
+        except Exception as exc:  # reported through the verdict
             error = f"rank {world.Get_rank()}: {type(exc).__name__}: {exc}"
         finally:
             sub.Free()

@@ -22,9 +22,10 @@ DEVICE = device_under_test()  # --device / DSI_TEST_DEVICE; on a GPU also set DS
 MAX_NEW = 24
 
 
-def _configs(target: str, drafter: str, lookaheads=(1, 3, 5), sps=(1, 2, 3), **kw) -> list[RunConfig]:
-    base = RunConfig(target=target, drafter=drafter, mode="nonsi", max_new_tokens=MAX_NEW, dtype="float64",
-                     device=DEVICE, timeout_s=TIMEOUT_S, **kw)
+def _configs(target: str, drafter: str, lookaheads=(1, 3, 5), sps=(1, 2, 3),
+             **kw) -> list[RunConfig]:
+    base = RunConfig(target=target, drafter=drafter, mode="nonsi", max_new_tokens=MAX_NEW,
+                     dtype="float64", device=DEVICE, timeout_s=TIMEOUT_S, **kw)
     out = [base]
     out += [replace(base, mode="si", lookahead=k) for k in lookaheads]
     out += [replace(base, mode="dsi", lookahead=k, sp=sp) for k in lookaheads for sp in sps]
@@ -36,7 +37,8 @@ def _generate(path: str, ids: list[int]) -> list[int]:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).to(DEVICE).eval()
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids], device=DEVICE), max_new_tokens=MAX_NEW, do_sample=False)
+        out = model.generate(torch.tensor([ids], device=DEVICE), max_new_tokens=MAX_NEW,
+                             do_sample=False)
     return out[0, len(ids):].tolist()
 
 
@@ -51,7 +53,8 @@ def test_greedy_modes_equal_generate(mpi_tiny_suite: dict[str, str], arch: str, 
 
     target, drafter = mpi_tiny_suite[arch], mpi_tiny_suite[f"{arch}/{kind}"]
     tokenizer = AutoTokenizer.from_pretrained(target)
-    prompts = [tokenizer(t)["input_ids"] for t in (EOS_PROBE_PROMPT, corpus_lines()[3], corpus_lines()[21][:25])]
+    texts = (EOS_PROBE_PROMPT, corpus_lines()[3], corpus_lines()[21][:25])
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
     records, error, pending = run_on(5, _configs(target, drafter), prompts, tokenizer)
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"
     if ok and RANK == 0:
@@ -60,7 +63,9 @@ def test_greedy_modes_equal_generate(mpi_tiny_suite: dict[str, str], arch: str, 
         assert len(records) == 13 * len(prompts)
         for r in records:
             if r["tokens"] != expected[r["prompt_index"]]:
-                ok, message = False, f"{r['mode']} k={r['lookahead']} sp={r['sp']} prompt {r['prompt_index']}: {r['tokens']} != {expected[r['prompt_index']]}"
+                ok, message = False, (f"{r['mode']} k={r['lookahead']} sp={r['sp']} "
+                                      f"prompt {r['prompt_index']}: "
+                                      f"{r['tokens']} != {expected[r['prompt_index']]}")
                 break
             if r["accepted"] + r["rejected"] + r["forced"] != r["num_new_tokens"]:
                 ok, message = False, f"counters do not add up: {r}"
@@ -75,7 +80,8 @@ def test_greedy_modes_equal_generate(mpi_tiny_suite: dict[str, str], arch: str, 
 
 
 @pytest.mark.mpi(min_size=5)
-def test_sampling_is_identical_across_modes_and_differs_across_seeds(mpi_tiny_suite: dict[str, str]) -> None:
+def test_sampling_is_identical_across_modes_and_differs_across_seeds(
+        mpi_tiny_suite: dict[str, str]) -> None:
     target, drafter = mpi_tiny_suite["llama"], mpi_tiny_suite["llama/perturbed"]
     configs = _configs(target, drafter, lookaheads=(1, 4), sps=(3,),
                        sampling=SamplingParams(temperature=0.9, top_k=40, seed=0))
@@ -101,8 +107,9 @@ def test_rejection_sampling_is_lossless_in_distribution(mpi_tiny_suite: dict[str
     target, drafter = mpi_tiny_suite["gpt2"], mpi_tiny_suite["gpt2/unrelated"]
     params = SamplingParams(temperature=1.0, top_k=3)
     n = 500
-    base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3, max_new_tokens=3,
-                     dtype="float64", device=DEVICE, verify="rejection", sampling=params, timeout_s=TIMEOUT_S)
+    base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3,
+                     max_new_tokens=3, dtype="float64", device=DEVICE, verify="rejection",
+                     sampling=params, timeout_s=TIMEOUT_S)
     prompt = [5, 17, 42]
     records, error, pending = run_on(5, [base], [Prompt(prompt, seed=s) for s in range(n)])
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"
@@ -134,7 +141,7 @@ def test_rejection_sampling_is_lossless_in_distribution(mpi_tiny_suite: dict[str
     agree(ok, message)
 
 
-def _logits(backend, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+def _logits(backend, ids: list[int]) -> torch.Tensor:
     backend.reset()
     with torch.inference_mode():
         out = backend.model(input_ids=torch.tensor([ids], device=backend.device))
@@ -155,10 +162,12 @@ def test_emulated_is_deterministic_and_counters_add_up() -> None:
         from dsi_mpi.backends import load_backend
         from dsi_mpi.reference import generate_nonsi
 
-        reference = [generate_nonsi(load_backend(target, sleep=False), p, MAX_NEW, SamplingParams()).tokens for p in prompts]
+        reference = [generate_nonsi(load_backend(target, sleep=False), p, MAX_NEW,
+                                    SamplingParams()).tokens for p in prompts]
         for r in first[0] + second[0]:
             c_ok = r["accepted"] + r["rejected"] + r["forced"] == r["num_new_tokens"] == MAX_NEW
-            c_ok &= r["verifications_aborted"] <= r["verifications_cancelled"] <= r["verifications_sent"]
+            c_ok &= (r["verifications_aborted"] <= r["verifications_cancelled"]
+                     <= r["verifications_sent"])
             if r["tokens"] != reference[r["prompt_index"]] or not c_ok:
                 ok, message = False, f"wrong output or counters: {r}"
                 break
@@ -169,11 +178,13 @@ def test_emulated_is_deterministic_and_counters_add_up() -> None:
 
 
 @pytest.mark.mpi(min_size=5)
-def test_cancellation_keeps_caches_consistent_across_prompts(mpi_tiny_suite: dict[str, str]) -> None:
+def test_cancellation_keeps_caches_consistent_across_prompts(
+        mpi_tiny_suite: dict[str, str]) -> None:
     """Many rejections and cancels on HF servers, then more prompts on the same caches."""
     target, drafter = mpi_tiny_suite["llama"], mpi_tiny_suite["llama/perturbed"]
-    base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3, max_new_tokens=MAX_NEW,
-                     dtype="float64", device=DEVICE, timeout_s=TIMEOUT_S, reuse_cache=True)
+    base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3,
+                     max_new_tokens=MAX_NEW, dtype="float64", device=DEVICE, timeout_s=TIMEOUT_S,
+                     reuse_cache=True)
     prompts = [[5, 17, 42, 8], [5, 17, 42, 9, 11], [5, 17, 42, 8]]
     records, error, pending = run_on(5, [base], prompts)
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"
@@ -190,7 +201,8 @@ def test_cancellation_keeps_caches_consistent_across_prompts(mpi_tiny_suite: dic
 def test_worker_failure_ends_the_run_with_its_message(tiny_broken_model: str) -> None:
     """Model ranks that cannot load their model: every rank returns (no hang), and rank 0
     reports the failing rank's own message, not a time-out."""
-    base = RunConfig(target=tiny_broken_model, drafter=tiny_broken_model, mode="dsi", timeout_s=60.0)
+    base = RunConfig(target=tiny_broken_model, drafter=tiny_broken_model, mode="dsi",
+                     timeout_s=60.0)
     import os
 
     os.environ["DSI_MPI_QUIET_ERRORS"] = "1"
@@ -200,5 +212,6 @@ def test_worker_failure_ends_the_run_with_its_message(tiny_broken_model: str) ->
         del os.environ["DSI_MPI_QUIET_ERRORS"]
     failed = MPI.COMM_WORLD.allgather(error)
     coordinator = failed[0] or ""
-    ok = all(e is not None for e in failed[:3]) and "RemoteError" in coordinator and "failed" in coordinator
+    ok = (all(e is not None for e in failed[:3]) and "RemoteError" in coordinator
+          and "failed" in coordinator)
     agree(ok, f"errors seen: {failed}")

@@ -106,7 +106,7 @@ PARAMS = SamplingParams(temperature=1.0, top_k=3)
 CANDIDATES = ("The", "x", "A", "When it", "Zq", "The target")
 
 
-def _joint(first: np.ndarray, second) -> dict[tuple[int, int], float]:  # noqa: ANN001
+def _joint(first: np.ndarray, second) -> dict[tuple[int, int], float]:
     """The law of the first two tokens from the first's distribution and a function giving the
     second's after each first token."""
     out = {}
@@ -171,7 +171,7 @@ def test_rejection_sampling_across_vocabularies_is_lossless_in_distribution(
             assert fit, f"no candidate whose laws differ enough: {[round(s[0], 3) for s in scored]}"
             _, ids, p, q = min(fit, key=lambda s: s[0])
             verdict = (ids, None)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it
+        except Exception as exc:  # every rank must learn it
             verdict = (None, f"{type(exc).__name__}: {exc}")
     settle(MPI.COMM_WORLD)
     ids, failure = MPI.COMM_WORLD.bcast(verdict, root=0)

@@ -49,19 +49,20 @@ def test_temperature_and_top_p_errors_name_the_fix() -> None:
         SamplingParams(top_p=1.01)
 
 
-def test_missing_model_path(tmp_path) -> None:  # noqa: ANN001
+def test_missing_model_path(tmp_path) -> None:
     config = RunConfig(target=str(tmp_path / "missing"), drafter=str(tmp_path / "missing2"))
     with pytest.raises(ConfigError, match="--target: model path .* does not exist"):
         preflight(config, prompt="hello")
 
 
 def test_mismatched_vocabularies_are_translated_or_refused(tiny_suite: dict[str, str], tmp_path,
-                                                           capsys) -> None:  # noqa: ANN001
+                                                           capsys) -> None:
     """A drafter with another tokenizer is translated (preflight says how); under rejection
     sampling one that shares too few tokens with the target is refused before any compute."""
     from dsi_mpi.tiny import build_tiny_model, build_tokenizer, unrelated_lines
 
-    other = build_tiny_model(tmp_path / "other", tokenizer=build_tokenizer(tmp_path / "tok", vocab_size=300))
+    other = build_tiny_model(tmp_path / "other", tokenizer=build_tokenizer(
+        tmp_path / "tok", vocab_size=300))
     llama = tiny_suite["llama"]
     preflight(RunConfig(target=llama, drafter=other), prompt="hello")
     assert "translated (string-level exact matching, SLEM" in capsys.readouterr().out
@@ -76,19 +77,22 @@ def test_mismatched_vocabularies_are_translated_or_refused(tiny_suite: dict[str,
 
 
 def test_prompt_longer_than_context(tiny_suite: dict[str, str]) -> None:
-    config = RunConfig(target=tiny_suite["llama"], drafter=tiny_suite["llama/perturbed"], max_new_tokens=10)
+    config = RunConfig(target=tiny_suite["llama"], drafter=tiny_suite["llama/perturbed"],
+                       max_new_tokens=10)
     with pytest.raises(ConfigError, match="the model's context is 256"):
         preflight(config, prompt_ids=",".join(["5"] * 250))
     prompts, tokenizer = preflight(config, prompt_ids="5,6,7")
     assert [p.ids for p in prompts] == [[5, 6, 7]] and tokenizer is not None
 
 
-def test_prompt_sources(tiny_suite: dict[str, str], tmp_path) -> None:  # noqa: ANN001
+def test_prompt_sources(tiny_suite: dict[str, str], tmp_path) -> None:
     config = RunConfig(target=tiny_suite["gpt2"], drafter=tiny_suite["gpt2/identical"])
     path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "Once upon a time"}\n\n{"prompt_ids": [3, 4, 5], "seed": 9}\nplain text line\n')
+    path.write_text('{"prompt": "Once upon a time"}\n\n{"prompt_ids": [3, 4, 5], "seed": 9}\n'
+                    'plain text line\n')
     prompts, tokenizer = preflight(config, prompt_file=str(path))
-    assert (prompts[1].ids, prompts[1].seed, prompts[0].seed) == ([3, 4, 5], 9, None) and len(prompts) == 3
+    assert (prompts[1].ids, prompts[1].seed, prompts[0].seed) == ([3, 4, 5], 9, None)
+    assert len(prompts) == 3
     assert tokenizer.decode(prompts[0].ids) == "Once upon a time"
     with pytest.raises(ConfigError, match="exactly one of"):
         preflight(config, prompt="a", prompt_ids="1")
@@ -103,7 +107,8 @@ def test_prompt_sources(tiny_suite: dict[str, str], tmp_path) -> None:  # noqa: 
 def test_poll_flag_reaches_every_config() -> None:
     from dsi_mpi.cli import build_configs, make_parser
 
-    argv = ["run", "--target", T, "--drafter", D, "--mode", "dsi,nonsi", "--prompt-ids", "1", "--output", "o.jsonl"]
+    argv = ["run", "--target", T, "--drafter", D, "--mode", "dsi,nonsi", "--prompt-ids", "1",
+            "--output", "o.jsonl"]
     assert [c.poll for c in build_configs(make_parser().parse_args(argv))] == ["auto", "auto"]
     configs = build_configs(make_parser().parse_args([*argv, "--poll", "backoff"]))
     assert [c.poll for c in configs] == ["backoff", "backoff"]

@@ -17,7 +17,8 @@ PROMPT = [5, 17, 42, 8, 99, 3, 250]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str, device: str) -> None:
+def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str,
+                                                     device: str) -> None:
     backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
     assert backend.model.dtype == torch.float64
     full = backend.forward(PROMPT, GREEDY).tokens.tolist()
@@ -34,7 +35,8 @@ def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str],
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str, device: str) -> None:
+def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str,
+                                               device: str) -> None:
     backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
     runner = ContextRunner(backend)
     runner.run(PROMPT, GREEDY)
@@ -62,7 +64,8 @@ def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str], device: str
     assert (a.first_position, len(a.tokens)) == (len(PROMPT) - 1, 2)
     fed = []
     forward = backend.forward
-    backend.forward = lambda tokens, *args, **kwargs: fed.append(list(tokens)) or forward(tokens, *args, **kwargs)
+    backend.forward = (lambda tokens, *args, **kwargs:
+                       fed.append(list(tokens)) or forward(tokens, *args, **kwargs))
     b = runner.run(PROMPT[:5] + [1, 2], GREEDY, num_outputs=3)
     # Five positions agree, three outputs are needed: keep 4, feed only the last three tokens.
     assert fed == [[PROMPT[4], 1, 2]]
@@ -71,7 +74,8 @@ def test_runner_reuses_the_cached_prefix(tiny_suite: dict[str, str], device: str
     assert fresh.forward(PROMPT[:5] + [1, 2], GREEDY).tokens[-3:].tolist() == b.tokens.tolist()
 
 
-def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str], device: str) -> None:
+def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str],
+                                                     device: str) -> None:
     backend = load_backend(tiny_suite["gpt2"], dtype="float64", device=device)
     params = SamplingParams(temperature=0.8, top_k=20, seed=1)
     out = backend.forward(PROMPT, params, num_outputs=2, want_probs=True)
@@ -81,7 +85,7 @@ def test_probabilities_are_the_sampling_distribution(tiny_suite: dict[str, str],
     assert all(out.probs[i, t] > 0 for i, t in enumerate(out.tokens))
 
 
-def test_bad_path_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
+def test_bad_path_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(str(tmp_path / "no-such-model"))
 
@@ -93,16 +97,17 @@ def test_dtype_resolution() -> None:
         resolve_dtype("int8", "cpu")
 
 
-def test_the_cache_goes_by_the_keyword_the_forward_takes(tiny_suite: dict[str, str], device: str) -> None:
+def test_the_cache_goes_by_the_keyword_the_forward_takes(tiny_suite: dict[str, str],
+                                                         device: str) -> None:
     """transformers 5.17 (the GPU machine's) takes past_key_values=, 5.24 cache=; the other name
     would vanish into **kwargs and the model would run without its cache."""
 
     class Old(torch.nn.Module):
-        def forward(self, input_ids=None, past_key_values=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
             return None
 
     class New(torch.nn.Module):
-        def forward(self, input_ids=None, cache=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        def forward(self, input_ids=None, cache=None, **kwargs):
             return None
 
     assert (cache_keyword(Old()), cache_keyword(New())) == ("past_key_values", "cache")

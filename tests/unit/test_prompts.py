@@ -48,7 +48,8 @@ def test_chat_wraps_each_prompt_in_the_template(smollm2: dict[str, str]) -> None
     config = RunConfig(target=smollm2["gguf"], drafter="self:layers=4")
     plain, tokenizer = preflight(config, prompt="Write a haiku.")
     chat, _ = preflight(config, prompt="Write a haiku.", chat=True)
-    expected = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    expected = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+                "trained by Hugging Face"
                 "<|im_end|>\n<|im_start|>user\nWrite a haiku.<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.decode(chat[0].ids) == expected
     assert tokenizer.decode(plain[0].ids) == "Write a haiku."

@@ -26,15 +26,16 @@ print("ok")
 
 
 def test_pure_modules_import_without_torch_or_mpi() -> None:
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(modules=PURE)], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(modules=PURE)], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_the_guard_itself_works() -> None:
     """A module that does import torch must fail under the same guard."""
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(modules=("backends.hf",))], capture_output=True,
-                         text=True, timeout=120)
+    script = SCRIPT.format(modules=("backends.hf",))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode != 0 and "import of torch halted" in out.stderr
 
 

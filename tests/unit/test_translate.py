@@ -52,11 +52,11 @@ class Oracle(Backend):
     def crop(self, length: int) -> None:
         del self.cache[length:]
 
-    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    def forward(self, *args, **kwargs):
         raise NotImplementedError("a translating drafter asks for logits")
 
-    def forward_logits(self, tokens, num_outputs=1,  # noqa: ANN001
-                       should_cancel=None) -> torch.Tensor:  # noqa: ANN001
+    def forward_logits(self, tokens, num_outputs=1,
+                       should_cancel=None) -> torch.Tensor:
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         self.cache += list(tokens)
@@ -93,7 +93,7 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "byte_level": build_tokenizer(root / "bl")}
 
 
-def _byte_level(merges: list[tuple[str, str]], cleanup: bool = False):  # noqa: ANN202
+def _byte_level(merges: list[tuple[str, str]], cleanup: bool = False):
     """A byte-level BPE tokenizer with exactly these merges (GPT-2's spelling: Ġ is a space);
     ``cleanup``: its ``decode`` drops spaces before punctuation (transformers 5.2x does that to
     a BPE tokenizer only when forced)."""
@@ -116,7 +116,7 @@ def _byte_level(merges: list[tuple[str, str]], cleanup: bool = False):  # noqa: 
                                    clean_up_tokenization_spaces=cleanup, **forced)
 
 
-def _check_every_cut(target_tok, drafter_tok, text: str) -> None:  # noqa: ANN001
+def _check_every_cut(target_tok, drafter_tok, text: str) -> None:
     """For every prompt/draft cut of the target's tokens of ``text``: the oracle's drafts are
     the target's tokens of the rest, then its EOS."""
     target, source = Vocabulary.of(target_tok), Vocabulary.of(drafter_tok)
