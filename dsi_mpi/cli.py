@@ -611,6 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit(commands[args.command](args), None, everyone=True)
     except ConfigError as exc:  # found alike on every rank (or broadcast by rank 0)
         return _exit(EXIT_BAD_INPUT, f"error: {exc}" if _rank() == 0 else None, everyone=True)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already printed)
+        code = exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+        return _exit(code, None, everyone=True)
     except BaseException as exc:  # a signal, a failure: the job ends, never hangs
         ending = ending_of(exc)
         if "ending" not in vars(exc) and not isinstance(exc, (Stopped, KeyboardInterrupt)):

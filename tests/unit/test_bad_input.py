@@ -114,3 +114,20 @@ def test_poll_flag_reaches_every_config() -> None:
     assert [c.poll for c in configs] == ["backoff", "backoff"]
     with pytest.raises(ConfigError, match="invalid choice: 'busy'"):
         make_parser().parse_args([*argv, "--poll", "busy"])
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["run", "--help"], 0),
+                                            (["run", "--no-such-flag"], 2), ([], 2)])
+def test_help_and_usage_errors_exit_as_argparse_says(argv: list[str], code: int,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """--help exits 0 with its text; a usage error exits 2 with one line saying why; neither
+    prints a traceback."""
+    from dsi_mpi.cli import main
+
+    assert main(argv) == code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "SystemExit" not in err
+    if code == 0:
+        assert "usage: dsi-mpi" in out and not err
+    else:
+        assert len(err.strip().splitlines()) == 1 and "error:" in err
