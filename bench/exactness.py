@@ -26,29 +26,22 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from mpi4py import MPI
 
+from bench.common import REPO, git_commit
 from dsi_mpi.config import RunConfig
 from dsi_mpi.preflight import preflight
 from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
 from dsi_mpi.runtime import run
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = ("dsi", "si", "nonsi")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def reference(folder: str, dtype: str, prompts: list[list[int]],

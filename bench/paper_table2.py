@@ -24,21 +24,22 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from mpi4py import MPI
 
+from bench.common import REPO, git_commit
 from dsi_mpi.config import RunConfig
 from dsi_mpi.plan import best
 from dsi_mpi.preflight import Prompt
 from dsi_mpi.runtime import run
 from dsi_mpi.simulate import Latencies, servers_needed, simulate, simulate_once
 
-REPO = Path(__file__).resolve().parents[1]
 TABLE2 = REPO / "bench" / "table2.csv"
 LOOKAHEADS = (1, 5, 10)
 SP = 7
@@ -61,14 +62,6 @@ def choose_lookaheads(lat: Latencies, acceptance: float, tokens: int,
     dsi = best("dsi", lat, acceptance, allowed, SP, tokens, repeats, 0)
     si = best("si", lat, acceptance, LOOKAHEADS, 1, tokens, repeats, 0)
     return dsi.lookahead, si.lookahead
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:

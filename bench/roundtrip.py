@@ -33,15 +33,17 @@ import platform
 import random
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from mpi4py import MPI
 
 import dsi_mpi.runtime
+from bench.common import REPO, git_commit
 from dsi_mpi.backends.base import Cancelled
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.config import RunConfig
@@ -52,7 +54,6 @@ from dsi_mpi.runtime import run
 from dsi_mpi.transport import Incoming, Transport
 from dsi_mpi.verify import SamplingParams
 
-REPO = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams()
 DRAFTER = 1  # with 3 ranks or more
 COMMIT_TAGS = (Tag.ADVANCE, Tag.ROLLBACK)
@@ -219,14 +220,6 @@ def _stats(seconds: list[float]) -> dict | None:
     return {"median": round(statistics.median(us), 1),
             "p90": round(us[math.ceil(0.9 * len(us)) - 1], 1),
             "max": round(us[-1], 1), "n": len(us)}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def measure(comm: MPI.Comm, poll: str, args: argparse.Namespace) -> dict | None:
