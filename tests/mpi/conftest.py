@@ -161,6 +161,16 @@ def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: obj
     return records, error, pending
 
 
+def mismatch(records: Sequence[dict], expected: Sequence[list[int]]) -> str | None:
+    """The first record whose tokens are not its prompt's expected tokens, described; or None."""
+    for r in records:
+        want = expected[r["prompt_index"]]
+        if r["tokens"] != want:
+            return (f"{r['mode']} k={r['lookahead']} sp={r['sp']} prompt {r['prompt_index']}: "
+                    f"{r['tokens']} != {want}")
+    return None
+
+
 def agree(ok: bool, message: str = "") -> None:
     """Every rank learns whether every rank passed; then each asserts (rank 0 says why)."""
     from mpi4py import MPI

@@ -15,7 +15,7 @@ from dsi_mpi.preflight import Prompt
 from dsi_mpi.tiny import EOS_PROBE_PROMPT, corpus_lines
 from dsi_mpi.verify import SamplingParams
 from tests.conftest import device_under_test
-from tests.mpi.conftest import TIMEOUT_S, agree, run_on
+from tests.mpi.conftest import TIMEOUT_S, agree, mismatch, run_on
 
 RANK = MPI.COMM_WORLD.Get_rank()
 DEVICE = device_under_test()  # --device / DSI_TEST_DEVICE; on a GPU also set DSI_MPI_SHARE_GPUS=1
@@ -61,12 +61,10 @@ def test_greedy_modes_equal_generate(mpi_tiny_suite: dict[str, str], arch: str, 
         expected = [_generate(target, ids) for ids in prompts]
         assert len(expected[0]) < MAX_NEW, "the EOS probe prompt must end at EOS"
         assert len(records) == 13 * len(prompts)
-        for r in records:
-            if r["tokens"] != expected[r["prompt_index"]]:
-                ok, message = False, (f"{r['mode']} k={r['lookahead']} sp={r['sp']} "
-                                      f"prompt {r['prompt_index']}: "
-                                      f"{r['tokens']} != {expected[r['prompt_index']]}")
-                break
+        wrong = mismatch(records, expected)
+        if wrong is not None:
+            ok, message = False, wrong
+        for r in records if ok else ():
             if r["accepted"] + r["rejected"] + r["forced"] != r["num_new_tokens"]:
                 ok, message = False, f"counters do not add up: {r}"
                 break

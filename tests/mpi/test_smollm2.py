@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 from dsi_mpi.config import RunConfig
 from dsi_mpi.preflight import read_prompts
-from tests.mpi.conftest import TIMEOUT_S, agree, run_on
+from tests.mpi.conftest import TIMEOUT_S, agree, mismatch, run_on
 
 RANK = MPI.COMM_WORLD.Get_rank()
 MAX_NEW = 24
@@ -42,12 +42,9 @@ def test_smollm2_with_a_self_drafter_equals_generate(mpi_smollm2: dict[str, str]
                                      do_sample=False)
             expected.append(out[0, len(prompt.ids):].tolist())
         assert len(records) == 3 * len(prompts)
-        for r in records:
-            if r["tokens"] != expected[r["prompt_index"]]:
-                ok, message = False, (f"{r['mode']} k={r['lookahead']} sp={r['sp']} "
-                                      f"prompt {r['prompt_index']}: "
-                                      f"{r['tokens']} != {expected[r['prompt_index']]}")
-                break
+        wrong = mismatch(records, expected)
+        if wrong is not None:
+            ok, message = False, wrong
         for mode in ("si", "dsi"):
             runs = [r for r in records if r["mode"] == mode]
             if ok and not (sum(r["accepted"] for r in runs) > 0

@@ -19,7 +19,7 @@ from dsi_mpi.preflight import Prompt
 from dsi_mpi.tiny import corpus_lines
 from dsi_mpi.verify import SamplingParams
 from tests.conftest import device_under_test
-from tests.mpi.conftest import TIMEOUT_S, agree, run_on, settle
+from tests.mpi.conftest import TIMEOUT_S, agree, mismatch, run_on, settle
 
 RANK = MPI.COMM_WORLD.Get_rank()
 DEVICE = device_under_test()
@@ -62,12 +62,10 @@ def test_greedy_modes_across_vocabularies_equal_generate(mpi_tiny_mixed: dict[st
         expected = [_generate(target, ids) for ids in prompts]
         assert len(expected[0]) < MAX_NEW, "the first prompt must end at EOS"
         assert len(records) == 7 * len(prompts)
-        for r in records:
-            if r["tokens"] != expected[r["prompt_index"]]:
-                ok, message = False, (f"{r['mode']} k={r['lookahead']} sp={r['sp']} prompt "
-                                      f"{r['prompt_index']}: {r['tokens']} != "
-                                      f"{expected[r['prompt_index']]}")
-                break
+        wrong = mismatch(records, expected)
+        if wrong is not None:
+            ok, message = False, wrong
+        for r in records if ok else ():
             if r["accepted"] + r["rejected"] + r["forced"] != r["num_new_tokens"]:
                 ok, message = False, f"counters do not add up: {r}"
                 break
