@@ -71,12 +71,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda (each model rank takes a GPU of its node)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt as text")
-    src.add_argument("--prompt-file",
-                     help="text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
-    src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
-    _add_prompt_options(p)
+    _add_prompt_options(p, "text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
     p.add_argument("--output", required=True,
                    help="JSONL file, one line per prompt and mode, written as each finishes")
     existing = p.add_mutually_exclusive_group()
@@ -106,7 +101,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress report on stderr")
 
 
-def _add_prompt_options(p: argparse.ArgumentParser) -> None:
+def _add_prompt_options(p: argparse.ArgumentParser, file_help: str) -> None:
+    """Where the prompts come from (exactly one of three), and how they are taken."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt as text")
+    src.add_argument("--prompt-file", help=file_help)
+    src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt in the tokenizer's chat template (instruct models)")
     p.add_argument("--num-prompts", type=int, help="take the first N prompts")
@@ -449,12 +449,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
                    help="local path, hub id, .gguf file or emulated: spec")
     p.add_argument("--drafter", required=True,
                    help="local path, hub id, .gguf file, self:layers=N or emulated: spec")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt as text")
-    src.add_argument("--prompt-file",
-                     help="text, JSONL or JSONL.gz (HumanEval) with prompt or prompt_ids")
-    src.add_argument("--prompt-ids", help="one prompt as comma-separated token ids")
-    _add_prompt_options(p)
+    _add_prompt_options(p, "text, JSONL or JSONL.gz (HumanEval) with prompt or prompt_ids")
     p.add_argument("--max-new-tokens", type=int, default=20,
                    help="target tokens generated per prompt")
     p.add_argument("--lookahead", type=int, default=5,
