@@ -69,7 +69,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
     from dsi_mpi.config import RunConfig
     from dsi_mpi.preflight import Prompt
-    from dsi_mpi.runtime import run
+    from dsi_mpi.runtime import Rank0, run
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -89,8 +89,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             configs = [base, replace(base, mode="si", lookahead=ks["si"], sp=None),
                        replace(base, mode="nonsi", sp=None)]
             comm.Barrier()
-            outcome = run(comm, configs, [Prompt(p) for p in prompts] if rank == 0 else (),
-                          warmup=1)
+            outcome = run(comm, configs, Rank0([Prompt(p) for p in prompts], warmup=1))
             if rank != 0:
                 continue
             by_mode = {m: [r for r in outcome.records if r["mode"] == m] for m in MODES}

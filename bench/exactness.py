@@ -39,7 +39,7 @@ from bench.common import REPO, git_commit
 from dsi_mpi.config import RunConfig
 from dsi_mpi.preflight import preflight
 from dsi_mpi.pretrained import humaneval_prompts, smollm2_gguf
-from dsi_mpi.runtime import run
+from dsi_mpi.runtime import Rank0, run
 
 MODES = ("dsi", "si", "nonsi")
 
@@ -112,7 +112,7 @@ def main() -> int:
         ids = all_ids[:count]
         comm.Barrier()
         start = time.perf_counter()
-        outcome = run(comm, dtyped, prompts[:count] if rank == 0 else (), tokenizer)
+        outcome = run(comm, dtyped, Rank0(prompts[:count], tokenizer))
         run_s = time.perf_counter() - start
         # Every rank generates the reference for its share of the prompts.
         mine = reference(folder, dtype, ids[rank::size], args.max_new_tokens)

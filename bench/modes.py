@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, device_name, provenance
 from bench.models import describe, resolve
 from dsi_mpi.config import RunConfig
-from dsi_mpi.runtime import run
+from dsi_mpi.runtime import Rank0, run
 
 MODES = ("dsi", "si", "nonsi")
 
@@ -211,7 +211,7 @@ def main() -> int:
     for dtype in args.dtypes.split(","):
         dtyped = [replace(c, dtype=dtype) for c in configs]
         comm.Barrier()
-        outcome = run(comm, dtyped, prompts if rank == 0 else (), None, warmup=1)
+        outcome = run(comm, dtyped, Rank0(prompts, warmup=1))
         if rank != 0:
             continue
         expected, gen_times = reference(folder, dtype, args.device, prompts, args.max_new_tokens)

@@ -37,7 +37,7 @@ from bench.common import REPO, git_commit
 from dsi_mpi.config import RunConfig
 from dsi_mpi.plan import best
 from dsi_mpi.preflight import Prompt
-from dsi_mpi.runtime import run
+from dsi_mpi.runtime import Rank0, run
 from dsi_mpi.simulate import Latencies, servers_needed, simulate, simulate_once
 
 TABLE2 = REPO / "bench" / "table2.csv"
@@ -102,7 +102,7 @@ def main() -> int:
         # Different prompts are different emulated sequences, so acceptances vary run to run.
         prompts = [Prompt([1, 2, 3, i]) for i in range(args.repeats)]
         comm.Barrier()
-        outcome = run(comm, configs, prompts if rank == 0 else (), warmup=1)
+        outcome = run(comm, configs, Rank0(prompts, warmup=1))
         if rank != 0:
             continue
         walls_ms = {m: [r["wall_time_s"] * 1e3 for r in outcome.records if r["mode"] == m]

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import device_name, provenance
 from dsi_mpi.config import RunConfig
-from dsi_mpi.runtime import run
+from dsi_mpi.runtime import Rank0, run
 
 METHODS = ("generate", "assisted", "nonsi", "si", "dsi")
 
@@ -263,7 +263,7 @@ def main() -> int:
                      max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
                      timeout_s=args.timeout)
     configs = [base, replace(base, mode="si", sp=None), replace(base, mode="nonsi", sp=None)]
-    outcome = run(comm, configs, prompts if rank == 0 else (), warmup=1)
+    outcome = run(comm, configs, Rank0(prompts, warmup=1))
     if rank != 0:
         return 0
     for mode in ("nonsi", "si", "dsi"):

@@ -50,7 +50,7 @@ from dsi_mpi.config import RunConfig
 from dsi_mpi.devices import poll_strategy
 from dsi_mpi.preflight import Prompt
 from dsi_mpi.protocol import Message, Tag
-from dsi_mpi.runtime import run
+from dsi_mpi.runtime import Rank0, run
 from dsi_mpi.transport import Incoming, Transport
 from dsi_mpi.verify import SamplingParams
 
@@ -134,7 +134,7 @@ def run_stamped(comm: MPI.Comm, config: RunConfig,
     rank 0."""
     dsi_mpi.runtime.Transport = StampingTransport
     try:
-        outcome = run(comm, [config], prompts if comm.Get_rank() == 0 else (), warmup=1)
+        outcome = run(comm, [config], Rank0(prompts, warmup=1))
     finally:
         dsi_mpi.runtime.Transport = Transport
     events = comm.gather(StampingTransport.latest.events, root=0)

@@ -110,6 +110,16 @@ class RunConfig:
     def emulated(self) -> bool:
         return is_emulated(self.target)
 
+    def loads_as(self, other: RunConfig) -> bool:
+        """Whether ``other`` needs the very models, sampling and caches this config does: the
+        configs of one run (its modes) may differ in mode, lookahead, SP and seed only."""
+        def loaded(c: RunConfig) -> tuple:
+            s = c.sampling
+            return (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, s.temperature,
+                    s.top_k, s.top_p)
+
+        return loaded(self) == loaded(other)
+
     def run_ahead(self, sp: int) -> int:
         """How far the drafter may run beyond the committed prefix."""
         from dsi_mpi.policy import default_run_ahead

@@ -9,8 +9,8 @@ nothing is worth keeping, so there a signal raises at once (:func:`interruptible
 Whatever ends a run early, the runtime tells the other ranks first and attaches an
 :class:`Ending` to the exception it re-raises: the exit code, the one line to print, and
 whether every rank took part in the ending. The command line then exits through one path
-(``cli._exit``): it prints the line, and either finalizes MPI and exits with the code (every
-rank ended with it: no MPI noise) or, when some rank is hung or gone, aborts the job.
+(``cli.launch.exit_job``): it prints the line, and either finalizes MPI and exits with the code
+(every rank ended with it: no MPI noise) or, when some rank is hung or gone, aborts the job.
 """
 
 from __future__ import annotations

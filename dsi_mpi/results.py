@@ -18,24 +18,51 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from dsi_mpi.config import ConfigError
+from dsi_mpi.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from dsi_mpi.preflight import Prompt
+    from dsi_mpi.roles import Layout
 
 Key = tuple[str, int, int]  # (mode, prompt_index, repeat): one record of a run
-# Record fields that tell which run wrote a record (``runtime.planned`` computes them).
-IDENTITY = (
-    "prompt_tokens",
-    "lookahead",
-    "sp",
-    "verify",
-    "temperature",
-    "seed",
-    "target",
-    "drafter",
-    "max_new_tokens",
-)
+
+
+def identity(config: RunConfig, sp: int, prompt_tokens: int, seed: int | None = None) -> dict:
+    """The fields of a record that tell which run wrote it: what ``--resume`` matches an
+    existing output on. The one definition: the runtime writes them into every record
+    (``runtime.record``) and plans them for every record it will write (``runtime.planned``).
+    ``seed``: the prompt's own, where it has one."""
+    uses_drafter = config.uses_drafter
+    return {
+        "prompt_tokens": prompt_tokens,
+        "lookahead": config.lookahead if uses_drafter else 0,
+        "sp": sp,
+        "verify": config.verify,
+        "temperature": config.sampling.temperature,
+        "seed": config.sampling.seed if seed is None else seed,
+        "target": config.target,
+        "drafter": config.drafter if uses_drafter else None,
+        "max_new_tokens": config.max_new_tokens,
+    }
+
+
+def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prompt],
+            repeats: int) -> dict[Key, dict]:
+    """Every record a run writes, by (mode, prompt index, repeat), with the fields that tell
+    which run wrote it (:func:`identity`, as ``runtime.record`` writes them): what
+    ``--resume`` checks an existing output against."""
+    out = {}
+    for config in configs:
+        sp = len(layout.active_targets(config.mode, config.sp))
+        for repeat in range(repeats):
+            for index, prompt in enumerate(prompts):
+                out[(config.mode, index, repeat)] = identity(config, sp, len(prompt.ids),
+                                                                     prompt.seed)
+    return out
 
 
 def key_of(record: Mapping) -> Key:
@@ -115,11 +142,11 @@ def _resume(path: str, planned: Mapping[Key, Mapping]) -> Resumed:
                     f"{repeat}, which this run does not make: resume with the command line that "
                     "wrote it, or start again with --overwrite"
                 )
-            for name in IDENTITY:
-                if name in record and record[name] != expected[name]:
+            for name, value in expected.items():
+                if name in record and record[name] != value:
                     raise ConfigError(
                         f"--resume: {path}:{number} was written with {name} {record[name]!r}, this "
-                        f"run has {expected[name]!r}: resume with the command line that wrote it, "
+                        f"run has {value!r}: resume with the command line that wrote it, "
                         "or start again with --overwrite"
                     )
             done.add(key)
@@ -178,7 +205,7 @@ def open_output(
 ) -> tuple[ResultsFile, Resumed]:
     """The output, ready for appending: removed with ``overwrite`` (so a failed run never
     leaves the old file looking like its own), checked and trimmed with ``resume``.
-    ``planned`` maps each record this run writes to its :data:`IDENTITY` fields."""
+    ``planned`` maps each record this run writes to its :func:`identity`."""
     check_flags(path, resume, overwrite)
     resumed = Resumed(frozenset(), False)
     if resume and os.path.exists(path):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
+from dsi_mpi import results
 from dsi_mpi import trace as tracing
 from dsi_mpi.backends import Backend, load_backend
 from dsi_mpi.config import ConfigError, RunConfig
@@ -35,6 +36,7 @@ from dsi_mpi.metrics import target_work
 from dsi_mpi.preflight import Prompt
 from dsi_mpi.progress import Progress
 from dsi_mpi.protocol import Bye, Error, Ready, Shutdown, Signalled
+from dsi_mpi.results import Key
 from dsi_mpi.roles import Layout, make_layout
 from dsi_mpi.target import serve_target
 from dsi_mpi.translate import load_drafter, method_for, vocabularies_differ
@@ -65,7 +67,6 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "mode": config.mode,
         "prompt_index": prompt_index,
         "repeat": repeat,
-        "prompt_tokens": prompt_len,
         "tokens": result.tokens,
         "num_new_tokens": n,
         "wall_time_s": result.wall_time_s,
@@ -82,14 +83,9 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "target_forwards": counters.target_forwards,
         "drafts_received": counters.drafter_forwards,
         "drafts_late": counters.drafts_late,
-        "lookahead": config.lookahead if config.mode != "nonsi" else 0,
-        "sp": sp,
-        "verify": config.verify,
-        "temperature": config.sampling.temperature,
-        "seed": config.sampling.seed if seed is None else seed,
-        "target": config.target,
-        "drafter": config.drafter if config.mode != "nonsi" else None,
-        "max_new_tokens": config.max_new_tokens,
+        # which run wrote it: models, lookahead, sp, sampling, prompt length (what --resume
+        # matches on)
+        **results.identity(config, sp, prompt_len, seed),
         # acceptance by position in a block (vLLM's definition; docs/records.md)
         "blocks_verified": counters.blocks_verified,
         "blocks_per_position": counters.blocks_per_position,
@@ -112,73 +108,56 @@ def _padded(values: list, length: int, fill: float) -> list:
     return values + [fill] * (length - len(values))
 
 
-def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prompt],
-            repeats: int) -> dict:
-    """Every record a run writes, by (mode, prompt index, repeat), with the fields that tell
-    which run wrote it (``results.IDENTITY``, the values :func:`record` writes): what
-    ``--resume`` checks an existing output against."""
-    out = {}
-    for config in configs:
-        sp = len(layout.active_targets(config.mode, config.sp))
-        for repeat in range(repeats):
-            for index, prompt in enumerate(prompts):
-                out[(config.mode, index, repeat)] = {
-                    "prompt_tokens": len(prompt.ids),
-                    "lookahead": config.lookahead if config.mode != "nonsi" else 0,
-                    "sp": sp,
-                    "verify": config.verify,
-                    "temperature": config.sampling.temperature,
-                    "seed": config.sampling.seed if prompt.seed is None else prompt.seed,
-                    "target": config.target,
-                    "drafter": config.drafter if config.mode != "nonsi" else None,
-                    "max_new_tokens": config.max_new_tokens,
-                }
-    return out
+@dataclass
+class Rank0:
+    """What only rank 0, the coordinator, needs for a run: the prompts and what becomes of
+    each record. The other ranks serve whatever it sends until it says Shutdown."""
+
+    prompts: Sequence[Prompt | Sequence[int]] = ()  # token lists, or Prompt with its own seed
+    tokenizer: object | None = None  # decodes each record's "text" (None: no text)
+    repeats: int = 1  # runs of every prompt per mode
+    warmup: int = 0  # untimed runs of the first prompt per mode
+    sink: Callable[[dict], None] | None = None  # takes each record (None: RunOutcome.records)
+    done: Collection[Key] = ()  # (mode, prompt index, repeat) already written (--resume)
+    progress: Progress | None = None  # told of every record as it is made
 
 
-def run(comm: MPI.Comm, configs: Sequence[RunConfig],
-        prompts: Sequence[Prompt | Sequence[int]] = (), tokenizer: object | None = None,
-        repeats: int = 1, warmup: int = 0,
-        sink: Callable[[dict], None] | None = None,
-        done: Collection[tuple[str, int, int]] = (), trace: str | None = None,
-        progress: Progress | None = None) -> RunOutcome:
+def run(comm: MPI.Comm, configs: Sequence[RunConfig], rank0: Rank0 | None = None,
+        trace: str | None = None) -> RunOutcome:
     """Run every config (one per mode) over every prompt; collective over ``comm``.
 
-    The configs may differ in mode, lookahead and SP only: models and sampling are loaded once.
-    ``prompts`` (rank 0 only) are token lists or :class:`Prompt` with their own seeds. Rank 0
-    hands each record to ``sink`` as its prompt finishes (default: ``RunOutcome.records``) and
-    skips the (mode, prompt index, repeat) in ``done`` (a resumed run).
-    ``trace`` (the same on every rank): write a trace of every rank to this file (rank 0).
-    ``progress`` (rank 0): told of every record as it is made.
+    The configs may differ in mode, lookahead, SP and seed only (:meth:`RunConfig.loads_as`):
+    models and sampling are loaded once. ``rank0``: what rank 0 runs and does with the records
+    (ignored on the other ranks). ``trace`` (the same on every rank): write a trace of every
+    rank to this file (rank 0).
 
     A run that ends early re-raises, on every rank, the exception that ended it there, with an
     :class:`~dsi_mpi.exits.Ending` attached (``exits.ending_of``): the other ranks were told
     first (or found hung or gone), so the caller only has to print and exit, or abort.
     """
     base = configs[0]
-    for c in configs:
-        if (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, c.sampling.temperature,
-                c.sampling.top_k, c.sampling.top_p) != (
-                base.target, base.drafter, base.dtype, base.device, base.reuse_cache,
-                base.sampling.temperature, base.sampling.top_k, base.sampling.top_p):
-            raise ValueError("configs of one run may differ in mode, lookahead, sp and seed only")
-    prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
+    if not all(c.loads_as(base) for c in configs):
+        raise ValueError("configs of one run may differ in mode, lookahead, sp and seed only")
     max_sp = max((c.sp or 0) for c in configs) or None
     layout = make_layout(comm.Get_size(), [c.mode for c in configs], max_sp)
-    rank = comm.Get_rank()
-    eos = _share_eos_ids(comm, base)
-    role = layout.role(rank)
+    # Every collective from here runs on the transport's duplicate of ``comm``.
     transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll,
                           poll_max_s=base.poll_max_s)
+    rank = transport.rank
+    role = layout.role(rank)
+    try:
+        eos = _share_eos_ids(transport.comm, base)
+    except BaseException:  # raised alike on every rank, before the run: nothing to end
+        transport.close()
+        raise
     outcome = RunOutcome(role=role)
     coordinator = Coordinator(transport, layout, eos) if role == "coordinator" else None
     try:
         if coordinator is not None:
-            if base.device == "cuda":
-                model_device(comm, layout, base.device)  # the split is collective over the node
-            recorder = _coordinate(coordinator, configs, prompts, tokenizer, repeats, warmup,
-                                   sink or outcome.records.append, frozenset(done), trace,
-                                   progress)
+            if base.device == "cuda":  # the split is collective over the node
+                model_device(transport.comm, layout, base.device)
+            recorder = _coordinate(coordinator, configs, rank0 or Rank0(), outcome.records.append,
+                                   trace)
         else:
             recorder = _serve(transport, layout, configs, eos, trace is not None)
         if trace:  # every rank has finished (rank 0 has every Bye): gather the events
@@ -241,11 +220,12 @@ def _heartbeat_s(timeout_s: float) -> float:
     return min(HEARTBEAT_S, timeout_s / 4)
 
 
-def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts: Sequence[Prompt],
-                tokenizer: object | None, repeats: int, warmup: int, sink: Callable[[dict], None],
-                done: frozenset[tuple[str, int, int]], trace: str | None = None,
-                progress: Progress | None = None) -> tracing.Recorder:
+def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], work: Rank0,
+                records: Callable[[dict], None], trace: str | None = None) -> tracing.Recorder:
     layout, transport = coordinator.layout, coordinator.transport
+    prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in work.prompts]
+    sink = work.sink or records
+    done = frozenset(work.done)
     # Read the tokenizers while the workers load their models.
     base = configs[0]
     translated = (any(c.uses_drafter for c in configs)
@@ -255,7 +235,7 @@ def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts:
     if trace:  # every worker is ready and aligning its clock with rank 0's
         coordinator.trace = tracing.start(transport, 0, "coordinator")
     for config in configs:
-        todo = [(repeat, index, prompt) for repeat in range(repeats)
+        todo = [(repeat, index, prompt) for repeat in range(work.repeats)
                 for index, prompt in enumerate(prompts) if (config.mode, index, repeat) not in done]
         if not todo:
             continue  # a resumed run: this mode is complete, warm-up included
@@ -263,7 +243,7 @@ def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts:
         sp = len(layout.active_targets(config.mode, config.sp))
         lookahead = config.lookahead if config.mode != "nonsi" else 0
         labels = {"mode": config.mode, "lookahead": lookahead, "sp": sp}
-        for w in range(warmup):
+        for w in range(work.warmup):
             result = coordinator.generate(policy, prompts[0].ids, prompts[0].seed)
             coordinator.trace.generation(result, **labels, prompt=0, repeat=w, warmup=True)
         for repeat, index, prompt in todo:
@@ -271,11 +251,11 @@ def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], prompts:
             coordinator.trace.generation(result, **labels, prompt=index, repeat=repeat,
                                          warmup=False)
             method = method_for(config.verify) if translated else None
-            out = record(result, config, sp, index, len(prompt.ids), tokenizer, repeat, prompt.seed,
-                         method)
+            out = record(result, config, sp, index, len(prompt.ids), work.tokenizer, repeat,
+                         prompt.seed, method)
             sink(out)
-            if progress is not None:
-                progress.done(out)
+            if work.progress is not None:
+                work.progress.done(out)
     coordinator.shutdown()
     return coordinator.trace
 
@@ -339,8 +319,8 @@ def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int,
 def _share_eos_ids(comm: MPI.Comm, config: RunConfig) -> frozenset[int]:
     """The target's EOS ids (generation config first, as ``generate``), read on rank 0 and given
     to every rank: generation stops on the target's EOS, and so must the drafter, whose own
-    EOS ids may differ (a base target with an instruct drafter). Before any transport exists,
-    so a failure here is raised on every rank alike."""
+    EOS ids may differ (a base target with an instruct drafter). Before the run starts, so a
+    failure here is raised on every rank alike."""
     verdict: tuple[bool, object] | None = None
     if comm.Get_rank() == 0:
         try:

@@ -28,6 +28,15 @@ STREAM_ACCEPT = 1
 STREAM_RESIDUAL = 2
 
 
+class SamplingError(ValueError):
+    """A sampling parameter out of range: which field (``field``) and what is wrong with it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a token is chosen from logits; identical on every rank."""
@@ -39,15 +48,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
-            raise ValueError(
-                f"temperature must be >= 0, got {self.temperature}; use 0 for greedy decoding"
-            )
+            raise SamplingError("temperature", f"must be >= 0, got {self.temperature}; "
+                                               "use 0 for greedy decoding")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise SamplingError("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; use 1.0 to disable it")
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}; "
+                                         "use 1.0 to disable it")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise SamplingError("seed", f"must be >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -140,7 +140,7 @@ def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: obj
     """Run the runtime on the first ``ranks`` ranks; returns (records on rank 0, error, pending)."""
     from mpi4py import MPI
 
-    from dsi_mpi.runtime import run
+    from dsi_mpi.runtime import Rank0, run
 
     world = MPI.COMM_WORLD
     assert world.Get_size() >= ranks, f"launch the MPI tests with mpiexec -n {ranks} or more"
@@ -149,8 +149,7 @@ def run_on(ranks: int, configs: Sequence, prompts: Sequence = (), tokenizer: obj
     records, error, pending = [], None, 0
     if sub != MPI.COMM_NULL:
         try:
-            mine = prompts if world.Get_rank() == 0 else ()
-            outcome = run(sub, configs, mine, tokenizer, **kwargs)
+            outcome = run(sub, configs, Rank0(prompts, tokenizer, **kwargs))
             records, pending = outcome.records, outcome.pending_requests
         except Exception as exc:  # reported through the verdict
             error = f"rank {world.Get_rank()}: {type(exc).__name__}: {exc}"

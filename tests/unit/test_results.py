@@ -113,3 +113,45 @@ def test_malformed_prompt_lines_are_bad_input(tmp_path: Path, line: str, message
     path.write_text(line + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"p.jsonl:1: {message}")):
         read_prompts(None, str(path), None, None)
+
+
+def test_a_run_s_identity_is_planned_for_every_record_it_writes() -> None:
+    """What --resume matches on, from one definition: per mode (nonsi has no lookahead and no
+    drafter), per prompt (its length, its own seed), per repeat."""
+    from dataclasses import replace
+
+    from dsi_mpi.config import RunConfig
+    from dsi_mpi.preflight import Prompt
+    from dsi_mpi.results import identity, planned
+    from dsi_mpi.roles import make_layout
+    from dsi_mpi.verify import SamplingParams
+
+    dsi = RunConfig(target="emulated:tpot_ms=2", drafter="emulated:tpot_ms=1,acceptance=0.9",
+                    lookahead=3, max_new_tokens=8, sampling=SamplingParams(seed=5))
+    configs = [dsi, replace(dsi, mode="nonsi")]
+    prompts = [Prompt([1, 2, 3]), Prompt([4, 5], seed=9)]
+    plan = planned(configs, make_layout(5, ["dsi", "nonsi"]), prompts, repeats=2)
+    assert sorted(plan) == sorted((m, i, r) for m in ("dsi", "nonsi") for i in (0, 1)
+                                  for r in (0, 1))
+    assert plan[("dsi", 1, 1)] == identity(dsi, 3, 2, 9)
+    assert plan[("dsi", 1, 1)] | {"sp": 3} == {
+        "prompt_tokens": 2, "lookahead": 3, "sp": 3, "verify": "exact", "temperature": 0.0,
+        "seed": 9, "target": dsi.target, "drafter": dsi.drafter, "max_new_tokens": 8}
+    assert plan[("nonsi", 0, 0)]["lookahead"] == 0 and plan[("nonsi", 0, 0)]["drafter"] is None
+    assert plan[("nonsi", 0, 0)]["seed"] == 5 and plan[("nonsi", 0, 0)]["sp"] == 1
+
+
+def test_the_modes_of_one_run_load_the_same_models_and_sampling() -> None:
+    from dataclasses import replace
+
+    from dsi_mpi.config import RunConfig
+    from dsi_mpi.verify import SamplingParams
+
+    base = RunConfig(target="emulated:tpot_ms=2", drafter="emulated:tpot_ms=1,acceptance=0.9")
+    same = [replace(base, mode="si", lookahead=1, sp=None), replace(base, mode="nonsi"),
+            replace(base, sampling=SamplingParams(seed=3))]
+    assert all(c.loads_as(base) for c in same)
+    other = [replace(base, dtype="float64"), replace(base, reuse_cache=True),
+             replace(base, sampling=SamplingParams(temperature=0.5)),
+             replace(base, target="emulated:tpot_ms=3")]
+    assert not any(c.loads_as(base) for c in other)
