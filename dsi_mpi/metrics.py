@@ -29,7 +29,7 @@ class Counters:
     rejected: int = 0  # drafts replaced by the target's token
     forced: int = 0  # target tokens committed with no draft to verify
     target_forwards: int = 0  # verification forwards that ran to completion
-    drafter_forwards: int = 0
+    drafts_received: int = 0  # drafts the coordinator received (every epoch; stale ones too)
     drafts_late: int = 0  # drafts that arrived for a position already committed without them
     verifications_sent: int = 0  # tasks sent to target servers (runtime and simulator)
     verifications_cancelled: int = 0  # tasks preempted by a cancel message

@@ -75,7 +75,7 @@ def generate_si(
         q_rows: list[np.ndarray] = []
         for _ in range(budget):
             out = drafter_runner.run(committed + drafts, params, want_probs=rejection)
-            gen.counters.drafter_forwards += 1
+            gen.counters.drafts_received += 1
             drafts.append(int(out.tokens[0]))
             if rejection:
                 q_rows.append(out.probs[0])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.metrics import Counters
-from dsi_mpi.policy import DRAFTER, Policy, Send, default_run_ahead
+from dsi_mpi.policy import DRAFTER, Policy, PromptRun, Send, default_run_ahead
 from dsi_mpi.protocol import PREEMPTS_DRAFT, Cancel, Draft, DrafterMessage, Result, Verify
 from dsi_mpi.worker import DrafterWorker, TargetWorker
 
@@ -135,15 +135,14 @@ class _Simulation:
     def __init__(self, mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                  tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT,
                  run_ahead: int | None = None, messages: MessageModel = IDEAL,
-                 restart_on_forced: bool = False, preempt_drafter: bool = True) -> None:
+                 prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True) -> None:
         self.prompt = tuple(prompt)
         target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
         servers = list(range(sp if mode == "dsi" else 1))
         if mode == "si" or run_ahead is None:
             run_ahead = default_run_ahead(mode, lookahead, len(servers))
-        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens,
-                             restart_on_forced=restart_on_forced)
+        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, prompt_run=prompt_run)
         self.lat = lat
         self.msg = messages
         self.now = 0.0
@@ -339,17 +338,16 @@ class _Simulation:
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                   tokens: int, seed: int = 0, prompt: Sequence[int] = PROMPT,
                   run_ahead: int | None = None, messages: MessageModel = IDEAL,
-                  restart_on_forced: bool = False, preempt_drafter: bool = True) -> SimRun:
+                  prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True) -> SimRun:
     """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
     acceptances (the same as an emulated MPI run with that seed and prompt). ``run_ahead``
     overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime);
-    ``messages`` prices the messages (default: free); ``restart_on_forced`` runs the policy
-    as it was before issue 8, and ``preempt_drafter=False`` the drafter (which then finished
-    every forward, even one a rollback had made stale)."""
+    ``messages`` prices the messages (default: free); ``prompt_run`` makes each prompt's
+    decisions (a test runs an older policy this way), and ``preempt_drafter=False`` runs the
+    drafter as it once was (it finished every forward, even one a rollback had made stale)."""
     return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt,
                        run_ahead=run_ahead, messages=messages,
-                       restart_on_forced=restart_on_forced,
-                       preempt_drafter=preempt_drafter).run()
+                       prompt_run=prompt_run, preempt_drafter=preempt_drafter).run()
 
 
 def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,

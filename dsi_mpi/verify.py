@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -26,6 +27,13 @@ import numpy as np
 STREAM_SELECT = 0
 STREAM_ACCEPT = 1
 STREAM_RESIDUAL = 2
+
+
+class VerifyMode(str, Enum):
+    """How drafts are verified (``--verify``)."""
+
+    EXACT = "exact"  # the draft must equal the target's token (shared noise: token-identical)
+    REJECTION = "rejection"  # Leviathan et al.'s rejection sampling over p and q
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def test_simulator_with_measured_message_latency_reproduces_the_collapse() -> No
     transport's missed polls, predicts the collapse of the old policy on issue 8's Phi-3
     configuration (most tokens forced) and its absence with the fixed policy."""
     from dsi_mpi.simulate import MessageModel
-    from tests.unit.test_simulate import forced_share
+    from tests.drivers import forced_share
 
     world = MPI.COMM_WORLD
     pair = world.Split(0 if world.Get_rank() < 2 else MPI.UNDEFINED, world.Get_rank())

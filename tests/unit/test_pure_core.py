@@ -9,8 +9,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker",
-        "sequences", "config", "exits", "results", "trace", "progress", "report", "timeline")
+PURE = ("policy", "rules", "tasks", "ledger", "protocol", "verify", "simulate", "plan", "metrics",
+        "roles", "worker", "sequences", "config", "exits", "results", "trace", "progress", "report",
+        "timeline")
 
 SCRIPT = """
 import sys

@@ -21,6 +21,7 @@ from dsi_mpi.simulate import (
     simulate_once,
 )
 from dsi_mpi.verify import SamplingParams
+from tests.drivers import forced_share
 
 IDEAL_MODEL = MessageModel()
 
@@ -143,25 +144,13 @@ def test_more_than_ceil_target_over_drafter_servers_cannot_help() -> None:
         assert at_cap <= beyond * (1 + 1e-9), (fraction, acceptance, k, cap, at_cap, beyond)
 
 
-# Issue 8's configuration: Phi3-14B / Phi3-4B on HumanEval (the paper's latencies), 9 ranks.
-PHI3 = Latencies(target_tpot_ms=52.1, drafter_tpot_ms=34.0, target_ttft_ms=67.2,
-                 drafter_ttft_ms=41.8)
-PHI3_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
-# One-way message time from an MPI ping-pong here (6.6 us a round trip, issue 15); the
+# One-way message time from an MPI ping-pong here (6.6 us a round trip, docs/results.md); the
 # cancellation check of an emulated target every 0.5 ms; and MPICH's Iprobe, which reported a
-# message already delivered only at its 2nd to 5th call while the runtime before issue 8 probed
-# once between forwards: at least one missed poll per message. tests/mpi measures the ping-pong.
+# message already delivered only at its 2nd to 5th call while the old runtime probed once
+# between forwards: at least one missed poll per message (docs/design.md, "Forced commits").
 PING_PONG_MS = 0.0033
 OLD_TRANSPORT = MessageModel(latency_ms=PING_PONG_MS, cancel_check_ms=0.5, poll_misses=1)
 NEW_TRANSPORT = MessageModel(latency_ms=PING_PONG_MS, cancel_check_ms=0.5, poll_misses=0)
-
-
-def forced_share(messages: MessageModel, restart_on_forced: bool, seeds: range = range(5),
-                 lat: Latencies = PHI3, preempt_drafter: bool = True) -> float:
-    runs = [simulate_once("dsi", lat, 0.95, 1, 7, 50, seed, prompt=PHI3_PROMPT, messages=messages,
-                          restart_on_forced=restart_on_forced, preempt_drafter=preempt_drafter)
-            for seed in seeds]
-    return sum(r.counters.forced for r in runs) / sum(len(r.tokens) for r in runs)
 
 
 def test_the_simulator_reproduces_the_slow_drafter_collapse_and_its_fix() -> None:
