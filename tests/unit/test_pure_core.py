@@ -11,7 +11,7 @@ import sys
 
 PURE = ("policy", "rules", "tasks", "ledger", "protocol", "verify", "simulate", "plan", "metrics",
         "roles", "worker", "sequences", "config", "exits", "results", "trace", "progress", "report",
-        "timeline", "vocabulary")
+        "timeline", "vocabulary", "liveness")
 
 SCRIPT = """
 import sys
