@@ -26,6 +26,7 @@ import statistics
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.metrics import Counters
@@ -45,7 +46,8 @@ class MessageModel:
     cancel_check_ms: float = 0.0  # how often a target checks for CANCEL in a forward (0: always)
     # Between-forward polls of a busy drafter (and cancellation checks of a target) that miss a
     # message already delivered: MPICH's Iprobe reported arrived messages only at its 2nd to 5th
-    # call, and the runtime before issue 8 probed once per forward (1 here). 0 since then.
+    # call, and the runtime before the forced-commit fix (docs/design.md, "Forced commits")
+    # probed once per forward (1 here). 0 since then.
     poll_misses: int = 0
 
     def __post_init__(self) -> None:
@@ -109,7 +111,7 @@ class SimSummary:
     def std_ms(self) -> float:
         return statistics.pstdev(self.latencies) if len(self.runs) > 1 else 0.0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         accepted = sum(r.counters.accepted for r in self.runs)
         verified = sum(r.counters.verified for r in self.runs)
         return {
@@ -146,9 +148,10 @@ class _Simulation:
         self.lat = lat
         self.msg = messages
         self.now = 0.0
-        self._events: list[tuple[float, int, str, tuple]] = []
+        self._events: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self._seq = 0
-        self._pending: deque[tuple[str, tuple]] = deque()  # events to handle at `now`, first
+        # events to handle at `now`, first
+        self._pending: deque[tuple[str, tuple[Any, ...]]] = deque()
         self.servers = {s: TargetWorker(EmulatedBackend(target, sleep=False)) for s in servers}
         # server -> (task, version, start, end): the forward in flight and when it ends
         self._running: dict[int, tuple[Verify, int, float, float]] = {}
@@ -166,7 +169,7 @@ class _Simulation:
         self._d_started = self._d_ends = 0.0
         self.preempt_drafter = preempt_drafter
 
-    def _push(self, delay: float, kind: str, payload: tuple) -> None:
+    def _push(self, delay: float, kind: str, payload: tuple[Any, ...]) -> None:
         """An event ``delay`` ms from now; with no delay, before any other event at ``now``
         (so the ideal simulation handles a reply right after what caused it)."""
         if delay == 0:
@@ -204,7 +207,7 @@ class _Simulation:
 
     # ----------------------------------------------------------------- events
 
-    def _deliver(self, kind: str, payload: tuple) -> list[Send]:
+    def _deliver(self, kind: str, payload: tuple[Any, ...]) -> list[Send]:
         """Handle one event; returns the policy's actions when the coordinator got a message."""
         if kind == "result":  # at the coordinator
             server, out = payload
@@ -278,7 +281,9 @@ class _Simulation:
         """The server's forward runs now (its output is known at once; it is delivered when
         the forward ends, unless a Cancel abandons it first)."""
         cost = self.lat.target_ttft if task.keep == 0 else self.lat.target_tpot_ms
-        self._outputs[server] = self.servers[server].verify(task)
+        out = self.servers[server].verify(task)
+        assert isinstance(out, Result)  # no cancellation check: the forward runs to its end
+        self._outputs[server] = out
         self._version += 1
         self._running[server] = (task, self._version, self.now, self.now + cost)
         self._seq += 1
@@ -383,7 +388,8 @@ def min_lookahead(lat: Latencies, sp: int) -> int:
 
 
 def servers_needed(lat: Latencies, lookahead: int) -> int:
-    """ceil(t_target / (k * t_drafter)): SP at which no task waits for a server (design, §2)."""
+    """ceil(t_target / (k * t_drafter)): SP at which no task waits for a server
+    (docs/design.md, section 2)."""
     if lat.drafter_tpot_ms <= 0:
         return 1
     return max(1, math.ceil(lat.target_tpot_ms / (lookahead * lat.drafter_tpot_ms) - 1e-12))

@@ -127,7 +127,7 @@ def test_simulate_plan_and_heatmap_commands(capsys: pytest.CaptureFixture, tmp_p
 
 
 def test_more_than_ceil_target_over_drafter_servers_cannot_help() -> None:
-    """The bound on useful SP (design note, section 2): beyond ceil(t_target / t_drafter) target
+    """The bound on useful SP (docs/design.md, section 2): beyond ceil(t_target / t_drafter) target
     servers the drafter cannot feed more, so extra servers leave DSI's latency unchanged.
 
     The drafter's run-ahead is held fixed (the runtime scales it with SP by default), and the
@@ -168,6 +168,17 @@ def test_the_simulator_reproduces_the_slow_drafter_collapse_and_its_fix() -> Non
     # The message latency alone does not cause it (the missed polls do): 100x the ping-pong.
     assert forced_share(MessageModel(latency_ms=0.33, cancel_check_ms=0.5),
                         restart_on_forced=False) < 0.1
+
+
+@pytest.mark.parametrize("latency_ms", [0.001, PING_PONG_MS, 0.033, 0.1])
+def test_the_collapse_and_its_fix_at_recorded_message_latencies(latency_ms: float) -> None:
+    """Recorded one-way MPI latencies: about 1 us on InfiniBand, the 3.3 us ping-pong measured
+    here (docs/results.md), and 10x and 30x that. At each, with the old transport's missed
+    polls, the old policy collapses and the fixed one does not."""
+    old = MessageModel(latency_ms=latency_ms, cancel_check_ms=0.5, poll_misses=1)
+    new = MessageModel(latency_ms=latency_ms, cancel_check_ms=0.5, poll_misses=0)
+    assert forced_share(old, restart_on_forced=True, preempt_drafter=False) > 0.5
+    assert forced_share(new, restart_on_forced=False) < 0.1
 
 
 def test_message_costs_slow_the_simulation_down_and_keep_it_exact() -> None:
