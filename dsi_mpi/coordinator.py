@@ -162,6 +162,7 @@ class Coordinator:
         drafter = self.layout.drafters[0] if self.layout.drafters else None
         for to, msg in actions:
             if to == DRAFTER:
+                assert drafter is not None, "a message for the drafter of a mode without one"
                 self.transport.send(drafter, msg)
             else:
                 self.transport.send(to, msg)

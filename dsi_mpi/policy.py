@@ -335,6 +335,8 @@ class PromptRun:
         p, q = self.p.pop(j), self.q.pop(j, None)
         if not has_draft:
             return None, sample_from(p, self.seed, j)
+        if q is None:
+            raise ProtocolError(f"the draft for position {j} came without its distribution")
         return rejection_step(self.proposed[j], q, p, self.seed, j)
 
     def _verify_in_order(self) -> list[Send]:

@@ -260,13 +260,14 @@ def encode(msg: Message) -> np.ndarray:
     """The first (or only) payload of a message: its int64 block (or, for Error, its UTF-8
     text as uint8)."""
     if isinstance(msg, Error):
-        return np.frombuffer(msg.text.encode("utf-8")[:65536], dtype=np.uint8).copy()
+        return np.array(bytearray(msg.text.encode("utf-8")[:65536]), dtype=np.uint8)
     layout = _LAYOUTS[msg.TAG]
     tokens = getattr(msg, layout.tokens) if layout.tokens else ()
     block = np.empty(layout.header + len(tokens), dtype=np.int64)
     head = [int(msg.TAG)] + [int(getattr(msg, name)) for name in layout.ints]
     if layout.probs:
-        head.append(0 if msg.probs is None else len(msg.probs))
+        probs = probs_of(msg)
+        head.append(0 if probs is None else len(probs))
     block[: layout.header] = head
     block[layout.header:] = tokens
     return block

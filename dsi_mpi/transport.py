@@ -50,9 +50,11 @@ from dsi_mpi.devices import poll_strategy
 from dsi_mpi.exits import Stopped
 from dsi_mpi.liveness import BACKOFF_MAX_S, Liveness, wait_until
 from dsi_mpi.protocol import (
+    Draft,
     Error,
     Heartbeat,
     Message,
+    Result,
     Signalled,
     Tag,
     decode,
@@ -170,6 +172,7 @@ class Transport:
                 break
         msg, rows = decode(kind, payload)
         if rows:
+            assert isinstance(msg, (Result, Draft))  # the messages that carry distributions
             msg = with_probs(msg, self._recv_probs(src, rows))
         return Incoming(src, msg)
 

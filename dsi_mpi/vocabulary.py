@@ -16,8 +16,9 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def method_for(verify: str) -> str:
 # ----------------------------------------------------------------- vocabularies as bytes
 
 
-def _decoder_kind(tokenizer) -> tuple[str, list[tuple[str, str]], bool]:
+def _decoder_kind(tokenizer: Any) -> tuple[str, list[tuple[str, str]], bool]:
     """How a fast tokenizer's decoder spells tokens: ``byte_level``, or ``pieces`` with its
     string replacements (``▁`` -> space) and whether ``<0xXX>`` tokens are bytes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -77,15 +78,15 @@ class Vocabulary:
     ``pieces[i]`` is None for a special token (BOS, EOS, padding, control tokens), which
     spells no text; ids past the tokenizer (a model's padding rows) are None too."""
 
-    tokenizer: object
+    tokenizer: Any  # a transformers fast tokenizer
     pieces: tuple[bytes | None, ...]  # [model vocabulary size]
     byte_ids: dict[int, int]  # a byte value -> a token spelling exactly that byte
     prefix: tuple[int, ...]  # special tokens the tokenizer puts before a text (BOS)
     eos_ids: frozenset[int]
 
     @classmethod
-    def of(cls, tokenizer, size: int | None = None,  # a fast tokenizer
-           eos_ids: Sequence[int] = ()) -> Vocabulary:
+    def of(cls, tokenizer: Any, size: int | None = None,  # a fast tokenizer
+           eos_ids: Iterable[int] = ()) -> Vocabulary:
         """The vocabulary of a fast tokenizer, sized to the model's ``size`` rows (default: the
         tokenizer's length); ``eos_ids`` adds the model's own end-of-sequence ids."""
         from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -255,9 +256,9 @@ def shared_tokens(source: Vocabulary, target: Vocabulary) -> tuple[np.ndarray, n
     return np.asarray(d_ids, dtype=np.int64), np.asarray(t_ids, dtype=np.int64)
 
 
-def same_vocabulary(target_tokenizer, drafter_tokenizer) -> bool:
+def same_vocabulary(target_tokenizer: Any, drafter_tokenizer: Any) -> bool:
     """The same tokens under the same ids: no translation needed."""
-    return target_tokenizer.get_vocab() == drafter_tokenizer.get_vocab()
+    return bool(target_tokenizer.get_vocab() == drafter_tokenizer.get_vocab())
 
 
 def check_intersection(source: Vocabulary, target: Vocabulary) -> float:
