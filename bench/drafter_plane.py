@@ -13,8 +13,9 @@ simulated, and runtime / ideal per mode. TTFT equals TPOT for both models.
 
 Writes one JSON line per cell (with config, commit, host, Slurm job id), a Markdown table and a
 PNG with the measured and the simulated min(SI, non-SI) / DSI side by side, and runtime / ideal.
-Targets (issue 8): measured min(SI, non-SI) / DSI >= 1.0 wherever the simulator predicts at
-least 1.05, and DSI's runtime / ideal <= 1.10 in every cell; the script says which cells miss.
+Targets (docs/design.md, "Forced commits"): measured min(SI, non-SI) / DSI >= 1.0 wherever the
+simulator predicts at least 1.05, and DSI's runtime / ideal <= 1.10 in every cell; the script
+says which cells miss.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Issue 9's fault table: what a user sees when a batch run meets each fault, and what is kept.
+"""The fault table of docs/reliability.md: what a user sees when a batch run meets each fault,
+and what is kept.
 
 The run of the issue: 5 ranks under mpiexec, emulated models, 40 prompts x 200 tokens, one
 mode; each fault strikes at 40% of the generation phase (after the start-up, measured with a

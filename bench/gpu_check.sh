@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path checked in one command (issue 13), within a time budget (default 450 s):
+# The GPU path checked in one command (docs/cluster.md), within a time budget (default 450 s):
 #
 #   1. env         versions, the GPU, and an MPI hello on 2 ranks
 #   2. tests       the unit tests with --device (HF backend, reference decoders and gate on the GPU)
@@ -128,7 +128,7 @@ main() {
     echo "gpu_check: commit $("$PY" -c 'from bench.common import git_commit; print(git_commit())'), results in $OUTDIR"
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
     export DSI_MPI_SHARE_GPUS=1         # 5 ranks on one GPU
-    export DSI_MPI_CACHE=$WORK/cache    # GGUF conversions (issue 10's cache), gone with $WORK
+    export DSI_MPI_CACHE=$WORK/cache    # GGUF conversions (the converter's cache), gone with $WORK
     install_wheels || { echo "gpu_check: installing the wheels failed"; return 1; }
     export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # this checkout's dsi_mpi, installed or not
     command -v mpiexec > /dev/null || { echo "gpu_check: no mpiexec: carry .gpu (bench/gpu_prepare.sh)"; return 1; }

@@ -51,7 +51,7 @@ def random_model(shape: str, folder: str, seed: int = 0) -> str:
 def convert_gguf(path: str, folder: str) -> str:
     """A GGUF file as a float32 ``save_pretrained`` folder (its tokenizer included)."""
     try:
-        from dsi_mpi.backends import gguf  # issue 10's converter, with its cache
+        from dsi_mpi.backends import gguf  # the GGUF converter, with its cache
     except ImportError:
         gguf = None
     if gguf is not None:

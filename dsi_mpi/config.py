@@ -72,7 +72,7 @@ class RunConfig:
             raise ConfigError(f"poll_max_s must be > 0 seconds, got {self.poll_max_s}")
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
-        drafter = [("--drafter", self.drafter)] if self.uses_drafter else []
+        drafter = [("--drafter", self.drafter or "")] if self.uses_drafter else []
         specs = [("--target", self.target)] + drafter
         for flag, spec in specs:
             if is_emulated(spec):

@@ -5,7 +5,7 @@ feeds every arriving message to the policy and sends what the policy asks for, u
 output is complete; it then drains the replies to cancelled tasks, so every server is idle
 and its cache state known before the next prompt.
 
-Every worker is heard from at least every heartbeat (``transport.py``); one that sends nothing
+Every worker is heard from at least every heartbeat (``liveness.py``); one that sends nothing
 for ``--timeout`` is named, with the task it has not answered (:class:`Unresponsive`), and the
 job ends, even while the other workers keep talking.
 """
@@ -105,7 +105,7 @@ class Coordinator:
         """Raise :class:`Unresponsive` for the worker silent longest, if ``--timeout`` or more."""
         if not self.workers:
             return
-        silent, rank = max((now - self.transport.heard(r), r) for r in self.workers)
+        silent, rank = self.transport.liveness.silent_longest(self.workers, now)
         if silent >= self.timeout_s:
             owed = self._owed.get(rank)
             did = (f"has not answered {owed} for" if owed
@@ -162,6 +162,7 @@ class Coordinator:
         drafter = self.layout.drafters[0] if self.layout.drafters else None
         for to, msg in actions:
             if to == DRAFTER:
+                assert drafter is not None, "a message for the drafter of a mode without one"
                 self.transport.send(drafter, msg)
             else:
                 self.transport.send(to, msg)

@@ -108,7 +108,8 @@ def _bind(comm: MPI.Comm, is_model: bool, count: int | None) -> tuple[str, str]:
     under ``srun --distribution=arbitrary`` (the multi-node job script) puts every rank on a
     node of its own, which would give every model rank GPU 0."""
     rank, node = comm.Get_rank(), node_of_this_process()
-    view = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), count) if is_model else None
+    view = (visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), count or 0)
+            if is_model else None)
     everyone = comm.allgather((node, view))
     device, error = "cpu", None
     if is_model:

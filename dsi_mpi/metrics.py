@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 # What became of a target forward (a verification task), as the coordinator knows at the end:
 TARGET_OUTCOMES = (
@@ -29,7 +30,7 @@ class Counters:
     rejected: int = 0  # drafts replaced by the target's token
     forced: int = 0  # target tokens committed with no draft to verify
     target_forwards: int = 0  # verification forwards that ran to completion
-    drafter_forwards: int = 0
+    drafts_received: int = 0  # drafts the coordinator received (every epoch; stale ones too)
     drafts_late: int = 0  # drafts that arrived for a position already committed without them
     verifications_sent: int = 0  # tasks sent to target servers (runtime and simulator)
     verifications_cancelled: int = 0  # tasks preempted by a cancel message
@@ -93,8 +94,8 @@ class Counters:
         rounds = self.rejected + self.forced
         return (self.accepted + rounds) / rounds if rounds else 0.0
 
-    def as_dict(self) -> dict[str, float]:
-        out: dict[str, float] = asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = asdict(self)
         out["acceptance_rate"] = self.acceptance_rate
         out["mean_accepted_length"] = self.mean_accepted_length
         out["acceptance_per_position"] = self.acceptance_per_position
@@ -109,7 +110,7 @@ def _add(counts: list[int], end: int, start: int = 0) -> None:
 
 
 def target_work(forwards: Mapping[int, tuple[int, float]], outcomes: Mapping[int, str],
-                servers: Sequence[int], wall_time_s: float) -> dict:
+                servers: Sequence[int], wall_time_s: float) -> dict[str, Any]:
     """What the target servers spent on one generation, from each task's forward time.
 
     ``forwards``: task id -> (server, seconds its forward ran), as the replies said;

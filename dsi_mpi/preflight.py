@@ -20,6 +20,7 @@ import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 from dsi_mpi.backends import (
@@ -41,7 +42,7 @@ TRANSLATIONS = {  # how preflight names the methods of dsi_mpi/translate.py
 class ModelInfo:
     vocab_size: int
     max_positions: int | None
-    tokenizer: object | None  # a transformers tokenizer, or None (token ids only)
+    tokenizer: Any  # a transformers tokenizer, or None (token ids only)
     num_layers: int | None = None  # decoder layers, for self:layers=N drafters
 
 
@@ -192,7 +193,7 @@ class Prompt:
 
 
 def read_prompts(prompt: str | None, prompt_file: str | None, prompt_ids: str | None,
-                 tokenizer: object | None, chat: bool = False,
+                 tokenizer: Any, chat: bool = False,
                  num_prompts: int | None = None) -> list[Prompt]:
     """Every prompt, from exactly one of the three sources; the first ``num_prompts`` of them;
     with ``chat``, each text wrapped in the tokenizer's chat template as a user message."""

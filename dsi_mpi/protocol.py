@@ -256,16 +256,18 @@ _LAYOUTS = {cls.TAG: _layout(cls) for cls in (Verify, Cancel, Result, Cancelled,
                                               Signalled)}
 
 
-def encode(msg: Message) -> np.ndarray | bytes:
-    """The first (or only) payload of a message: its int64 block (or UTF-8 text for Error)."""
+def encode(msg: Message) -> np.ndarray:
+    """The first (or only) payload of a message: its int64 block (or, for Error, its UTF-8
+    text as uint8)."""
     if isinstance(msg, Error):
-        return msg.text.encode("utf-8")[:65536]
+        return np.array(bytearray(msg.text.encode("utf-8")[:65536]), dtype=np.uint8)
     layout = _LAYOUTS[msg.TAG]
     tokens = getattr(msg, layout.tokens) if layout.tokens else ()
     block = np.empty(layout.header + len(tokens), dtype=np.int64)
     head = [int(msg.TAG)] + [int(getattr(msg, name)) for name in layout.ints]
     if layout.probs:
-        head.append(0 if msg.probs is None else len(msg.probs))
+        probs = probs_of(msg)
+        head.append(0 if probs is None else len(probs))
     block[: layout.header] = head
     block[layout.header:] = tokens
     return block
@@ -276,10 +278,17 @@ def probs_of(msg: Message) -> np.ndarray | None:
     return getattr(msg, "probs", None)
 
 
-def decode(tag: int, payload: np.ndarray | bytes) -> tuple[Message, int]:
+def payload_buffer(tag: int, nbytes: int) -> np.ndarray:
+    """An empty buffer for a received payload of ``nbytes`` bytes with ``tag``: uint8 for
+    Error's text, float64 for PROBS, int64 for every other message."""
+    dtype = np.uint8 if tag == Tag.ERROR else np.float64 if tag == Tag.PROBS else np.int64
+    return np.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype)
+
+
+def decode(tag: int, payload: np.ndarray) -> tuple[Message, int]:
     """A received message, and how many rows of distributions (PROBS) follow it (0: none)."""
     if tag == Tag.ERROR:
-        return Error(bytes(payload).decode("utf-8", "replace")), 0
+        return Error(payload.tobytes().decode("utf-8", "replace")), 0
     layout = _LAYOUTS[Tag(tag)]
     head = payload[: layout.header].tolist()
     kwargs = dict(zip(layout.ints, head[1: 1 + len(layout.ints)], strict=True))

@@ -75,9 +75,10 @@ def generate_si(
         q_rows: list[np.ndarray] = []
         for _ in range(budget):
             out = drafter_runner.run(committed + drafts, params, want_probs=rejection)
-            gen.counters.drafter_forwards += 1
+            gen.counters.drafts_received += 1
             drafts.append(int(out.tokens[0]))
             if rejection:
+                assert out.probs is not None  # asked for
                 q_rows.append(out.probs[0])
             if drafts[-1] in drafter.eos_token_ids:
                 break
@@ -85,6 +86,7 @@ def generate_si(
                                 want_probs=rejection)
         gen.counters.target_forwards += 1
         if rejection:
+            assert out.probs is not None  # asked for
             q = np.stack(q_rows) if q_rows else np.zeros((0, target.vocab_size))
             accepted, commit = rejection_sample(drafts, q, out.probs, len(committed), params.seed)
         else:

@@ -21,6 +21,7 @@ import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 MODE_ORDER = ("dsi", "si", "nonsi")
 REQUIRED = ("mode", "lookahead", "sp", "prompt_index", "tokens", "num_new_tokens", "wall_time_s",
@@ -223,7 +224,7 @@ def plot_against(groups: Sequence[Group], knob: str, path: str) -> bool:
     from matplotlib.ticker import MaxNLocator
 
     other = "sp" if knob == "lookahead" else "lookahead"
-    lines: dict[tuple, list[tuple[int, float]]] = {}
+    lines: dict[tuple, list[tuple[Any, Any]]] = {}
     for g in groups:
         if g.mode == "nonsi" or (knob == "sp" and g.mode != "dsi"):
             continue

@@ -81,7 +81,7 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "rejected": counters.rejected,
         "forced": counters.forced,
         "target_forwards": counters.target_forwards,
-        "drafts_received": counters.drafter_forwards,
+        "drafts_received": counters.drafts_received,
         "drafts_late": counters.drafts_late,
         # which run wrote it: models, lookahead, sp, sampling, prompt length (what --resume
         # matches on)

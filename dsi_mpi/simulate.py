@@ -26,10 +26,11 @@ import statistics
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
 from dsi_mpi.metrics import Counters
-from dsi_mpi.policy import DRAFTER, Policy, Send, default_run_ahead
+from dsi_mpi.policy import DRAFTER, Policy, PromptRun, Send, default_run_ahead
 from dsi_mpi.protocol import PREEMPTS_DRAFT, Cancel, Draft, DrafterMessage, Result, Verify
 from dsi_mpi.worker import DrafterWorker, TargetWorker
 
@@ -45,7 +46,8 @@ class MessageModel:
     cancel_check_ms: float = 0.0  # how often a target checks for CANCEL in a forward (0: always)
     # Between-forward polls of a busy drafter (and cancellation checks of a target) that miss a
     # message already delivered: MPICH's Iprobe reported arrived messages only at its 2nd to 5th
-    # call, and the runtime before issue 8 probed once per forward (1 here). 0 since then.
+    # call, and the runtime before the forced-commit fix (docs/design.md, "Forced commits")
+    # probed once per forward (1 here). 0 since then.
     poll_misses: int = 0
 
     def __post_init__(self) -> None:
@@ -109,7 +111,7 @@ class SimSummary:
     def std_ms(self) -> float:
         return statistics.pstdev(self.latencies) if len(self.runs) > 1 else 0.0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         accepted = sum(r.counters.accepted for r in self.runs)
         verified = sum(r.counters.verified for r in self.runs)
         return {
@@ -135,21 +137,21 @@ class _Simulation:
     def __init__(self, mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                  tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT,
                  run_ahead: int | None = None, messages: MessageModel = IDEAL,
-                 restart_on_forced: bool = False, preempt_drafter: bool = True) -> None:
+                 prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True) -> None:
         self.prompt = tuple(prompt)
         target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
         servers = list(range(sp if mode == "dsi" else 1))
         if mode == "si" or run_ahead is None:
             run_ahead = default_run_ahead(mode, lookahead, len(servers))
-        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens,
-                             restart_on_forced=restart_on_forced)
+        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, prompt_run=prompt_run)
         self.lat = lat
         self.msg = messages
         self.now = 0.0
-        self._events: list[tuple[float, int, str, tuple]] = []
+        self._events: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self._seq = 0
-        self._pending: deque[tuple[str, tuple]] = deque()  # events to handle at `now`, first
+        # events to handle at `now`, first
+        self._pending: deque[tuple[str, tuple[Any, ...]]] = deque()
         self.servers = {s: TargetWorker(EmulatedBackend(target, sleep=False)) for s in servers}
         # server -> (task, version, start, end): the forward in flight and when it ends
         self._running: dict[int, tuple[Verify, int, float, float]] = {}
@@ -167,7 +169,7 @@ class _Simulation:
         self._d_started = self._d_ends = 0.0
         self.preempt_drafter = preempt_drafter
 
-    def _push(self, delay: float, kind: str, payload: tuple) -> None:
+    def _push(self, delay: float, kind: str, payload: tuple[Any, ...]) -> None:
         """An event ``delay`` ms from now; with no delay, before any other event at ``now``
         (so the ideal simulation handles a reply right after what caused it)."""
         if delay == 0:
@@ -205,7 +207,7 @@ class _Simulation:
 
     # ----------------------------------------------------------------- events
 
-    def _deliver(self, kind: str, payload: tuple) -> list[Send]:
+    def _deliver(self, kind: str, payload: tuple[Any, ...]) -> list[Send]:
         """Handle one event; returns the policy's actions when the coordinator got a message."""
         if kind == "result":  # at the coordinator
             server, out = payload
@@ -279,7 +281,9 @@ class _Simulation:
         """The server's forward runs now (its output is known at once; it is delivered when
         the forward ends, unless a Cancel abandons it first)."""
         cost = self.lat.target_ttft if task.keep == 0 else self.lat.target_tpot_ms
-        self._outputs[server] = self.servers[server].verify(task)
+        out = self.servers[server].verify(task)
+        assert isinstance(out, Result)  # no cancellation check: the forward runs to its end
+        self._outputs[server] = out
         self._version += 1
         self._running[server] = (task, self._version, self.now, self.now + cost)
         self._seq += 1
@@ -339,17 +343,16 @@ class _Simulation:
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                   tokens: int, seed: int = 0, prompt: Sequence[int] = PROMPT,
                   run_ahead: int | None = None, messages: MessageModel = IDEAL,
-                  restart_on_forced: bool = False, preempt_drafter: bool = True) -> SimRun:
+                  prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True) -> SimRun:
     """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
     acceptances (the same as an emulated MPI run with that seed and prompt). ``run_ahead``
     overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime);
-    ``messages`` prices the messages (default: free); ``restart_on_forced`` runs the policy
-    as it was before issue 8, and ``preempt_drafter=False`` the drafter (which then finished
-    every forward, even one a rollback had made stale)."""
+    ``messages`` prices the messages (default: free); ``prompt_run`` makes each prompt's
+    decisions (a test runs an older policy this way), and ``preempt_drafter=False`` runs the
+    drafter as it once was (it finished every forward, even one a rollback had made stale)."""
     return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt,
                        run_ahead=run_ahead, messages=messages,
-                       restart_on_forced=restart_on_forced,
-                       preempt_drafter=preempt_drafter).run()
+                       prompt_run=prompt_run, preempt_drafter=preempt_drafter).run()
 
 
 def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
@@ -385,7 +388,8 @@ def min_lookahead(lat: Latencies, sp: int) -> int:
 
 
 def servers_needed(lat: Latencies, lookahead: int) -> int:
-    """ceil(t_target / (k * t_drafter)): SP at which no task waits for a server (design, §2)."""
+    """ceil(t_target / (k * t_drafter)): SP at which no task waits for a server
+    (docs/design.md, section 2)."""
     if lat.drafter_tpot_ms <= 0:
         return 1
     return max(1, math.ceil(lat.target_tpot_ms / (lookahead * lat.drafter_tpot_ms) - 1e-12))

@@ -39,8 +39,10 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams,
         # reply reached the coordinator): never a later one, since the coordinator sends a
         # Verify only to a server with no request outstanding.
         while (msg := transport.poll(source=COORDINATOR, tag=Tag.CANCEL)) is not None:
-            trace.target_cancel(msg.message, late=msg.message.task_id != current)
-            if msg.message.task_id == current:
+            cancel = msg.message
+            assert isinstance(cancel, Cancel)  # polled by its tag
+            trace.target_cancel(cancel, late=cancel.task_id != current)
+            if cancel.task_id == current:
                 return True
         return transport.pending_any(COORDINATOR, ENDS_TASK)  # the job ends: drop the task
 

@@ -22,9 +22,11 @@ signal asked this rank to stop (``exits.py``).
 Liveness, both ways, while a run is active: every rank sends a HEARTBEAT to its peers (rank 0
 to every worker, a worker to rank 0) each ``every_s`` seconds from its waits, which is where
 an idle rank spends its time; poll swallows heartbeats (the role loops never see them) and
-notes when each rank was last heard from. A worker that watches rank 0 raises
-:class:`CoordinatorLost` from a wait once rank 0 has been silent for its bound; the
-coordinator names a silent worker itself (``coordinator.py``).
+notes when each rank was last heard from (``self.liveness``, a :class:`~dsi_mpi.liveness.
+Liveness`). A worker that watches rank 0 raises :class:`CoordinatorLost` from a wait once rank
+0 has been silent for its bound; the coordinator names a silent worker itself
+(``coordinator.py``). Every wait is a :func:`~dsi_mpi.liveness.wait_until`; how a message
+becomes a buffer and back is ``protocol.py``'s.
 
 ``close`` completes what is left and frees the communicator, and reports how many requests
 were still open, which tests assert to be zero. It never cancels a send: cancelling a send
@@ -46,14 +48,18 @@ from mpi4py import MPI
 from dsi_mpi import exits
 from dsi_mpi.devices import poll_strategy
 from dsi_mpi.exits import Stopped
+from dsi_mpi.liveness import BACKOFF_MAX_S, Liveness, wait_until
 from dsi_mpi.protocol import (
+    Draft,
     Error,
     Heartbeat,
     Message,
+    Result,
     Signalled,
     Tag,
     decode,
     encode,
+    payload_buffer,
     probs_of,
     with_probs,
 )
@@ -64,10 +70,9 @@ IDLE = float("inf")  # a worker waiting for its next request from the coordinato
 # ranks). A busy rank that probes once between forwards (the drafter, a target checking for
 # CANCEL) would see every message one forward late; so a poll probes up to this many times.
 PROBES = 8
-BACKOFF_MIN_S = 1e-5  # shortest sleep of a backoff wait
-BACKOFF_FRACTION = 0.25  # each sleep: this fraction of the time waited so far ...
-# ... but at most this long (the default; a message is seen this late at worst)
-BACKOFF_MAX_S = 5e-4
+# MPI's name for each element type a buffer has (protocol.py's payloads, PROBS).
+_DATATYPES = {np.dtype(np.int64): MPI.INT64_T, np.dtype(np.uint8): MPI.BYTE,
+              np.dtype(np.float64): MPI.DOUBLE}
 PR_SET_TIMERSLACK = 29  # prctl(2)
 
 
@@ -113,36 +118,25 @@ class Transport:
         if not self._spin:
             _precise_sleeps()
         self._status = MPI.Status()  # reused by every probe: no allocation per poll
-        self._sends: list[tuple[MPI.Request, np.ndarray | bytes]] = []
+        self._sends: list[tuple[MPI.Request, np.ndarray]] = []
         self.closed = False
-        # Liveness (see the module docstring): the coordinator's heartbeats ...
-        self._beat_to: tuple[int, ...] = ()
-        self._beat_every = 0.0
-        self._beat_due = float("inf")
-        # ... when each rank was last heard from, and a worker's watch on rank 0.
-        self._heard = [time.monotonic()] * self.size
-        self._watched = -1  # the rank whose silence ends the job (0), or -1
-        self._watch_s = float("inf")
+        self.liveness = Liveness(self.size, time.monotonic())
 
     # ------------------------------------------------------------------ sending
 
     def send(self, dest: int, msg: Message) -> None:
         """Nonblocking send of one message (and its distributions, which follow as PROBS)."""
-        payload = encode(msg)
-        if isinstance(payload, bytes):
-            self._isend(payload, MPI.BYTE, dest, msg.TAG)
-        else:
-            self._isend(payload, MPI.INT64_T, dest, msg.TAG)
+        self._isend(encode(msg), dest, msg.TAG)
         probs = probs_of(msg)
         if probs is not None:
-            self._isend(np.ascontiguousarray(probs, dtype=np.float64), MPI.DOUBLE, dest, Tag.PROBS)
+            self._isend(np.ascontiguousarray(probs, dtype=np.float64), dest, Tag.PROBS)
         self.progress()
 
     def send_error(self, dest: int, text: str) -> None:
         self.send(dest, Error(text))
 
-    def _isend(self, buf: np.ndarray | bytes, datatype: MPI.Datatype, dest: int, tag: int) -> None:
-        request = self.comm.Isend([buf, datatype], dest=dest, tag=int(tag))
+    def _isend(self, buf: np.ndarray, dest: int, tag: int) -> None:
+        request = self.comm.Isend([buf, _DATATYPES[buf.dtype]], dest=dest, tag=int(tag))
         self._sends.append((request, buf))  # the buffer must live until the send completes
 
     def progress(self) -> None:
@@ -172,21 +166,22 @@ class Transport:
             else:
                 return None
             src, kind = status.Get_source(), status.Get_tag()
-            self._heard[src] = time.monotonic()
+            self.liveness.heard_from(src, time.monotonic())
+            payload = self._recv(status)
             if kind != Tag.HEARTBEAT:
                 break
-            beat = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
-            self.comm.Recv([beat, MPI.INT64_T], source=src, tag=kind)
-        if kind == Tag.ERROR:
-            payload: np.ndarray | bytearray = bytearray(status.Get_count(MPI.BYTE))
-            self.comm.Recv([payload, MPI.BYTE], source=src, tag=kind)
-        else:
-            payload = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
-            self.comm.Recv([payload, MPI.INT64_T], source=src, tag=kind)
         msg, rows = decode(kind, payload)
         if rows:
+            assert isinstance(msg, (Result, Draft))  # the messages that carry distributions
             msg = with_probs(msg, self._recv_probs(src, rows))
         return Incoming(src, msg)
+
+    def _recv(self, status: MPI.Status) -> np.ndarray:
+        """Receive the message ``status`` describes (probed, not received yet)."""
+        source, tag = status.Get_source(), status.Get_tag()
+        payload = payload_buffer(tag, status.Get_count(MPI.BYTE))
+        self.comm.Recv([payload, _DATATYPES[payload.dtype]], source=source, tag=tag)
+        return payload
 
     def pending_any(self, source: int, tags: Sequence[int]) -> bool:
         """Whether a message with one of ``tags`` has arrived from ``source`` (not received).
@@ -200,15 +195,11 @@ class Transport:
     def _recv_probs(self, source: int, rows: int) -> np.ndarray:
         """The PROBS message that the sender sent right after the header just received."""
         status = MPI.Status()
-        deadline = time.monotonic() + self.timeout_s
-        while not self.comm.Iprobe(source=source, tag=Tag.PROBS, status=status):
-            if time.monotonic() > deadline:
-                raise WaitTimeout(f"rank {self.rank}: distributions from rank {source} never came")
-            time.sleep(1e-5)
-        count = status.Get_count(MPI.DOUBLE)
-        probs = np.empty(count, dtype=np.float64)
-        self.comm.Recv([probs, MPI.DOUBLE], source=source, tag=Tag.PROBS)
-        return probs.reshape(rows, count // rows)  # [rows, vocab]
+        wait_until(lambda: self.comm.Iprobe(source=source, tag=Tag.PROBS, status=status) or None,
+                   self.timeout_s, lambda _: WaitTimeout(
+                       f"rank {self.rank}: distributions from rank {source} never came"))
+        probs = self._recv(status)
+        return probs.reshape(rows, len(probs) // rows)  # [rows, vocab]
 
     def wait(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, what: str = "a message",
              timeout_s: float | None = None) -> Incoming:
@@ -221,27 +212,13 @@ class Transport:
         """
         msg = self.poll(source, tag)
         limit = self.timeout_s if timeout_s is None else timeout_s
-        start = time.monotonic()
-        deadline = start + limit
-        spin, longest = self._spin, self.poll_max_s
-        if start >= self._beat_due:
-            self._beat(start)
-        while msg is None:
-            if self._sends:
-                self.progress()
-            now = time.monotonic()
-            if now > deadline:
-                raise WaitTimeout(
-                    f"rank {self.rank} waited {limit:.0f} s for {what}; aborting "
-                    "(raise --timeout if forwards are this slow)"
-                )
-            if now >= self._beat_due:
-                self._beat(now)
-            if now - self._heard[self._watched] > self._watch_s:
-                self._check_watched(now)
-            if not spin:
-                time.sleep(min(max(BACKOFF_FRACTION * (now - start), BACKOFF_MIN_S), longest))
-            msg = self.poll(source, tag)
+        self._beat(time.monotonic())  # a rank that is never idle must beat too
+        if msg is None:
+            msg = wait_until(
+                lambda: self.poll(source, tag), limit,
+                lambda _: WaitTimeout(f"rank {self.rank} waited {limit:.0f} s for {what}; "
+                                      "aborting (raise --timeout if forwards are this slow)"),
+                spin=self._spin, max_sleep_s=self.poll_max_s, between=self._between_polls)
         if isinstance(msg.message, Error):
             raise RemoteError(msg.message.text)
         if isinstance(msg.message, Signalled):
@@ -252,50 +229,57 @@ class Transport:
 
     def start_heartbeats(self, ranks: Sequence[int], every_s: float) -> None:
         """From now on, send a HEARTBEAT to ``ranks`` every ``every_s`` seconds (from waits)."""
-        self._beat_to, self._beat_every = tuple(ranks), every_s
+        self.liveness.start_heartbeats(ranks, every_s)
         self._beat(time.monotonic())
 
     def stop_heartbeats(self) -> None:
         """Before the last message to a peer (Shutdown, Bye): nothing may follow it."""
-        self._beat_to, self._beat_due = (), float("inf")
+        self.liveness.stop_heartbeats()
 
     def _beat(self, now: float) -> None:
-        for rank in self._beat_to:
+        for rank in self.liveness.beats_due(now):
             self.send(rank, Heartbeat())
-        self._beat_due = now + self._beat_every if self._beat_to else float("inf")
 
     def heard(self, rank: int) -> float:
         """When a message (a heartbeat included) from ``rank`` last arrived (monotonic clock)."""
-        return self._heard[rank]
+        return self.liveness.heard(rank)
 
     def watch(self, rank: int, silence_s: float) -> None:
         """Worker: raise CoordinatorLost from a wait once ``rank`` has been silent this long."""
-        self._watched, self._watch_s = rank, silence_s
-        self._heard[rank] = time.monotonic()
+        self.liveness.watch(rank, silence_s, time.monotonic())
+
+    def unwatch(self) -> None:
+        self.liveness.unwatch()
+
+    def _between_polls(self, now: float) -> None:
+        """What a waiting rank does between polls: its sends, its heartbeats, its watch."""
+        if self._sends:
+            self.progress()
+        self._beat(now)
+        if self.liveness.watched_silent(now) is not None:
+            self._check_watched(now)
 
     def _drain_heartbeats(self) -> int:
         """Receive the heartbeats queued from the watched rank; how many there were."""
-        if self._watched < 0:
+        watched = self.liveness.watched
+        if watched < 0:
             return 0
         status, count = MPI.Status(), 0
-        while self.comm.Iprobe(source=self._watched, tag=Tag.HEARTBEAT, status=status):
-            self.comm.Recv([np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64), MPI.INT64_T],
-                           source=self._watched, tag=Tag.HEARTBEAT)
+        while self.comm.Iprobe(source=watched, tag=Tag.HEARTBEAT, status=status):
+            self._recv(status)
             count += 1
         return count
-
-    def unwatch(self) -> None:
-        self._watched, self._watch_s = -1, float("inf")
 
     def _check_watched(self, now: float) -> None:
         """The watched rank seems silent: receive the heartbeats a wait for one tag left
         queued, and raise if there were none."""
         if self._drain_heartbeats():
-            self._heard[self._watched] = now
-        silent = now - self._heard[self._watched]
-        if silent > self._watch_s:
-            raise CoordinatorLost(f"the coordinator (rank {self._watched}) has sent nothing, not "
-                                  f"even a heartbeat, for {silent:.0f} s: it is hung or gone")
+            self.liveness.heard_from(self.liveness.watched, now)
+        silent = self.liveness.watched_silent(now)
+        if silent is not None:
+            raise CoordinatorLost(f"the coordinator (rank {self.liveness.watched}) has sent "
+                                  f"nothing, not even a heartbeat, for {silent:.0f} s: it is "
+                                  "hung or gone")
 
     # ------------------------------------------------------------------ collective helpers
 
@@ -303,17 +287,18 @@ class Transport:
         """A barrier with a deadline (a plain Barrier would wait forever on a dead rank), that
         also raises the ERROR a failing rank sends (say, a model that does not load)."""
         request = self.comm.Ibarrier()
-        deadline = time.monotonic() + self.timeout_s
-        delay = 0.0
-        while not request.Test():
+
+        def done() -> bool | None:
+            if request.Test():
+                return True
             exits.take_stop()
             for kind in (Tag.ERROR, Tag.SIGNALLED):
                 if self.comm.Iprobe(tag=kind):
                     self.wait(tag=kind, what="a failure report")  # raises it
-            if time.monotonic() > deadline:
-                raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s for {what}")
-            delay = min(max(delay * 2, 1e-5), 0.01)
-            time.sleep(delay)
+            return None
+
+        wait_until(done, self.timeout_s, lambda _: WaitTimeout(
+            f"rank {self.rank} waited {self.timeout_s:.0f} s for {what}"), max_sleep_s=0.01)
 
     def clock_offset(self, rounds: int = 20) -> tuple[float, float]:
         """This rank's ``time.perf_counter`` against rank 0's, by ping-pong (collective): the
@@ -333,12 +318,9 @@ class Transport:
                         best, offset = back - sent, (sent + back) / 2 - float(buf[0])
                 self.comm.Send([np.array([offset, best / 2]), MPI.DOUBLE], dest=peer, tag=Tag.CLOCK)
             return 0.0, 0.0
-        deadline = time.monotonic() + self.timeout_s
-        while not self.comm.Iprobe(source=0, tag=Tag.CLOCK):
-            if time.monotonic() > deadline:
-                raise WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s "
-                                  "for the clock alignment")
-            time.sleep(1e-4)
+        wait_until(lambda: self.comm.Iprobe(source=0, tag=Tag.CLOCK) or None, self.timeout_s,
+                   lambda _: WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s "
+                                         "for the clock alignment"), max_sleep_s=1e-4)
         for _ in range(rounds):
             self.comm.Recv([buf, MPI.DOUBLE], source=0, tag=Tag.CLOCK)
             buf[0] = time.perf_counter()
@@ -356,9 +338,12 @@ class Transport:
 
     def flush(self, timeout_s: float = 10.0) -> int:
         """Wait (bounded) for outstanding sends; returns how many are still open."""
-        deadline = time.monotonic() + timeout_s
-        while self.pending and time.monotonic() < deadline:
-            time.sleep(1e-4)
+        try:
+            wait_until(lambda: (not self.pending) or None, timeout_s,
+                       lambda waited: WaitTimeout(f"{self.pending} sends open after {waited} s"),
+                       max_sleep_s=1e-4)
+        except WaitTimeout:
+            pass
         return self.pending
 
     def close(self, timeout_s: float = 10.0) -> int:

@@ -5,7 +5,7 @@ import this; turning a model's logits into tokens and distributions is
 ``backends/logits.py``'s). Notation follows Leviathan et al.
 (2023): ``p`` is the target's distribution, ``q`` the drafter's.
 
-Token selection with shared noise (design note, section 4): every rank that selects a token
+Token selection with shared noise (docs/design.md, section 4): every rank that selects a token
 for absolute position ``j`` draws the same Gumbel noise from a generator seeded by
 ``(seed, j)``, and picks ``argmax(processed_logits / T + g_j)``. By the Gumbel-max trick the
 pick is an exact sample of ``softmax(processed_logits / T)``, and two models whose logits are
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -35,6 +36,13 @@ class SamplingError(ValueError):
         super().__init__(f"{field} {problem}")
         self.field = field
         self.problem = problem
+
+
+class VerifyMode(str, Enum):
+    """How drafts are verified (``--verify``)."""
+
+    EXACT = "exact"  # the draft must equal the target's token (shared noise: token-identical)
+    REJECTION = "rejection"  # Leviathan et al.'s rejection sampling over p and q
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ def sample_from(p: np.ndarray, seed: int, position: int, stream: int = STREAM_SE
     return int(np.argmax(log_p + gumbel_noise(seed, position, log_p.shape[-1], stream)))
 
 
-def exact_match(drafts: Sequence[int], target_tokens: Sequence[int]) -> tuple[int, list[int]]:
+def exact_match(drafts: Sequence[int],
+                target_tokens: Sequence[int] | np.ndarray) -> tuple[int, list[int]]:
     """Exact-match verification of a block of drafts.
 
     ``target_tokens[i]`` is the target's token at the position of ``drafts[i]``; it may hold

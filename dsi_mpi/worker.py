@@ -14,7 +14,7 @@ from dsi_mpi.backends.base import Backend, Cancelled, ContextRunner
 from dsi_mpi.protocol import (
     Advance,
     Draft,
-    DrafterMessage,
+    Message,
     ProtocolError,
     Result,
     Rollback,
@@ -58,7 +58,7 @@ class DrafterWorker:
         self.eos = False
         self.diverged = False  # a committed token differs from our draft: a rollback is coming
 
-    def apply(self, msg: DrafterMessage) -> None:
+    def apply(self, msg: Message) -> None:
         """A message from the coordinator (applied between forwards)."""
         if isinstance(msg, Start):
             self.seq = list(msg.prompt)

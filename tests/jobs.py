@@ -1,6 +1,7 @@
 """An MPI job under test: launched, its ranks found, signalled, and always cleaned up.
 
-Used by the fault-injection tests (``tests/cli/test_faults.py``) and by ``bench/faults.py``.
+Used by the fault-injection tests (``tests/cli/test_faults.py``) and by ``bench/faults.py``;
+:func:`launch` runs a ``dsi-mpi`` command line to its end (the command-line tests).
 ``mpiexec`` runs in a session of its own (so a test can send it what a terminal's Ctrl-C
 sends) with a marker in its environment; every process of the job inherits the marker, so
 the job's ranks (``PMI_RANK``) and helpers are found in ``/proc`` without guessing by name.
@@ -28,6 +29,15 @@ from pathlib import Path
 MPIEXEC = shutil.which("mpiexec")
 MARKER = "DSI_TEST_JOB"
 SHM = Path("/dev/shm")
+
+
+
+def launch(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``dsi-mpi ARGS`` on ``n`` ranks under ``mpiexec``, run to its end (bounded)."""
+    assert MPIEXEC is not None, "mpiexec not found (pip install mpich)"
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "dsi_mpi", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _environ(pid: int) -> dict[str, str]:

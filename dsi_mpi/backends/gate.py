@@ -196,10 +196,13 @@ class LayerGate:
         if self._should_cancel is None or not self.active:
             return
         if self.spec.mode == "sync":
+            assert self.synchronize is not None  # an active gate has its device's hooks
             self.synchronize()
             return
         if not self._events:
-            self._events = [self.new_event() for _ in range(self.spec.window + 1)]
+            assert self.new_event is not None  # an active gate has its device's hooks
+            new_event = self.new_event
+            self._events = [new_event() for _ in range(self.spec.window + 1)]
             self._recorded = [None] * len(self._events)
         slot = index % len(self._events)
         self._events[slot].record()

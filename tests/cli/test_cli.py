@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-MPIEXEC = shutil.which("mpiexec")
+from tests.jobs import MPIEXEC, launch
+
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")
 EMU_T = "emulated:tpot_ms=3,ttft_ms=5,vocab=500"
 EMU_D = "emulated:tpot_ms=1,ttft_ms=1,acceptance=0.8,vocab=500"
-
-
-def launch(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "dsi_mpi", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_one_line_run_writes_the_documented_records(tiny_suite: dict[str, str],

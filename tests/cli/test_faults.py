@@ -1,5 +1,5 @@
 """Fault injection on a real ``mpiexec`` job of 5 ranks (emulated models): what the user sees,
-how fast the job ends, and what the output keeps (issue 9, ``docs/reliability.md``).
+how fast the job ends, and what the output keeps (``docs/reliability.md``).
 
 Every job runs through ``tests/jobs.Job``, which kills whatever a test leaves (a stopped rank
 too) and removes the MPICH shared memory of the ranks it killed. The faults strike once the

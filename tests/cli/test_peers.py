@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.test_cli import MPIEXEC
+from tests.jobs import MPIEXEC
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")

@@ -1,4 +1,5 @@
-"""Issue 11 under a real mpiexec: --trace, the progress lines, dsi-mpi timeline and report.
+"""Traces and progress under a real mpiexec (docs/records.md): --trace, the progress lines,
+dsi-mpi timeline and report.
 
 One traced run (emulated models, 5 ranks, three modes, three prompts, a warm-up) serves every
 check; each test reads its files.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.test_cli import MPIEXEC, launch
+from tests.jobs import MPIEXEC, launch
 
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")
 TARGET = "emulated:tpot_ms=4,ttft_ms=6,vocab=500"

@@ -15,7 +15,7 @@ from mpi4py import MPI
 
 from dsi_mpi.config import RunConfig
 from dsi_mpi.preflight import read_prompts
-from tests.mpi.conftest import TIMEOUT_S, agree, run_on
+from tests.harness import TIMEOUT_S, agree, run_on
 
 RANK = MPI.COMM_WORLD.Get_rank()
 MAX_NEW = 12

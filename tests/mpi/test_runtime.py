@@ -15,7 +15,7 @@ from dsi_mpi.preflight import Prompt
 from dsi_mpi.tiny import EOS_PROBE_PROMPT, corpus_lines
 from dsi_mpi.verify import SamplingParams
 from tests.conftest import device_under_test
-from tests.mpi.conftest import TIMEOUT_S, agree, mismatch, run_on
+from tests.harness import TIMEOUT_S, agree, mismatch, run_on
 
 RANK = MPI.COMM_WORLD.Get_rank()
 DEVICE = device_under_test()  # --device / DSI_TEST_DEVICE; on a GPU also set DSI_MPI_SHARE_GPUS=1

@@ -19,7 +19,7 @@ from dsi_mpi.preflight import Prompt
 from dsi_mpi.tiny import corpus_lines
 from dsi_mpi.verify import SamplingParams
 from tests.conftest import device_under_test
-from tests.mpi.conftest import TIMEOUT_S, agree, mismatch, run_on, settle
+from tests.harness import TIMEOUT_S, agree, mismatch, run_on, settle
 
 RANK = MPI.COMM_WORLD.Get_rank()
 DEVICE = device_under_test()

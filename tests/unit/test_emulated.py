@@ -99,21 +99,43 @@ def test_crop_rolls_back_exactly() -> None:
     assert rolled == fresh
 
 
-def test_cancellation_interrupts_the_sleep_and_leaves_no_trace() -> None:
+class _VirtualTime:
+    """The clock of the emulated backend, made virtual: sleeps pass at once and are noted."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_cancellation_interrupts_the_sleep_and_leaves_no_trace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 200 ms forward sleeps in slices and checks for cancellation between them: cancelled at
+    its fourth check, it has slept three slices (on a virtual clock: nothing is timed)."""
+    from dsi_mpi.backends import emulated
+
     backend = load_backend("emulated:tpot_ms=200,ttft_ms=200,vocab=50")
     backend.sleep = False
     backend.forward([1, 2, 3], GREEDY)
     backend.sleep = True
+    clock = _VirtualTime()
+    monkeypatch.setattr(emulated, "time", clock)
     calls = []
 
     def cancel_after_three() -> bool:
         calls.append(1)
         return len(calls) > 3
 
-    started = time.perf_counter()
     with pytest.raises(Cancelled):
         backend.forward([4, 5], GREEDY, should_cancel=cancel_after_three)
-    assert time.perf_counter() - started < 0.15  # far less than the 200 ms forward
+    assert len(calls) == 4 and len(clock.sleeps) == 3
+    assert all(0 < s <= emulated._SLICE_S for s in clock.sleeps)
+    assert clock.now <= 3 * emulated._SLICE_S  # far less than the 200 ms forward
     assert backend.cached_length() == 3
 
 

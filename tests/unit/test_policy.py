@@ -1,149 +1,49 @@
 """The coordinator policy under scripted and randomised event orders, without MPI.
 
-``_RandomDriver`` delivers every message after an arbitrary delay, in the order a random
-generator picks (per-channel FIFO, as MPI guarantees between two ranks), lets servers either
-finish or abandon a cancelled task, and checks the output against the target's own decoding.
+``RandomDriver`` (``tests/drivers.py``) delivers every message after an arbitrary delay, in
+the order a random generator picks (per-channel FIFO, as MPI guarantees between two ranks),
+lets servers either finish or abandon a cancelled task; the tests check the output against
+the target's own decoding.
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
 
 import pytest
 
 from dsi_mpi.backends import load_backend
-from dsi_mpi.backends.base import Backend
-from dsi_mpi.policy import DRAFTER, Policy, ProtocolError, Send, default_run_ahead
-from dsi_mpi.protocol import Advance, Cancel, Cancelled, Rollback, Start, Verify
+from dsi_mpi.policy import DRAFTER, Policy, ProtocolError
+from dsi_mpi.protocol import Advance, Cancel, Rollback, Start, Verify
 from dsi_mpi.reference import generate_nonsi
-from dsi_mpi.verify import SamplingParams
-from dsi_mpi.worker import DrafterWorker, TargetWorker
-
-GREEDY = SamplingParams()
-
-
-def sent(actions: list[Send], kind: type) -> list:
-    """The messages of one kind among a policy's actions, each with its destination as
-    ``server`` (an attribute-style view for the scripted tests)."""
-    return [_Addressed(to, msg) for to, msg in actions if isinstance(msg, kind)]
-
-
-class _Addressed:
-    def __init__(self, to: int, msg: object) -> None:
-        self.server, self.msg = to, msg
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.msg, name)
-
-
-class _RandomDriver:
-    def __init__(self, policy: Policy, targets: dict[int, Backend], drafter: Backend | None,
-                 params: SamplingParams, rng: random.Random) -> None:
-        self.policy, self.params, self.rng = policy, params, rng
-        self.servers = {s: TargetWorker(b, params) for s, b in targets.items()}
-        self.drafter = (DrafterWorker(drafter, params, policy.eos_ids)
-                        if drafter is not None else None)
-        self.to_server: dict[int, deque] = {s: deque() for s in targets}
-        self.from_server: dict[int, deque] = {s: deque() for s in targets}
-        self.to_drafter: deque = deque()
-        self.from_drafter: deque = deque()
-
-    def run(self, prompt: list[int]) -> list[int]:
-        self._route(self.policy.begin(prompt))
-        steps = 0
-        while not (self.policy.finished and self.policy.idle):
-            steps += 1
-            assert steps < 100_000, "no progress: the policy stalled"
-            choices = [("server", s) for s, q in self.to_server.items() if q]
-            choices += [("reply", s) for s, q in self.from_server.items() if q]
-            choices += [("drafter_in", None)] if self.to_drafter else []
-            choices += [("draft_out", None)] if self.from_drafter else []
-            if self.drafter is not None and self.drafter.can_draft():
-                choices.append(("draft", None))
-            assert choices, "deadlock: nothing can happen but the policy is not done"
-            kind, arg = self.rng.choice(choices)
-            getattr(self, "_" + kind)(arg)
-        return list(self.policy.output)
-
-    def _route(self, actions: list[Send]) -> None:
-        for to, msg in actions:
-            (self.to_drafter if to == DRAFTER else self.to_server[to]).append(msg)
-
-    def _server(self, s: int) -> None:
-        msg = self.to_server[s].popleft()
-        if isinstance(msg, Cancel):
-            return  # a cancel for a task already answered: ignored, as the real server does
-        worker = self.servers[s]
-        assert len(worker.runner.tokens) >= msg.keep, (
-            "the coordinator overestimated a server's cache")
-        # A cancel already queued behind this request may abandon it (the between-layer check).
-        cancel_waiting = any(isinstance(m, Cancel) and m.task_id == msg.task_id
-                             for m in self.to_server[s])
-        if cancel_waiting and self.rng.random() < 0.7:
-            reply = worker.verify(msg, should_cancel=lambda: True)
-            assert isinstance(reply, Cancelled)
-            assert worker.runner.backend.cached_length() == len(worker.runner.tokens) == msg.keep
-        else:
-            reply = worker.verify(msg)
-        self.from_server[s].append(reply)
-
-    def _reply(self, s: int) -> None:
-        reply = self.from_server[s].popleft()
-        if isinstance(reply, Cancelled):
-            self._route(self.policy.on_cancelled(s, reply.task_id))
-        else:
-            self._route(self.policy.on_result(s, reply.task_id, reply.first_position, reply.tokens))
-
-    def _draft(self, _: None) -> None:
-        self.from_drafter.append(self.drafter.step())
-
-    def _drafter_in(self, _: None) -> None:
-        self.drafter.apply(self.to_drafter.popleft())
-
-    def _draft_out(self, _: None) -> None:
-        draft = self.from_drafter.popleft()
-        self._route(self.policy.on_draft(draft.epoch, draft.position, draft.token))
-
-
-def _emulated(acceptance: float | None = None) -> Backend:
-    spec = "emulated:tpot_ms=0,vocab=50"
-    if acceptance is not None:
-        spec += f",acceptance={acceptance}"
-    return load_backend(spec, sleep=False)
-
-
-def _policy(mode: str, sp: int, lookahead: int, max_new: int, eos: frozenset[int] = frozenset(),
-            reuse_cache: bool = True) -> Policy:
-    servers = list(range(sp))
-    return Policy(mode, servers, lookahead, default_run_ahead(mode, lookahead, sp), max_new, eos,
-                  reuse_cache=reuse_cache)
+from dsi_mpi.worker import DrafterWorker
+from tests.drivers import GREEDY, RandomDriver, emulated, make_policy, sent
 
 
 @pytest.mark.parametrize("mode", ["dsi", "si", "nonsi"])
 @pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.9, 1.0])
 def test_random_interleavings_are_lossless(mode: str, acceptance: float) -> None:
     prompt = [3, 1, 4, 1, 5]
-    expected = generate_nonsi(_emulated(), prompt, 40, GREEDY).tokens
+    expected = generate_nonsi(emulated(), prompt, 40, GREEDY).tokens
     for trial in range(12):
         rng = random.Random(trial)
         sp = 1 if mode != "dsi" else rng.choice([1, 2, 3, 5])
         lookahead = rng.choice([1, 2, 3, 5, 8])
-        policy = _policy(mode, sp, lookahead, 40, reuse_cache=trial % 2 == 0)
-        driver = _RandomDriver(policy, {s: _emulated() for s in range(sp)},
-                               None if mode == "nonsi" else _emulated(acceptance), GREEDY, rng)
+        policy = make_policy(mode, sp, lookahead, 40, reuse_cache=trial % 2 == 0)
+        driver = RandomDriver(policy, {s: emulated() for s in range(sp)},
+                               None if mode == "nonsi" else emulated(acceptance), GREEDY, rng)
         assert driver.run(prompt) == expected, (trial, sp, lookahead)
         c = policy.counters
         assert c.accepted + c.rejected + c.forced == len(expected)
         assert c.verifications_aborted <= c.verifications_cancelled <= c.verifications_sent
         # A second prompt on the same servers reuses their caches and stays exact.
         prompt2 = prompt[:3] + [9, 9]
-        assert driver.run(prompt2) == generate_nonsi(_emulated(), prompt2, 40, GREEDY).tokens
+        assert driver.run(prompt2) == generate_nonsi(emulated(), prompt2, 40, GREEDY).tokens
 
 
 def test_rejections_preempt_outstanding_tasks() -> None:
-    policy = _policy("dsi", 4, 2, 60)
-    driver = _RandomDriver(policy, {s: _emulated() for s in range(4)}, _emulated(0.6), GREEDY,
+    policy = make_policy("dsi", 4, 2, 60)
+    driver = RandomDriver(policy, {s: emulated() for s in range(4)}, emulated(0.6), GREEDY,
                            random.Random(5))
     driver.run([1, 2, 3])
     assert policy.counters.rejected > 0
@@ -160,10 +60,10 @@ def test_eos_stops_generation(tiny_suite: dict[str, str]) -> None:
     expected = generate_nonsi(target, ids, 30, GREEDY).tokens
     assert expected[-1] in target.eos_token_ids and len(expected) < 30
     for kind in ("identical", "perturbed"):
-        policy = _policy("dsi", 2, 3, 30, target.eos_token_ids)
+        policy = make_policy("dsi", 2, 3, 30, target.eos_token_ids)
         targets = {s: load_backend(tiny_suite["llama"], dtype="float64") for s in range(2)}
         drafter = load_backend(tiny_suite[f"llama/{kind}"], dtype="float64")
-        driver = _RandomDriver(policy, targets, drafter, GREEDY, random.Random(1))
+        driver = RandomDriver(policy, targets, drafter, GREEDY, random.Random(1))
         assert driver.run(ids) == expected
 
 
@@ -224,11 +124,11 @@ def test_a_restart_lets_committed_prefills_finish() -> None:
 
 
 def test_a_forced_commit_leaves_the_drafter_alone() -> None:
-    """Issue 8's race, step by step: the target's token for position 2 arrives before the
-    drafter's draft for it. The policy once rolled the drafter back here, throwing away the
-    forward in flight each time; a drafter slower than about half the target then never got
-    its lead back. Now the token is committed, the drafter is only told it, and its late draft
-    (right) and the drafts after it are used."""
+    """The forced-commit race (docs/design.md, "Forced commits"), step by step: the target's
+    token for position 2 arrives before the drafter's draft for it. The policy once rolled the
+    drafter back here, throwing away the forward in flight each time; a drafter slower than
+    about half the target then never got its lead back. Now the token is committed, the
+    drafter is only told it, and its late draft (right) and the drafts after it are used."""
     policy = Policy("dsi", [10, 11], lookahead=1, run_ahead=6, max_new_tokens=8)
     prefill = sent(policy.begin([7, 8]), Verify)
     epoch = policy.epoch
@@ -284,7 +184,7 @@ def test_si_bonus_token_rides_on_the_advance() -> None:
 
 
 def test_drafter_learns_committed_tokens() -> None:
-    d = DrafterWorker(_emulated(0.5))
+    d = DrafterWorker(emulated(0.5))
     d.apply(Start(1, limit=10, max_position=20, want_probs=False, seed=0, reset_cache=True,
                   prompt=(7, 8)))
     d.seq.append(100)  # as if drafted

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dsi_mpi.backends import load_backend
+from dsi_mpi.backends import Backend, StepOutput, load_backend
 from dsi_mpi.cli import main
 from dsi_mpi.preflight import read_prompts
 from dsi_mpi.profile import block_acceptance, measure
@@ -34,14 +36,47 @@ def test_block_acceptance(matches: list, lookahead: int, per_position: list,
     assert length == mean_length
 
 
-def test_profile_measures_what_emulated_models_sleep() -> None:
-    target = load_backend("emulated:tpot_ms=4,ttft_ms=12,vocab=300")
-    drafter = load_backend("emulated:tpot_ms=1,ttft_ms=2,acceptance=0.6,vocab=300")
+class _VirtualClock:
+    """``time`` for the profiler, virtual: it moves only when a recorded forward runs."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _recorded(spec: str, clock: _VirtualClock) -> Backend:
+    """An emulated model that does not sleep: each forward moves ``clock`` by the latency its
+    spec records (TTFT on an empty cache, TPOT otherwise), as a sleeping one would take."""
+    backend = load_backend(spec, sleep=False)
+    forward = backend.forward
+
+    def timed(tokens: Sequence[int], *args: Any, **kwargs: Any) -> StepOutput:
+        first = backend.cached_length() == 0
+        clock.now += (backend.spec.ttft_ms if first else backend.spec.tpot_ms) / 1e3
+        return forward(tokens, *args, **kwargs)
+
+    backend.forward = timed  # type: ignore[method-assign]
+    return backend
+
+
+def test_profile_measures_what_emulated_models_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TTFT and TPOT of each model, from the forwards' recorded latencies (a virtual clock:
+    nothing is timed), and the acceptance of the drafter."""
+    from dsi_mpi import profile
+
+    clock = _VirtualClock()
+    monkeypatch.setattr(profile, "time", clock)
+    target = _recorded("emulated:tpot_ms=4,ttft_ms=12,vocab=300", clock)
+    drafter = _recorded("emulated:tpot_ms=1,ttft_ms=2,acceptance=0.6,vocab=300", clock)
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12]]
     result = measure(target, drafter, prompts, max_new_tokens=60, lookahead=4)
     assert result["prompts"] == 5 and result["tokens"] == 300
-    assert 12 <= result["target"]["ttft_ms"] < 40 and 4 <= result["target"]["tpot_ms"] < 15
-    assert 2 <= result["drafter"]["ttft_ms"] < 20 and 1 <= result["drafter"]["tpot_ms"] < 10
+    assert result["target"]["ttft_ms"] == pytest.approx(12)
+    assert result["target"]["tpot_ms"] == pytest.approx(4)
+    assert result["drafter"]["ttft_ms"] == pytest.approx(2)
+    assert result["drafter"]["tpot_ms"] == pytest.approx(1)
     assert abs(result["acceptance"] - 0.6) < 0.1  # i.i.d. per position: 300 draws
     assert all(abs(a - 0.6) < 0.2 for a in result["acceptance_per_position"][:2])
     row = result["per_prompt"][2]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ("policy", "protocol", "verify", "simulate", "plan", "metrics", "roles", "worker",
-        "sequences", "config", "exits", "results", "trace", "progress", "report", "timeline")
+PURE = ("policy", "rules", "tasks", "ledger", "protocol", "verify", "simulate", "plan", "metrics",
+        "roles", "worker", "sequences", "config", "exits", "results", "trace", "progress", "report",
+        "timeline", "vocabulary", "liveness")
 
 SCRIPT = """
 import sys
@@ -40,7 +41,7 @@ def test_the_guard_itself_works() -> None:
 
 
 def test_bad_run_arguments_are_reported_before_torch_or_mpi_is_imported() -> None:
-    """Issue 9: every rank parses and checks its arguments first, so a bad flag costs a
+    """Every rank parses and checks its arguments first (docs/reliability.md), so a bad flag costs a
     fraction of a second at any rank count, not a torch import per rank."""
     script = """
 import sys

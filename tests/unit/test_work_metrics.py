@@ -1,5 +1,6 @@
-"""Issue 11's record metrics: acceptance per position (vLLM's definition), what became of each
-target forward, wasted target time and busy fractions, and the forward time the replies carry."""
+"""The record metrics (docs/records.md): acceptance per position (vLLM's definition), what
+became of each target forward, wasted target time and busy fractions, and the forward time the
+replies carry."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dsi_mpi.metrics import TARGET_OUTCOMES, Counters, target_work
 from dsi_mpi.policy import Policy
 from dsi_mpi.protocol import Cancelled, Result, Verify, decode, encode
 from dsi_mpi.reference import generate_si
-from tests.unit.test_policy import GREEDY, _emulated, _policy, _RandomDriver, sent
+from tests.drivers import GREEDY, RandomDriver, emulated, make_policy, sent
 
 
 @pytest.mark.parametrize(
@@ -47,10 +48,10 @@ def test_si_policy_and_the_reference_count_blocks_alike() -> None:
     same blocks, so they report the same per-position counts."""
     prompt = [3, 1, 4, 1, 5]
     for lookahead in (1, 3, 5):
-        reference = generate_si(_emulated(), _emulated(0.7), prompt, 40, lookahead, GREEDY).counters
-        policy = _policy("si", 1, lookahead, 40)
+        reference = generate_si(emulated(), emulated(0.7), prompt, 40, lookahead, GREEDY).counters
+        policy = make_policy("si", 1, lookahead, 40)
         rng = random.Random(lookahead)
-        _RandomDriver(policy, {0: _emulated()}, _emulated(0.7), GREEDY, rng).run(prompt)
+        RandomDriver(policy, {0: emulated()}, emulated(0.7), GREEDY, rng).run(prompt)
         c = policy.counters
         assert reference.blocks_verified > 0
         assert c.blocks_verified == reference.blocks_verified
@@ -114,9 +115,9 @@ def test_outcomes_add_up_in_any_message_order(mode: str, acceptance: float) -> N
     for trial in range(6):
         rng = random.Random(trial)
         sp = 1 if mode != "dsi" else rng.choice([1, 2, 4])
-        policy = _policy(mode, sp, rng.choice([1, 2, 4]), 30)
-        _RandomDriver(policy, {s: _emulated() for s in range(sp)},
-                      None if mode == "nonsi" else _emulated(acceptance), GREEDY, rng).run(prompt)
+        policy = make_policy(mode, sp, rng.choice([1, 2, 4]), 30)
+        RandomDriver(policy, {s: emulated() for s in range(sp)},
+                      None if mode == "nonsi" else emulated(acceptance), GREEDY, rng).run(prompt)
         c, outcomes = policy.counters, policy.task_outcomes()
         assert set(outcomes.values()) <= set(TARGET_OUTCOMES)
         assert len(outcomes) == c.verifications_sent  # every task answered, every one judged
@@ -143,9 +144,9 @@ def test_dsi_with_lookahead_1_has_blocks_of_one() -> None:
     """Each DSI task of lookahead 1 verifies the one draft at its last position, drafted while
     the target computed: blocks of one, and their acceptance is the acceptance rate."""
     prompt = [3, 1, 4, 1, 5]
-    policy = _policy("dsi", 4, 1, 40)
-    servers = {s: _emulated() for s in range(4)}
-    _RandomDriver(policy, servers, _emulated(0.8), GREEDY, random.Random(3)).run(prompt)
+    policy = make_policy("dsi", 4, 1, 40)
+    servers = {s: emulated() for s in range(4)}
+    RandomDriver(policy, servers, emulated(0.8), GREEDY, random.Random(3)).run(prompt)
     c = policy.counters
     assert c.blocks_verified > 10 and len(c.blocks_per_position) == 1
     assert c.accepted_per_position[0] <= c.accepted
