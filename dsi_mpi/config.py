@@ -113,7 +113,7 @@ class RunConfig:
     def loads_as(self, other: RunConfig) -> bool:
         """Whether ``other`` needs the very models, sampling and caches this config does: the
         configs of one run (its modes) may differ in mode, lookahead, SP and seed only."""
-        def loaded(c: RunConfig) -> tuple:
+        def loaded(c: RunConfig) -> tuple[object, ...]:
             s = c.sampling
             return (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, s.temperature,
                     s.top_k, s.top_p)

@@ -21,6 +21,7 @@ import time
 import traceback
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from mpi4py import MPI
 
@@ -59,7 +60,7 @@ class RunOutcome:
 
 
 def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, prompt_len: int,
-           tokenizer: object | None, repeat: int = 0, seed: int | None = None,
+           tokenizer: Any, repeat: int = 0, seed: int | None = None,
            translation: str | None = None) -> dict:
     counters = result.policy.counters
     n = len(result.tokens)
@@ -114,7 +115,7 @@ class Rank0:
     each record. The other ranks serve whatever it sends until it says Shutdown."""
 
     prompts: Sequence[Prompt | Sequence[int]] = ()  # token lists, or Prompt with its own seed
-    tokenizer: object | None = None  # decodes each record's "text" (None: no text)
+    tokenizer: Any = None  # a transformers tokenizer decodes each record's "text" (None: none)
     repeats: int = 1  # runs of every prompt per mode
     warmup: int = 0  # untimed runs of the first prompt per mode
     sink: Callable[[dict], None] | None = None  # takes each record (None: RunOutcome.records)
@@ -202,6 +203,7 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
     transport.start_heartbeats([0], _heartbeat_s(base.timeout_s))
     transport.watch(0, base.timeout_s + LOST_AFTER_S[transport.rank != 1])
     if role == "target":
+        assert backend is not None  # loaded above
         serve_target(transport, backend, base.sampling, recorder)
     elif backend is not None:
         serve_drafter(transport, backend, base.sampling, eos, recorder)

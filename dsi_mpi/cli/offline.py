@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from dsi_mpi.cli.common import Subparsers, positive
@@ -115,7 +116,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         summary = simulate("nonsi", lat, acceptance, 1, 1, args.tokens, args.repeats, args.seed,
                            messages=messages)
     elif args.lookahead == "auto":
-        sweep = DEFAULT_LOOKAHEADS
+        sweep: Iterable[int] = DEFAULT_LOOKAHEADS
         if args.mode == "dsi":
             sweep = dsi_lookaheads(lat, args.sp, DEFAULT_LOOKAHEADS)
         summary = best(args.mode, lat, acceptance, sweep, args.sp, args.tokens, args.repeats,
