@@ -151,6 +151,27 @@ def inspect_model(spec: str, flag: str, target: ModelInfo | None = None) -> Mode
                      int(layers) if isinstance(layers, int) else None)
 
 
+def check_tensor_parallel(spec: str, n: int) -> None:
+    """``--target-ranks n``: transformers must know how to shard the target (a tensor-parallel
+    plan), and ``n`` must divide its attention and key/value heads (each rank keeps whole
+    heads; transformers would otherwise cut one)."""
+    from dsi_mpi.backends.hf import load_config
+
+    config = load_config(spec)
+    text = getattr(config, "get_text_config", lambda: config)()
+    if not getattr(text, "base_model_tp_plan", None):
+        raise ConfigError(f"--target-ranks {n}: transformers has no tensor-parallel plan for "
+                          f"{getattr(text, 'model_type', '?')} models (--target {spec}); "
+                          "use --target-ranks 1")
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    for name, count in (("key/value", kv_heads), ("attention", heads)):
+        if isinstance(count, int) and count % n:
+            divisors = [d for d in range(1, count + 1) if count % d == 0]
+            raise ConfigError(f"--target-ranks {n} must divide the target's {count} {name} "
+                              f"heads: use one of {', '.join(map(str, divisors))}")
+
+
 def check_vocabularies(target: ModelInfo, drafter: ModelInfo, config: RunConfig) -> str | None:
     """How the drafter's tokens reach the target's: None when it speaks the target's vocabulary
     (the same tokens under the same ids), else by translation (``dsi_mpi/translate.py``):
@@ -342,6 +363,8 @@ def preflight(config: RunConfig, prompt: str | None = None, prompt_file: str | N
     """Everything rank 0 checks before any rank loads weights, then the GGUF conversions;
     returns prompts and tokenizer."""
     target = inspect_model(config.target, "--target")
+    if config.target_ranks > 1:
+        check_tensor_parallel(config.target, config.target_ranks)
     infos = [target]
     if config.uses_drafter:
         assert config.drafter is not None

@@ -29,6 +29,7 @@ IDENTITY = (
     "prompt_tokens",
     "lookahead",
     "sp",
+    "tp_size",
     "verify",
     "temperature",
     "seed",
@@ -115,10 +116,12 @@ def _resume(path: str, planned: Mapping[Key, Mapping]) -> Resumed:
                     f"{repeat}, which this run does not make: resume with the command line that "
                     "wrote it, or start again with --overwrite"
                 )
-            for name in IDENTITY:
-                if name in record and record[name] != expected[name]:
+            for name in (n for n in IDENTITY if n in expected):
+                # records from before --target-ranks existed were written with one rank each
+                value = record.get(name, 1 if name == "tp_size" else expected[name])
+                if value != expected[name]:
                     raise ConfigError(
-                        f"--resume: {path}:{number} was written with {name} {record[name]!r}, this "
+                        f"--resume: {path}:{number} was written with {name} {value!r}, this "
                         f"run has {expected[name]!r}: resume with the command line that wrote it, "
                         "or start again with --overwrite"
                     )

@@ -264,6 +264,16 @@ class Transport:
             self.send(rank, Heartbeat())
         self._beat_due = now + self._beat_every if self._beat_to else float("inf")
 
+    def keep_alive(self) -> None:
+        """For a rank that waits on another communicator (a follower waiting for its leader,
+        ``servergroup.py``): the heartbeats due, and the watch on rank 0, as a wait does them."""
+        now = time.monotonic()
+        if now >= self._beat_due:
+            self._beat(now)
+        if now - self._heard[self._watched] > self._watch_s:
+            self._check_watched(now)
+        self.progress()
+
     def heard(self, rank: int) -> float:
         """When a message (a heartbeat included) from ``rank`` last arrived (monotonic clock)."""
         return self._heard[rank]
