@@ -32,6 +32,8 @@ import datetime
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -172,20 +174,42 @@ class ServerGroup:
 
     # ------------------------------------------------------------------ follower
 
-    def serve(self, transport: Transport, worker: TargetWorker,
+    def serve(self, transport: Transport | None, worker: TargetWorker,
               trace: Recorder = NO_TRACE) -> None:
         """A follower: run every step the leader sends, until it says Stop."""
-        while (step := self._next_step(transport)) is not None:
-            worker.verify(step, lambda: self.agree(False))
-            self.check_cache(worker.runner.backend.cached_length())
+        while (step := self.next_step(transport)) is not None:
+            self.follow(worker, step)
 
-    def _next_step(self, transport: Transport) -> Verify | None:
+    def follow(self, worker: TargetWorker, step: Verify) -> None:
+        """A follower's part of one step: the leader's forward, on this rank's shard."""
+        with self.collectives():
+            worker.verify(step, lambda: self.agree(False))
+        self.check_cache(worker.runner.backend.cached_length())
+
+    @contextmanager
+    def collectives(self) -> Iterator[None]:
+        """Around a forward: a failure of the model's collectives (a peer gone, or past the
+        bound) says which rank of the server is missing."""
+        try:
+            yield
+        except GroupLost:
+            raise
+        except RuntimeError as exc:  # torch.distributed's DistBackendError, gloo's timeouts
+            if not _is_collective_failure(exc):
+                raise
+            raise GroupLost(self._blame("the model's collectives") +
+                            f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+
+    def next_step(self, transport: Transport | None) -> Verify | None:
         """The leader's next step, or None once it stopped; meanwhile heartbeats to rank 0.
         Rank 0's Shutdown is noted, but the follower stops on its leader's Stop (a step the
         leader sent before it must still run: the leader waits for it in the forward), or
         when the leader has been silent a bound since."""
         status, start, shutdown_at = MPI.Status(), time.monotonic(), None
         while not self.comm.Iprobe(0, MPI.ANY_TAG, status):
+            if transport is None:  # tests: no coordinator
+                time.sleep(1e-5)
+                continue
             incoming = transport.poll(source=0)
             if incoming is not None and isinstance(incoming.message, Shutdown):
                 shutdown_at = time.monotonic()
@@ -225,6 +249,14 @@ def _fixed(text: str) -> np.ndarray:
     raw = text.encode()[:ADDRESS_BYTES]
     out[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
     return out
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(
+        word in text for word in ("gloo", "nccl", "timed out", "connection closed", "peer"))
 
 
 def _text(buffer: np.ndarray) -> str:

@@ -77,7 +77,8 @@ def _serve(transport: Transport, worker: TargetWorker, trace: Recorder,
             reply = worker.verify(msg, should_cancel)
         else:
             group.announce(msg)
-            reply = worker.verify(msg, agreed)
+            with group.collectives():
+                reply = worker.verify(msg, agreed)
             group.check_cache(worker.runner.backend.cached_length())
         end = time.perf_counter()
         trace.target_forward(msg, reply, start, end)
