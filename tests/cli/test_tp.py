@@ -28,7 +28,7 @@ RANKS = 6
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 17, 42, 8], [1, 7, 3, 11, 5], [9, 2, 64, 30]]
 NEW = 16
-HANG_TIMEOUT_S = 4.0  # --timeout of the fault tests
+HANG_TIMEOUT_S = 30.0  # --timeout of the fault tests: longer than 6 ranks take to load on 2 cores
 GONE_S = 2.0  # the job ends within --timeout + this
 BAD_INPUT_S = 3.0
 
@@ -143,8 +143,10 @@ def test_a_follower_that_hangs_or_dies_ends_the_job_named(
             assert code == 1, stderr
             assert re.search(r"rank 3 \(follower of target server 2\) (has sent nothing|did not "
                              r"reach)", stderr), stderr
-        else:  # the launcher ends the job; it names the rank
-            assert re.search(r"rank 3\b", stderr, re.IGNORECASE), stderr
+        else:  # MPICH's launcher ends the job at once, as for any rank that dies, and says
+            # so (naming a process id, not the rank: none of our code runs after a SIGKILL)
+            said = job.stdout() + stderr
+            assert "BAD TERMINATION" in said and "Killed (signal 9)" in said, said
     kept = _records(out)
     assert len(kept) >= finished
     want = _generate(tiny_suite["llama"])
