@@ -311,6 +311,9 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     _add_latency_flags(p, drafter_required=True)
     p.add_argument("--gpus", type=int, required=True,
                    help="GPUs for model ranks: one drafter, the rest targets")
+    p.add_argument("--tp-profile", action="append", metavar="FILE",
+                   help="a profile of a target server of N ranks (profile --target-ranks N); "
+                        "repeat it for several N: plan weighs SP against TP for --gpus")
     p.add_argument("--tokens", type=int, default=50)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -409,6 +412,8 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.gpus < 2:
         raise ConfigError(
             f"--gpus must be >= 2 (one drafter and at least one target), got {args.gpus}")
+    if args.tp_profile:
+        return _plan_tp(args)
     lat = _latencies(args, need_drafter=True)  # may set args.acceptance from --profile
     plan = make_plan(lat, args.acceptance, args.gpus, args.tokens, args.repeats, args.seed)
     d = plan.as_dict()
@@ -420,6 +425,41 @@ def plan_command(args: argparse.Namespace) -> int:
           f"SI {d['si_ms']:.1f} ms, non-SI {d['nonsi_ms']:.1f} ms")
     print(f"expected speedup: {d['speedup_over_si']:.2f}x over SI, "
           f"{d['speedup_over_nonsi']:.2f}x over non-SI")
+    print(json.dumps(d))
+    return 0
+
+
+def _plan_tp(args: argparse.Namespace) -> int:
+    """plan --tp-profile: one plan per TP degree for the same GPUs, the fastest recommended."""
+    from dsi_mpi.plan import from_profile, tp_degree, weigh_tp
+
+    if args.profile is not None or args.target_tpot_ms is not None:
+        raise ConfigError("--tp-profile gives the latencies: drop --profile and the latency flags")
+    options = []
+    for path in args.tp_profile:
+        try:
+            options.append((tp_degree(path), *from_profile(path)))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--tp-profile {path!r}: {exc}") from None
+    if len({n for n, _, _ in options}) != len(options):
+        raise ConfigError("--tp-profile: two profiles of the same --target-ranks")
+    plans = weigh_tp(options, args.gpus, args.tokens, args.repeats, args.seed)
+    rows = []
+    for n, plan in sorted(plans.items()):
+        if plan is None:
+            print(f"TP {n}: no server of {n} GPUs fits beside the drafter in {args.gpus} GPUs")
+            continue
+        d = plan.as_dict() | {"tp": n, "ranks": 2 + plan.sp * n}
+        rows.append(d)
+        print(f"TP {n}: --sp {d['sp']} --lookahead {d['lookahead']} (mpiexec -n {d['ranks']}): "
+              f"DSI {d['dsi_ms']:.1f} ms, SI {d['si_ms']:.1f} ms, non-SI {d['nonsi_ms']:.1f} ms "
+              f"for {args.tokens} tokens")
+    if not rows:
+        raise ConfigError(f"--gpus {args.gpus}: no profiled TP degree fits")
+    d = min(rows, key=lambda r: r["dsi_ms"])
+    print(f"recommended: --mode dsi --target-ranks {d['tp']} --sp {d['sp']} --lookahead "
+          f"{d['lookahead']} (mpiexec -n {d['ranks']}: coordinator, drafter, {d['sp']} servers "
+          f"x {d['tp']} ranks)")
     print(json.dumps(d))
     return 0
 
@@ -461,6 +501,9 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed generations of the first prompt")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models on it)")
+    p.add_argument("--target-ranks", type=int, default=1, metavar="N",
+                   help="profile the target as one server of N ranks (tensor parallelism): "
+                        "launch with mpiexec -n N; rank 0 writes the output")
     p.add_argument("--output", default="profile.json",
                    help="JSON file for plan --profile and simulate --profile")
 
@@ -474,13 +517,32 @@ def profile_command(args: argparse.Namespace) -> int:
     # The run's own checks: the same errors as dsi-mpi run, before any weights load.
     config = RunConfig(target=args.target, drafter=args.drafter, mode="si",
                        lookahead=args.lookahead, max_new_tokens=args.max_new_tokens,
-                       dtype=args.dtype, device=args.device)
+                       dtype=args.dtype, device=args.device, target_ranks=args.target_ranks)
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--output: directory {out_dir!r} does not exist")
+    size = _world_size() or 1
+    if size != args.target_ranks:
+        raise ConfigError(f"--target-ranks {args.target_ranks} profiles one server of "
+                          f"{args.target_ranks} ranks: launch with mpiexec -n "
+                          f"{args.target_ranks} (got {size} ranks)")
     prompts, _ = preflight(config, args.prompt, args.prompt_file, args.prompt_ids, args.chat,
                            args.num_prompts)
-    result = profile(config, [p.ids for p in prompts], warmup=args.warmup)
+    group = None
+    if args.target_ranks > 1:
+        from mpi4py import MPI
+
+        from dsi_mpi.roles import Layout
+        from dsi_mpi.servergroup import ServerGroup
+
+        comm = MPI.COMM_WORLD
+        layout = Layout(size, drafters=(), targets=(0,), target_ranks=size)
+        group = ServerGroup(comm.Dup(), layout, comm.Get_rank(), timeout_s=600.0)
+    result = profile(config, [p.ids for p in prompts], warmup=args.warmup, group=group)
+    if group is not None:
+        group.close()
+        if not group.is_leader:
+            return 0
     with open(args.output, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
         fh.write("\n")
