@@ -515,9 +515,12 @@ def profile_command(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     # The run's own checks: the same errors as dsi-mpi run, before any weights load.
+    device = args.device
+    if args.target_ranks > 1 and device == "cuda":  # one node: rank j takes its j-th GPU
+        device = f"cuda:{_rank()}"
     config = RunConfig(target=args.target, drafter=args.drafter, mode="si",
                        lookahead=args.lookahead, max_new_tokens=args.max_new_tokens,
-                       dtype=args.dtype, device=args.device, target_ranks=args.target_ranks)
+                       dtype=args.dtype, device=device, target_ranks=args.target_ranks)
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--output: directory {out_dir!r} does not exist")

@@ -50,6 +50,7 @@ LOAD_TIMEOUT_S = 900.0  # the model's collectives while it loads (ranks load at 
 SPINS = 200  # Test() calls before a group wait starts to sleep between them
 SLEEP_MAX_S = 5e-4
 ADDRESS_BYTES = 256
+RELEASE_S = 1.0  # how long the leader's Stop may take to leave (small: sent eagerly)
 
 
 class GroupLost(RuntimeError):
@@ -149,7 +150,7 @@ class ServerGroup:
     def release(self) -> None:
         """Leader: the followers stop serving (Shutdown, or the leader failed)."""
         self._send(np.asarray(encode(Shutdown())), Tag.SHUTDOWN)
-        deadline = time.monotonic() + self.bound_s
+        deadline = time.monotonic() + min(self.bound_s, RELEASE_S)  # a hung follower: no wait
         while self._sends and time.monotonic() < deadline:
             self._sends = [(r, b) for r, b in self._sends if not r.Test()]
             time.sleep(1e-4)
@@ -256,7 +257,8 @@ def _is_collective_failure(exc: RuntimeError) -> bool:
 
     text = str(exc).lower()
     return isinstance(exc, dist.DistError) or any(
-        word in text for word in ("gloo", "nccl", "timed out", "connection closed", "peer"))
+        word in text for word in ("gloo", "nccl", "timed out", "connection closed",
+                                  "connection reset"))
 
 
 def _text(buffer: np.ndarray) -> str:
