@@ -102,3 +102,25 @@ def test_the_planner_weighs_sp_against_tp_for_a_fixed_gpu_count() -> None:
     alone = make_plan(Latencies(24.0, **drafter), 0.8, 1 + 4, tokens=30, repeats=5)
     assert plans[2].as_dict() == alone.as_dict()
     assert plans[4].dsi.mean_ms < plans[1].dsi.mean_ms  # here, faster servers beat more of them
+
+
+def _profile(path: Path, tp: int, tpot: float) -> str:
+    path.write_text(json.dumps({"target": {"tpot_ms": tpot, "ttft_ms": tpot},
+                                "drafter": {"tpot_ms": 4.0, "ttft_ms": 5.0},
+                                "acceptance": 0.8, "target_ranks": tp}))
+    return str(path)
+
+
+def test_plan_with_tp_profiles_recommends_a_degree_and_its_launch(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dsi_mpi.cli import main
+
+    files = [_profile(tmp_path / f"tp{n}.json", n, t) for n, t in ((1, 40.0), (4, 14.0))]
+    args = ["plan", "--gpus", "9", "--tokens", "30", "--repeats", "5"]
+    assert main([*args, "--tp-profile", files[0], "--tp-profile", files[1]]) == 0
+    out = capsys.readouterr().out
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["tp"] == 4 and last["ranks"] == 2 + 4 * last["sp"] and last["sp"] <= 2
+    assert f"recommended: --mode dsi --target-ranks 4 --sp {last['sp']}" in out
+    assert main([*args, "--tp-profile", files[0], "--tp-profile", files[0]]) == 2
+    assert "two profiles of the same --target-ranks" in capsys.readouterr().err
