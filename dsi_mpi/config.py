@@ -34,6 +34,7 @@ class RunConfig:
     dtype: str = "auto"  # model dtype for HF backends
     device: str = "cpu"  # cpu, cuda, or cuda:N for model ranks
     num_drafters: int = 1  # drafter ranks; ranks 1..num_drafters
+    target_ranks: int = 1  # ranks per target server (tensor parallelism; servergroup.py)
     max_run_ahead: int | None = None  # drafts past the committed prefix; None: lookahead*(sp+1)
     reuse_cache: bool = False  # keep KV caches across prompts (off: every prompt pays its prefill)
     timeout_s: float = 600.0  # longest wait for any message before the job is aborted
@@ -63,6 +64,11 @@ class RunConfig:
             raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_drafters != 1:
             raise ConfigError("only one drafter rank is supported for now (--num-drafters 1)")
+        if self.target_ranks < 1:
+            raise ConfigError(f"--target-ranks must be >= 1, got {self.target_ranks}")
+        if self.target_ranks > 1 and is_emulated(self.target):
+            raise ConfigError(f"--target-ranks {self.target_ranks} shards a model over ranks: "
+                              "it needs a model --target, not an emulated: one")
         if self.max_run_ahead is not None and self.max_run_ahead < self.lookahead:
             raise ConfigError(f"--max-run-ahead must be >= --lookahead ({self.lookahead}), "
                               f"got {self.max_run_ahead}")

@@ -110,7 +110,7 @@ class Coordinator:
             owed = self._owed.get(rank)
             did = (f"has not answered {owed} for" if owed
                    else "has sent nothing, not even a heartbeat, for")
-            who = f"rank {rank} ({self.layout.role(rank)})"
+            who = f"rank {rank} ({self.layout.describe(rank)})"
             raise Unresponsive(rank, f"{who} {did} {silent:.0f} s: it is hung or gone "
                                      f"(--timeout {self.timeout_s:g})")
 

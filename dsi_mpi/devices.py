@@ -197,8 +197,12 @@ def binding_report(comm: MPI.Comm) -> list[str] | None:
     node) each rank assumes the GPUs ``CUDA_VISIBLE_DEVICES`` names exist."""
     import torch
 
+    from dsi_mpi.roles import make_layout
+
     rank, size = comm.Get_rank(), comm.Get_size()
-    role = "coordinator" if rank == 0 else ("drafter" if rank == 1 and size > 2 else "target")
+    # who is who as a run on these ranks would have it (a drafter from 3 ranks on)
+    role = make_layout(size, ["dsi"] if size > 2 else ["nonsi"]).role(rank) if size > 1 else (
+        "coordinator")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if torch.cuda.is_available():
         count, source = torch.cuda.device_count(), "cuda"

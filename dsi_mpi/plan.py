@@ -75,6 +75,28 @@ def from_profile(path: str) -> tuple[Latencies, float]:
     return Latencies(target_tpot, drafter_tpot, target_ttft, drafter_ttft), acceptance
 
 
+def tp_degree(path: str) -> int:
+    """The ranks per target server a profile was measured with (``profile --target-ranks``)."""
+    with open(path, encoding="utf-8") as fh:
+        value = json.load(fh).get("target_ranks", 1)
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"target_ranks must be an integer >= 1, got {value!r}")
+    return value
+
+
+def weigh_tp(options: Iterable[tuple[int, Latencies, float]], gpus: int, tokens: int = 50,
+             repeats: int = 20, seed: int = 0) -> dict[int, Plan | None]:
+    """For ``gpus`` GPUs (one drafter, the rest in target servers of N GPUs each), the plan of
+    each TP degree N with the latencies profiled for it: SP is ``(gpus - 1) // N``, so a higher
+    degree buys a faster server with fewer servers. None: not one server fits."""
+    out: dict[int, Plan | None] = {}
+    for n, lat, acceptance in options:
+        servers = (gpus - 1) // n
+        out[n] = (make_plan(lat, acceptance, 1 + servers, tokens, repeats, seed)
+                  if servers >= 1 else None)
+    return out
+
+
 def best(mode: str, lat: Latencies, acceptance: float, lookaheads: Iterable[int], sp: int,
          tokens: int, repeats: int, seed: int, messages: MessageModel = IDEAL) -> SimSummary:
     """The lookahead with the lowest mean latency (the smallest on ties)."""

@@ -152,6 +152,42 @@ def inspect_model(spec: str, flag: str, target: ModelInfo | None = None) -> Mode
                      int(layers) if isinstance(layers, int) else None)
 
 
+def check_tensor_parallel(spec: str, n: int) -> None:
+    """``--target-ranks n``: ``n`` must divide the target's attention and key/value heads (each
+    rank keeps whole heads; transformers would otherwise cut one), and transformers must know
+    how to shard the model (a tensor-parallel plan). A local folder's ``config.json`` is read
+    as it is, so that these checks come before transformers is imported."""
+    fields = _config_fields(spec)
+    heads = fields.get("num_attention_heads")
+    kv_heads = fields.get("num_key_value_heads") or heads
+    for name, count in (("key/value", kv_heads), ("attention", heads)):
+        if isinstance(count, int) and count % n:
+            divisors = [d for d in range(1, count + 1) if count % d == 0]
+            raise ConfigError(f"--target-ranks {n} must divide the target's {count} {name} "
+                              f"heads: use one of {', '.join(map(str, divisors))}")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    kind = fields.get("model_type")
+    config_class = CONFIG_MAPPING[kind] if kind in CONFIG_MAPPING else None
+    if config_class is None or not getattr(config_class, "base_model_tp_plan", None):
+        raise ConfigError(f"--target-ranks {n}: transformers has no tensor-parallel plan for "
+                          f"{kind} models (--target {spec}); use --target-ranks 1")
+
+
+def _config_fields(spec: str) -> dict:
+    """The text model's config as a dict: a local ``config.json``, else transformers'."""
+    path = os.path.join(os.path.expanduser(spec), "config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            fields = json.load(fh)
+    else:
+        from dsi_mpi.backends.hf import load_config
+
+        fields = load_config(spec).to_dict()
+    text = fields.get("text_config")
+    return text if isinstance(text, dict) and "num_attention_heads" in text else fields
+
+
 def check_vocabularies(target: ModelInfo, drafter: ModelInfo, config: RunConfig) -> str | None:
     """How the drafter's tokens reach the target's: None when it speaks the target's vocabulary
     (the same tokens under the same ids), else by translation (``dsi_mpi/translate.py``):
@@ -342,6 +378,9 @@ def preflight(config: RunConfig, prompt: str | None = None, prompt_file: str | N
               num_prompts: int | None = None) -> tuple[list[Prompt], object | None]:
     """Everything rank 0 checks before any rank loads weights, then the GGUF conversions;
     returns prompts and tokenizer."""
+    if config.target_ranks > 1:
+        check_model_source(config.target, "--target")
+        check_tensor_parallel(config.target, config.target_ranks)
     target = inspect_model(config.target, "--target")
     infos = [target]
     if config.uses_drafter:

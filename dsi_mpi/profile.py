@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from dsi_mpi.backends import Backend, load_backend
 from dsi_mpi.config import RunConfig
+from dsi_mpi.servergroup import ServerGroup
 from dsi_mpi.translate import TranslatingDrafter, load_drafter, method_for
 from dsi_mpi.verify import SamplingParams
 
@@ -181,12 +182,22 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
     }
 
 
-def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1) -> dict:
-    """Load ``config``'s target and drafter in this process and :func:`measure` them."""
+def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1,
+            group: ServerGroup | None = None) -> dict:
+    """Load ``config``'s target and drafter in this process and :func:`measure` them.
+
+    ``group`` (``--target-ranks N`` under ``mpiexec -n N``): the target is one server of N
+    ranks; every rank runs this same greedy, deterministic measurement, so the target's
+    forwards run in lockstep on every shard, and the times are the leader's."""
     import torch
     import transformers
 
-    target = load_backend(config.target, config.dtype, config.device)
+    if group is not None:
+        group.start_torch(config.device)
+    target = load_backend(config.target, config.dtype, config.device,
+                          tp_size=config.target_ranks)
+    if group is not None:
+        group.loaded(target)
     # A drafter with another vocabulary drafts through a translating drafter (translate.py): its
     # forwards, timings and matches are per target token, as the planner needs them.
     drafter = load_drafter(config.drafter or "", config.target, config.dtype, config.device,
@@ -209,6 +220,7 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
         config_ = getattr(backend, "config", None)
         result[name]["num_layers"] = getattr(config_, "num_hidden_layers", None)
     result |= {
+        "target_ranks": config.target_ranks,  # a server of this many ranks (TP): plan --gpus
         "dtype": config.dtype,
         "device": config.device,
         "host": platform.node(),

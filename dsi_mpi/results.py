@@ -34,13 +34,14 @@ Key = tuple[str, int, int]  # (mode, prompt_index, repeat): one record of a run
 def identity(config: RunConfig, sp: int, prompt_tokens: int, seed: int | None = None) -> dict:
     """The fields of a record that tell which run wrote it: what ``--resume`` matches an
     existing output on. The one definition: the runtime writes them into every record
-    (``runtime.record``) and plans them for every record it will write (``runtime.planned``).
+    (``runtime.record``) and :func:`planned` plans them for every record it will write.
     ``seed``: the prompt's own, where it has one."""
     uses_drafter = config.uses_drafter
     return {
         "prompt_tokens": prompt_tokens,
         "lookahead": config.lookahead if uses_drafter else 0,
         "sp": sp,
+        "tp_size": config.target_ranks,  # ranks per target server (--target-ranks)
         "verify": config.verify,
         "temperature": config.sampling.temperature,
         "seed": config.sampling.seed if seed is None else seed,
@@ -143,9 +144,11 @@ def _resume(path: str, planned: Mapping[Key, Mapping]) -> Resumed:
                     "wrote it, or start again with --overwrite"
                 )
             for name, value in expected.items():
-                if name in record and record[name] != value:
+                # records from before --target-ranks existed were written with one rank each
+                written = record.get(name, 1 if name == "tp_size" else value)
+                if written != value:
                     raise ConfigError(
-                        f"--resume: {path}:{number} was written with {name} {record[name]!r}, this "
+                        f"--resume: {path}:{number} was written with {name} {written!r}, this "
                         f"run has {value!r}: resume with the command line that wrote it, "
                         "or start again with --overwrite"
                     )

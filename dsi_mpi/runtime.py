@@ -39,9 +39,11 @@ from dsi_mpi.progress import Progress
 from dsi_mpi.protocol import Bye, Error, Ready, Shutdown, Signalled
 from dsi_mpi.results import Key
 from dsi_mpi.roles import Layout, make_layout
+from dsi_mpi.servergroup import ServerGroup, split
 from dsi_mpi.target import serve_target
 from dsi_mpi.translate import load_drafter, method_for, vocabularies_differ
 from dsi_mpi.transport import IDLE, CoordinatorLost, RemoteError, Transport, WaitTimeout
+from dsi_mpi.worker import TargetWorker
 
 HEARTBEAT_S = 1.0  # ranks tell their peers they are alive this often (at most --timeout / 4)
 END_GRACE_S = 1.5  # how long the ranks of a run that ends early wait for each other
@@ -140,7 +142,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], rank0: Rank0 | None = None
     if not all(c.loads_as(base) for c in configs):
         raise ValueError("configs of one run may differ in mode, lookahead, sp and seed only")
     max_sp = max((c.sp or 0) for c in configs) or None
-    layout = make_layout(comm.Get_size(), [c.mode for c in configs], max_sp)
+    layout = make_layout(comm.Get_size(), [c.mode for c in configs], max_sp,
+                         target_ranks=base.target_ranks)
     # Every collective from here runs on the transport's duplicate of ``comm``.
     transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll,
                           poll_max_s=base.poll_max_s)
@@ -148,6 +151,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], rank0: Rank0 | None = None
     role = layout.role(rank)
     try:
         eos = _share_eos_ids(transport.comm, base)
+        # collective: the ranks of a server of several ranks get a communicator of their own
+        server_comm = split(transport.comm, layout)
     except BaseException:  # raised alike on every rank, before the run: nothing to end
         transport.close()
         raise
@@ -160,7 +165,9 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], rank0: Rank0 | None = None
             recorder = _coordinate(coordinator, configs, rank0 or Rank0(), outcome.records.append,
                                    trace)
         else:
-            recorder = _serve(transport, layout, configs, eos, trace is not None)
+            group = (ServerGroup(server_comm, layout, rank, base.timeout_s)
+                     if server_comm is not None else None)
+            recorder = _serve(transport, layout, configs, eos, trace is not None, group)
         if trace:  # every rank has finished (rank 0 has every Bye): gather the events
             parts = tracing.gather(recorder, transport)
             if parts is not None:
@@ -168,7 +175,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], rank0: Rank0 | None = None
     except ConfigError:
         raise  # bad input (e.g. too few GPUs) is found alike on every rank: rank 0 reports it
     except BaseException as exc:
-        raise attach(exc, _end_early(transport, coordinator, rank, role, exc)) from None
+        raise attach(exc, _end_early(transport, coordinator, rank, layout.describe(rank),
+                                     exc)) from None
     finally:
         outcome.pending_requests = transport.close()
     return outcome
@@ -181,15 +189,22 @@ def _describe(config: RunConfig) -> dict:
 
 
 def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
-           eos: frozenset[int], trace: bool = False) -> tracing.Recorder:
+           eos: frozenset[int], trace: bool = False,
+           group: ServerGroup | None = None) -> tracing.Recorder:
     """A worker: load the model, say Ready, serve until Shutdown, say Bye; returns what it
-    recorded (``trace``: with rank 0's clock aligned once every rank is ready)."""
+    recorded (``trace``: with rank 0's clock aligned once every rank is ready). ``group``: the
+    server of several ranks this target rank belongs to (its leader or a follower)."""
     base = configs[0]
     comm, role = transport.comm, layout.role(transport.rank)
     backend: Backend | None = None
     with interruptible():  # a signal while loading stops at once: nothing to keep yet
-        if role == "target":
-            backend = load_backend(base.target, base.dtype, model_device(comm, layout, base.device))
+        if role in ("target", "follower"):
+            device = model_device(comm, layout, base.device)
+            if group is not None:
+                group.start_torch(device)
+            backend = load_backend(base.target, base.dtype, device, tp_size=layout.target_ranks)
+            if group is not None:
+                group.loaded(backend)
         elif any(c.uses_drafter for c in configs):
             # A self:layers=N drafter is built from the target; one with another vocabulary is
             # wrapped in a translating drafter (dsi_mpi/translate.py).
@@ -204,7 +219,10 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
     transport.watch(0, base.timeout_s + LOST_AFTER_S[transport.rank != 1])
     if role == "target":
         assert backend is not None  # loaded above
-        serve_target(transport, backend, base.sampling, recorder)
+        serve_target(transport, backend, base.sampling, recorder, group)
+    elif role == "follower":
+        assert backend is not None and group is not None
+        group.serve(transport, TargetWorker(backend, base.sampling), recorder)
     elif backend is not None:
         serve_drafter(transport, backend, base.sampling, eos, recorder)
     else:  # a drafter rank in a nonsi-only run: nothing to do but wait for shutdown
@@ -215,6 +233,8 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
     transport.stop_heartbeats()  # nothing may follow the Bye
     transport.flush()
     transport.send(0, Bye())
+    if group is not None:
+        group.close()
     return recorder
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from dsi_mpi.backends.base import Backend
 from dsi_mpi.protocol import Cancel, ProtocolError, Shutdown, Tag, Verify
@@ -25,13 +26,26 @@ from dsi_mpi.transport import IDLE, Transport
 from dsi_mpi.verify import SamplingParams
 from dsi_mpi.worker import TargetWorker
 
+if TYPE_CHECKING:
+    from dsi_mpi.servergroup import ServerGroup
+
 COORDINATOR = 0
 ENDS_TASK = (Tag.SHUTDOWN,)  # a run that ends early does not wait for the forward in flight
 
 
 def serve_target(transport: Transport, backend: Backend, params: SamplingParams,
-                 trace: Recorder = NO_TRACE) -> None:
-    worker = TargetWorker(backend, params)
+                 trace: Recorder = NO_TRACE, group: ServerGroup | None = None) -> None:
+    """Serve until Shutdown; ``group``: this rank leads a server of several ranks, whose
+    followers run every step with it and stop when it stops (``servergroup.py``)."""
+    try:
+        _serve(transport, TargetWorker(backend, params), trace, group)
+    finally:
+        if group is not None:
+            group.release()
+
+
+def _serve(transport: Transport, worker: TargetWorker, trace: Recorder,
+           group: ServerGroup | None) -> None:
     current = -1
 
     def should_cancel() -> bool:
@@ -46,6 +60,10 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams,
                 return True
         return transport.pending_any(COORDINATOR, ENDS_TASK)  # the job ends: drop the task
 
+    def agreed() -> bool:  # every rank of the server stops at the same gate point
+        assert group is not None  # used by a server of several ranks only
+        return group.agree(should_cancel())
+
     while True:
         msg = transport.wait(source=COORDINATOR, what="a request from the coordinator",
                              timeout_s=IDLE).message
@@ -58,7 +76,13 @@ def serve_target(transport: Transport, backend: Backend, params: SamplingParams,
             raise ProtocolError(f"target got unexpected {type(msg).__name__}")
         current = msg.task_id
         start = time.perf_counter()
-        reply = worker.verify(msg, should_cancel)
+        if group is None:
+            reply = worker.verify(msg, should_cancel)
+        else:
+            group.announce(msg)
+            with group.collectives():
+                reply = worker.verify(msg, agreed)
+            group.check_cache(worker.runner.backend.cached_length())
         end = time.perf_counter()
         trace.target_forward(msg, reply, start, end)
         transport.send(COORDINATOR, replace(reply, forward_us=round((end - start) * 1e6)))

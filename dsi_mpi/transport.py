@@ -240,6 +240,12 @@ class Transport:
         for rank in self.liveness.beats_due(now):
             self.send(rank, Heartbeat())
 
+    def keep_alive(self) -> None:
+        """For a rank that waits on another communicator (a follower waiting for its leader,
+        ``servergroup.py``): the heartbeats due, and the watch on rank 0, as a wait does them."""
+        self._between_polls(time.monotonic())
+        self.progress()
+
     def heard(self, rank: int) -> float:
         """When a message (a heartbeat included) from ``rank`` last arrived (monotonic clock)."""
         return self.liveness.heard(rank)

@@ -83,21 +83,32 @@ place_node() {
         "drafter, $((ntasks - 2)) targets), CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
 }
 
-# place_nodes -- N nodes of G model ranks (--ntasks-per-node=G+1): the coordinator, the
-# drafter and G-1 targets on the first node, G targets on each other one. Block or cyclic
+# place_nodes [ARGS...] -- N nodes of G model ranks (--ntasks-per-node=G+1): the coordinator,
+# the drafter and G-1 targets on the first node, G targets on each other one. Block or cyclic
 # placement cannot put G+1 ranks on one node and G on the rest, so srun gets a host list.
+# With --target-ranks T among ARGS (tensor parallelism: a server is T ranks of one node), each
+# node gets only whole servers: the first floor((G-1)/T) of them, the others floor(G/T), so
+# that no server straddles two nodes; the GPUs left over stay idle (each rank binds the next
+# GPU of its node in rank order: a server's GPUs are consecutive).
 place_nodes() {
-    local per_node nodes node i
+    local per_node nodes node i tp first rest
     per_node=${SLURM_NTASKS_PER_NODE:?submit with --ntasks-per-node=G+1 (G GPUs per node)}
     per_node=${per_node%%(*}  # "9(x2)" on some Slurm versions
     ((per_node >= 2)) || die "--ntasks-per-node must be G+1 >= 2, got $per_node"
+    tp=$(flag_value --target-ranks "$@") || tp=1
+    [[ $tp =~ ^[1-9][0-9]*$ ]] || die "--target-ranks must be an integer >= 1, got '$tp'"
+    first=$(((per_node - 2) / tp * tp)) rest=$(((per_node - 1) / tp * tp))
+    ((first + rest > 0)) || die "--target-ranks $tp: no server of $tp GPUs fits a node of" \
+        "$((per_node - 1)) GPUs"
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     hostfile=$(mktemp "${TMPDIR:-/tmp}/dsi-hosts.XXXXXX")
     trap 'rm -f "$hostfile"' EXIT
     {
         echo "${nodes[0]}"  # the coordinator
-        for node in "${nodes[@]}"; do
-            for ((i = 0; i < per_node - 1; i++)); do echo "$node"; done
+        echo "${nodes[0]}"  # the drafter
+        for ((i = 0; i < first; i++)); do echo "${nodes[0]}"; done
+        for node in "${nodes[@]:1}"; do
+            for ((i = 0; i < rest; i++)); do echo "$node"; done
         done
     } >"$hostfile"
     ntasks=$(wc -l <"$hostfile")
@@ -106,8 +117,8 @@ place_nodes() {
     # srun would otherwise warn that it cannot honour the allocation's tasks per node.
     unset SLURM_NTASKS_PER_NODE
     echo "$job: job ${SLURM_JOB_ID:-?}: ${#nodes[@]} nodes (${nodes[*]}), $ntasks ranks:" \
-        "coordinator and drafter on ${nodes[0]}, $((ntasks - 2)) targets, $((per_node - 1))" \
-        "model ranks a node"
+        "coordinator and drafter on ${nodes[0]}, $((ntasks - 2)) target ranks" \
+        "($(((ntasks - 2) / tp)) servers of $tp), $first on ${nodes[0]} and $rest on each other node"
 }
 
 # run_dsi NAME ARGS... -- srun `dsi-mpi run --output DSI_OUTPUT_DIR/NAME ARGS...` on the

@@ -40,7 +40,7 @@ def self_drafter_layers(spec: str) -> int:
 
 
 def load_backend(spec: str, dtype: str = "auto", device: str = "cpu", sleep: bool = True,
-                 target: str | None = None) -> Backend:
+                 target: str | None = None, tp_size: int = 1) -> Backend:
     """A backend from a spec: ``emulated:...``, a local directory, a hub id or a ``.gguf`` file;
     ``self:layers=N`` builds a drafter from ``target``'s spec."""
     if is_emulated(spec):
@@ -51,4 +51,4 @@ def load_backend(spec: str, dtype: str = "auto", device: str = "cpu", sleep: boo
         if target is None or is_emulated(target) or is_self_drafter(target):
             raise ValueError(f"{spec!r} needs a model target (a folder, hub id or .gguf file)")
         return HFBackend(target, dtype=dtype, device=device, layers=self_drafter_layers(spec))
-    return HFBackend(spec, dtype=dtype, device=device)
+    return HFBackend(spec, dtype=dtype, device=device, tp_size=tp_size)

@@ -25,6 +25,8 @@ Modes, chosen with ``DSI_MPI_GATE`` (read when a backend is built):
 - ``sync``: synchronise the stream after every layer (no run-ahead at all; the slowest).
 
 On a CPU device every mode is the probe alone: CPU ops run synchronously, nothing is queued.
+In a target server of several ranks (``collective``) the probe is an agreement among them and
+runs once per layer, after the wait, so every rank makes the same number of checks.
 The gate's logic takes its events, stream synchronisation and sleep as arguments, so the unit
 tests drive it with a simulated GPU (``tests/unit/test_gate.py``).
 """
@@ -125,6 +127,9 @@ class LayerGate:
         self._forward = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.waits = 0  # pre-hooks that found their event pending (for tests and benchmarks)
+        # A server of several ranks (servergroup.py): ``should_cancel`` is a collective, so it
+        # is called exactly once per layer on every rank, never from the wait's poll loop.
+        self.collective = False
 
     @classmethod
     def for_device(cls, device: torch.device, spec: GateSpec | None = None) -> LayerGate:
@@ -173,8 +178,18 @@ class LayerGate:
         cancel = self._should_cancel
         if cancel is None:
             return
+        if self.collective:  # one check per layer, after the wait: the same count on every rank
+            self._wait_for_layer(index, None)
+            if cancel():
+                raise Cancelled()
+            return
         if cancel():
             raise Cancelled()
+        self._wait_for_layer(index, cancel)
+
+    def _wait_for_layer(self, index: int, cancel: Callable[[], bool] | None) -> None:
+        """Wait until the event of layer ``index - W`` has completed (probing ``cancel``, if
+        given, while waiting)."""
         if not self.active or self.spec.mode != "gate" or index < self.spec.window:
             return
         earlier = index - self.spec.window
@@ -186,7 +201,7 @@ class LayerGate:
             return
         self.waits += 1
         while True:
-            if cancel():
+            if cancel is not None and cancel():
                 raise Cancelled()
             self.sleep(self.spec.poll_s)
             if event.query():

@@ -127,6 +127,14 @@ def croppable_cache(config: object):  # a transformers DynamicCache
     return cache
 
 
+def tp_config(tp_size: int) -> object:
+    """What ``from_pretrained`` takes for ``tp_size``-way tensor parallelism: a
+    ``DistributedConfig`` (transformers 5.2x)."""
+    from transformers.distributed import DistributedConfig
+
+    return DistributedConfig(tp_size=tp_size)
+
+
 def pretrained_path(spec: str) -> str:
     """What ``from_pretrained`` loads for a spec: a GGUF file's converted folder, else the spec."""
     return gguf.convert(spec) if gguf.is_gguf(spec) else spec
@@ -137,16 +145,20 @@ class HFBackend(Backend):
     calls; with ``layers``, only its first decoder layers (a self-drafter)."""
 
     def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu",
-                 layers: int | None = None) -> None:
+                 layers: int | None = None, tp_size: int = 1) -> None:
         from transformers import AutoModelForCausalLM
 
+        # tp_size > 1: this rank's shard of a tensor-parallel model, whose torch.distributed
+        # world (its server's ranks) exists already (dsi_mpi/servergroup.py).
+        sharded = {"distributed_config": tp_config(tp_size)} if tp_size > 1 else {}
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(
-            pretrained_path(name_or_path), dtype=resolve_dtype(dtype, device)
+            pretrained_path(name_or_path), dtype=resolve_dtype(dtype, device), **sharded
         )
         if layers is not None:
             keep_first_layers(self.model, layers)
-        self.model.to(self.device)
+        if not sharded:  # transformers placed the shards on LOCAL_RANK's device
+            self.model.to(self.device)
         self.model.eval()
         self.config = self.model.config
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])

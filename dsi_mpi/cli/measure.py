@@ -8,6 +8,7 @@ import json
 import os
 
 from dsi_mpi.cli.common import Subparsers, add_prompt_options, need_matplotlib, writable
+from dsi_mpi.cli.launch import rank, world_size
 from dsi_mpi.config import DTYPES, MODES, ConfigError, RunConfig
 
 
@@ -30,6 +31,9 @@ def add_profile(sub: Subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed generations of the first prompt")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models on it)")
+    p.add_argument("--target-ranks", type=int, default=1, metavar="N",
+                   help="profile the target as one server of N ranks (tensor parallelism): "
+                        "launch with mpiexec -n N; rank 0 writes the output")
     p.add_argument("--output", default="profile.json",
                    help="JSON file for plan --profile and simulate --profile")
 
@@ -41,15 +45,35 @@ def profile_command(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     # The run's own checks: the same errors as dsi-mpi run, before any weights load.
+    device = args.device
+    if args.target_ranks > 1 and device == "cuda":  # one node: rank j takes its j-th GPU
+        device = f"cuda:{rank()}"
     config = RunConfig(target=args.target, drafter=args.drafter, mode="si",
                        lookahead=args.lookahead, max_new_tokens=args.max_new_tokens,
-                       dtype=args.dtype, device=args.device)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"--output: directory {out_dir!r} does not exist")
+                       dtype=args.dtype, device=device, target_ranks=args.target_ranks)
+    writable(args.output, "--output")
+    size = world_size() or 1
+    if size != args.target_ranks:
+        raise ConfigError(f"--target-ranks {args.target_ranks} profiles one server of "
+                          f"{args.target_ranks} ranks: launch with mpiexec -n "
+                          f"{args.target_ranks} (got {size} ranks)")
     prompts, _ = preflight(config, args.prompt, args.prompt_file, args.prompt_ids, args.chat,
                            args.num_prompts)
-    result = profile(config, [p.ids for p in prompts], warmup=args.warmup)
+    group = None
+    if args.target_ranks > 1:
+        from mpi4py import MPI
+
+        from dsi_mpi.roles import Layout
+        from dsi_mpi.servergroup import ServerGroup
+
+        comm = MPI.COMM_WORLD
+        layout = Layout(size, drafters=(), targets=(0,), target_ranks=size)
+        group = ServerGroup(comm.Dup(), layout, comm.Get_rank(), timeout_s=600.0)
+    result = profile(config, [p.ids for p in prompts], warmup=args.warmup, group=group)
+    if group is not None:
+        group.close()
+        if not group.is_leader:
+            return 0
     with open(args.output, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
         fh.write("\n")

@@ -53,6 +53,9 @@ def add_offline(sub: Subparsers) -> None:
     add_latency_flags(p, drafter_required=True)
     p.add_argument("--gpus", type=int, required=True,
                    help="GPUs for model ranks: one drafter, the rest targets")
+    p.add_argument("--tp-profile", action="append", metavar="FILE",
+                   help="a profile of a target server of N ranks (profile --target-ranks N); "
+                        "repeat it for several N: plan weighs SP against TP for --gpus")
     p.add_argument("--tokens", type=int, default=50)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +147,8 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.gpus < 2:
         raise ConfigError(
             f"--gpus must be >= 2 (one drafter and at least one target), got {args.gpus}")
+    if args.tp_profile:
+        return _plan_tp(args)
     lat, acceptance = _latencies(args, need_drafter=True)
     assert acceptance is not None  # required with a drafter
     plan = make_plan(lat, acceptance, args.gpus, args.tokens, args.repeats, args.seed)
@@ -156,6 +161,41 @@ def plan_command(args: argparse.Namespace) -> int:
           f"SI {d['si_ms']:.1f} ms, non-SI {d['nonsi_ms']:.1f} ms")
     print(f"expected speedup: {d['speedup_over_si']:.2f}x over SI, "
           f"{d['speedup_over_nonsi']:.2f}x over non-SI")
+    print(json.dumps(d))
+    return 0
+
+
+def _plan_tp(args: argparse.Namespace) -> int:
+    """plan --tp-profile: one plan per TP degree for the same GPUs, the fastest recommended."""
+    from dsi_mpi.plan import from_profile, tp_degree, weigh_tp
+
+    if args.profile is not None or args.target_tpot_ms is not None:
+        raise ConfigError("--tp-profile gives the latencies: drop --profile and the latency flags")
+    options = []
+    for path in args.tp_profile:
+        try:
+            options.append((tp_degree(path), *from_profile(path)))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--tp-profile {path!r}: {exc}") from None
+    if len({n for n, _, _ in options}) != len(options):
+        raise ConfigError("--tp-profile: two profiles of the same --target-ranks")
+    plans = weigh_tp(options, args.gpus, args.tokens, args.repeats, args.seed)
+    rows = []
+    for n, plan in sorted(plans.items()):
+        if plan is None:
+            print(f"TP {n}: no server of {n} GPUs fits beside the drafter in {args.gpus} GPUs")
+            continue
+        d = plan.as_dict() | {"tp": n, "ranks": 2 + plan.sp * n}
+        rows.append(d)
+        print(f"TP {n}: --sp {d['sp']} --lookahead {d['lookahead']} (mpiexec -n {d['ranks']}): "
+              f"DSI {d['dsi_ms']:.1f} ms, SI {d['si_ms']:.1f} ms, non-SI {d['nonsi_ms']:.1f} ms "
+              f"for {args.tokens} tokens")
+    if not rows:
+        raise ConfigError(f"--gpus {args.gpus}: no profiled TP degree fits")
+    d = min(rows, key=lambda r: r["dsi_ms"])
+    print(f"recommended: --mode dsi --target-ranks {d['tp']} --sp {d['sp']} --lookahead "
+          f"{d['lookahead']} (mpiexec -n {d['ranks']}: coordinator, drafter, {d['sp']} servers "
+          f"x {d['tp']} ranks)")
     print(json.dumps(d))
     return 0
 

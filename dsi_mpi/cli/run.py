@@ -43,7 +43,10 @@ def add_run(sub: Subparsers) -> None:
                    help="dsi, si, nonsi, or a comma-separated list run on the same ranks")
     p.add_argument("--lookahead", type=int, default=5,
                    help="drafts per verification task (ignored by nonsi)")
-    p.add_argument("--sp", type=int, help="target servers DSI uses (default: every target rank)")
+    p.add_argument("--sp", type=int, help="target servers DSI uses (default: every target server)")
+    p.add_argument("--target-ranks", type=int, default=1, metavar="N",
+                   help="ranks per target server: N consecutive ranks of one node share the "
+                        "target with tensor parallelism (launch 1 + drafters + servers x N)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -106,6 +109,7 @@ def build_configs(args: argparse.Namespace) -> list[RunConfig]:
         sp=args.sp, max_new_tokens=args.max_new_tokens, sampling=sampling_params(args),
         verify=args.verify, dtype=args.dtype, device=args.device, max_run_ahead=args.max_run_ahead,
         reuse_cache=args.reuse_cache, timeout_s=args.timeout, poll=args.poll,
+        target_ranks=args.target_ranks,
     )
     # sp and lookahead are DSI's and SI's knobs; the other modes accept and ignore them, so
     # one command line serves all three.
@@ -138,13 +142,13 @@ def run_command(args: argparse.Namespace) -> int:
     modes = [c.mode for c in configs]
     size = world_size()
     if size is not None:
-        make_layout(size, modes, args.sp)
+        make_layout(size, modes, args.sp, target_ranks=args.target_ranks)
     install_signal_handlers()  # SIGTERM and SIGINT now ask the run to stop (exits.py)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    layout = make_layout(comm.Get_size(), modes, args.sp)
+    layout = make_layout(comm.Get_size(), modes, args.sp, target_ranks=args.target_ranks)
     verdict, checked = check_on_rank_0(comm, lambda: _checks(args, configs, layout))
     if verdict.outcome is Outcome.DONE:
         if checked is not None:
