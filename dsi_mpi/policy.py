@@ -29,36 +29,26 @@ back (docs/design.md, "Forced commits").
 State is grouped by lifetime: :class:`~dsi_mpi.tasks.Ids` (epochs and task ids, for the whole
 job), :class:`~dsi_mpi.tasks.ServerPool` (what each server's cache holds and its one
 outstanding task, across prompts), a :class:`PromptRun` for each prompt (its decisions, made
-by :meth:`Policy.begin`), and the prompt's :class:`~dsi_mpi.ledger.Ledger` (its accounting).
+by :meth:`Policy.begin`), with its :class:`~dsi_mpi.dispatch.TaskQueue` (its tasks on their
+way to the servers) and its :class:`~dsi_mpi.ledger.Ledger` (its accounting).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 
+from dsi_mpi.dispatch import TaskQueue
 from dsi_mpi.ledger import Ledger
 from dsi_mpi.metrics import Counters
-from dsi_mpi.protocol import Advance, Cancel, Message, ProtocolError, Rollback, Start, Stop, Verify
-from dsi_mpi.rules import RULES, Coverage, Rules, default_run_ahead
-from dsi_mpi.tasks import Ids, ServerPool, Task
+from dsi_mpi.protocol import Advance, ProtocolError, Rollback, Start, Stop
+from dsi_mpi.rules import RULES, Rules, default_run_ahead
+from dsi_mpi.tasks import DRAFTER, Ids, Send, ServerPool, Task
 from dsi_mpi.verify import VerifyMode, rejection_step, sample_from
 
 __all__ = ["DRAFTER", "RULES", "Ids", "Policy", "PromptRun", "ProtocolError", "Rules", "Send",
            "ServerPool", "Task", "default_run_ahead"]
-
-DRAFTER = -1  # the address of the drafter in an action (the runtime maps it to its rank)
-
-
-class Send(NamedTuple):
-    """One action of the policy: a message for a target server (its id) or for the DRAFTER."""
-
-    to: int
-    message: Message
-
 
 class Policy:
     """The coordinator's decisions for one mode; ``begin`` a prompt, then feed it events.
@@ -120,7 +110,7 @@ class Policy:
     @property
     def queued(self) -> int:
         """Tasks waiting for a free server."""
-        return 0 if self.current is None else len(self.current.queue)
+        return 0 if self.current is None else len(self.current.tasks)
 
     @property
     def epochs(self) -> tuple[int, int]:
@@ -189,16 +179,17 @@ class PromptRun:
         self.n = n  # committed length; position n is the next to commit
         self.last_position = n + policy.max_new_tokens - 1  # the last position to generate
         self.limit = n + policy.run_ahead  # the drafter may draft positions < limit
-        self.covered_end = n - 1  # highest position some live task covers
         self.target: dict[int, int] = {}  # position -> the target's token
         self.p: dict[int, np.ndarray] = {}  # position -> target distribution
         self.q: dict[int, np.ndarray] = {}  # position -> drafter distribution
         self.drafter_eos = False  # a draft ahead is EOS: the drafter stopped after it
-        self.queue: deque[Task] = deque()  # tasks waiting for a free server
         self.output: list[int] = []
         self.finished = False
         self.first_epoch = policy.ids.next_epoch()
         self.ledger = Ledger()
+        self.tasks = TaskQueue(policy.rules, policy.pool, policy.ids, self.ledger,
+                               policy.lookahead, policy.verify is VerifyMode.REJECTION, seed,
+                               covered_end=n - 1)
 
     @property
     def epoch(self) -> int:
@@ -210,10 +201,6 @@ class PromptRun:
         if not self.rules.uses_drafter:
             return True
         return self.drafter_eos or len(self.proposed) >= self.last_position
-
-    def coverage(self) -> Coverage:
-        return Coverage(self.n, len(self.proposed), self.covered_end, self.limit,
-                        self.drafter_stopped)
 
     # ----------------------------------------------------------------- events
 
@@ -229,7 +216,7 @@ class PromptRun:
                                                not policy.reuse_cache, tuple(self.proposed))))
         n = self.n
         for server in self.rules.prefill(policy.servers):
-            actions.append(self._send(self._new_task(n, n), server))
+            actions.append(self.tasks.send(self.tasks.new(n, n), server, self.proposed))
         return actions + self.dispatch()
 
     def on_draft(self, epoch: int, position: int, token: int,
@@ -274,50 +261,12 @@ class PromptRun:
             actions += self._verify_in_order()
         return actions + self.dispatch()
 
-    # ----------------------------------------------------------------- tasks
-
-    def _new_task(self, length: int, first_position: int) -> Task:
-        self.covered_end = max(self.covered_end, length)
-        return Task(self.policy.ids.next_task_id(), self.epoch, length, first_position)
-
-    def _send(self, task: Task, server: int) -> Send:
-        task.context = task.context or tuple(self.proposed[: task.length])
-        self.pool.assign(task, server)
-        self.ledger.sent()
-        return Send(server, Verify(task.epoch, task.task_id, task.keep, task.first_position,
-                                   task.context[task.keep:],
-                                   want_probs=self.policy.verify is VerifyMode.REJECTION,
-                                   seed=self.seed))
-
     def dispatch(self) -> list[Send]:
-        """Create the tasks the mode's rule asks for, then hand queued tasks to free servers."""
-        actions: list[Send] = []
+        """The tasks the mode's rules ask for now, handed to free servers."""
         if self.finished:
-            return actions
-        lookahead = self.policy.lookahead
-        while True:
-            pending = bool(self.pool.tasks or self.queue)
-            length = self.rules.next_task_length(self.coverage(), lookahead, pending)
-            if length is None:
-                break
-            length = min(length, self.last_position)
-            if length <= self.covered_end:
-                break
-            self.queue.append(self._new_task(length, self.covered_end + 1))
-        free = self.pool.free()
-        while self.queue and free:
-            task = self.queue.popleft()
-            if self.rules.widen_queued:
-                # A forward costs about the same for a few more tokens, so the task that gets
-                # the free server covers everything queued and every draft there is now.
-                task.length = min(max(len(self.proposed), task.length), self.last_position)
-                self.queue.clear()
-                self.covered_end = max(self.covered_end, task.length)
-            task.context = tuple(self.proposed[: task.length])
-            server = self.pool.closest(free, task.context)
-            free.remove(server)
-            actions.append(self._send(task, server))
-        return actions
+            return []
+        return self.tasks.dispatch(self.proposed, self.n, self.limit, self.drafter_stopped,
+                                   self.last_position)
 
     # ----------------------------------------------------------------- commits
 
@@ -398,28 +347,6 @@ class PromptRun:
 
     # ----------------------------------------------------------------- restarts
 
-    def _cancel_outstanding(self, keep_committed: bool) -> list[Send]:
-        """Cancel every outstanding task, except (at a restart) tasks whose whole context is
-        committed: they stay valid (their epoch is renewed), and letting the forward in flight
-        finish spares that server a second prefill (the parallel prompt prefills, typically)
-        and keeps a zero-draft task that verifies the next position."""
-        self.queue.clear()
-        actions: list[Send] = []
-        committed = self.proposed[: self.n]
-        for task in self.pool.tasks.values():
-            if task.cancelled:
-                continue
-            if (keep_committed and task.length <= self.n
-                    and list(task.context) == committed[: task.length]):
-                task.epoch = self.epoch
-                self.covered_end = max(self.covered_end, task.length)
-                continue
-            task.cancelled = True
-            assert task.server is not None
-            actions.append(Send(task.server, Cancel(task.epoch, task.task_id)))
-            self.ledger.cancel_sent()
-        return actions
-
     def _restart(self, j: int, committed: bool = False) -> list[Send]:
         """A new epoch from the committed prefix: the drafter's token at ``j`` was wrong.
 
@@ -427,8 +354,8 @@ class PromptRun:
         arrived (a late draft); the drafter is told every committed token from ``j`` on."""
         self.policy.ids.next_epoch()
         del self.proposed[self.n:]  # drafts of the old epoch (none after a late draft)
-        self.covered_end = self.n - 1
-        actions = self._cancel_outstanding(keep_committed=True)
+        self.tasks.covered_end = self.n - 1
+        actions = self.tasks.cancel_outstanding(self.proposed[: self.n])
         self.target.clear()
         self.ledger.restart()
         self.p.clear()
@@ -443,7 +370,7 @@ class PromptRun:
 
     def _finish(self) -> list[Send]:
         self.policy.ids.next_epoch()
-        actions = self._cancel_outstanding(keep_committed=False)
+        actions = self.tasks.cancel_outstanding(None)
         if self.rules.uses_drafter:
             actions.append(Send(DRAFTER, Stop(self.epoch)))
         return actions

@@ -1,17 +1,28 @@
-"""Verification tasks and the coordinator's model of the target servers (pure).
+"""Verification tasks, the actions that carry messages, and the coordinator's model of the
+target servers (pure).
 
 :class:`Ids` numbers epochs and tasks for a whole job; :class:`ServerPool` knows what each
 server's KV cache holds and its one outstanding task, across prompts. Both outlive a prompt;
-:mod:`dsi_mpi.policy` makes the decisions that use them.
+:mod:`dsi_mpi.policy` makes the decisions that use them, as :class:`Send` actions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from dsi_mpi.protocol import ProtocolError
+from dsi_mpi.protocol import Message, ProtocolError
 from dsi_mpi.sequences import common_prefix
+
+DRAFTER = -1  # the address of the drafter in an action (the runtime maps it to its rank)
+
+
+class Send(NamedTuple):
+    """One action of the policy: a message for a target server (its id) or for the DRAFTER."""
+
+    to: int
+    message: Message
 
 
 @dataclass

@@ -9,9 +9,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ("policy", "rules", "tasks", "ledger", "protocol", "verify", "simulate", "plan", "metrics",
-        "roles", "worker", "sequences", "config", "exits", "results", "trace", "progress", "report",
-        "timeline", "vocabulary", "liveness")
+PURE = ("policy", "rules", "tasks", "dispatch", "ledger", "protocol", "verify", "simulate",
+        "plan", "metrics", "roles", "worker", "sequences", "config", "exits", "results", "trace",
+        "progress", "report", "timeline", "vocabulary", "liveness")
 
 SCRIPT = """
 import sys
