@@ -457,6 +457,11 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed generations of the first prompt")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models on it)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads, as each rank of the run will have (default: torch's)")
+    p.add_argument("--alone", action="store_true",
+                   help="skip timing each model with the other running beside it (the run's "
+                        "conditions when the drafter and the targets share a machine)")
     p.add_argument("--output", default="profile.json",
                    help="JSON file for plan --profile and simulate --profile")
 
@@ -467,6 +472,8 @@ def profile_command(args: argparse.Namespace) -> int:
 
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     # The run's own checks: the same errors as dsi-mpi run, before any weights load.
     config = RunConfig(target=args.target, drafter=args.drafter, mode="si",
                        lookahead=args.lookahead, max_new_tokens=args.max_new_tokens,
@@ -476,7 +483,8 @@ def profile_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output: directory {out_dir!r} does not exist")
     prompts, _ = preflight(config, args.prompt, args.prompt_file, args.prompt_ids, args.chat,
                            args.num_prompts)
-    result = profile(config, [p.ids for p in prompts], warmup=args.warmup)
+    result = profile(config, [p.ids for p in prompts], warmup=args.warmup, threads=args.threads,
+                     shared=not args.alone)
     with open(args.output, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
         fh.write("\n")
