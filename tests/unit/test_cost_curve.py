@@ -43,27 +43,33 @@ def test_an_emulated_block_lasts_its_listed_cost() -> None:
         started = time.perf_counter()
         backend.forward(tokens, GREEDY)
         elapsed = (time.perf_counter() - started) * 1e3
-        assert ms <= elapsed < ms + 3.0
+        assert ms <= elapsed < ms * 1.5
 
 
 def test_profile_measures_the_emulated_curve_and_ttft_against_prompt_length() -> None:
-    target = load_backend("emulated:tpot_ms=4,ttft_ms=10,block_ms=2:12/4:16,vocab=100")
-    drafter = load_backend("emulated:tpot_ms=1,acceptance=0.8,vocab=100")
+    # costs long enough that a loaded machine's scheduling delays stay within the tolerance
+    target = load_backend("emulated:tpot_ms=20,ttft_ms=50,block_ms=2:60/4:80,vocab=100")
+    drafter = load_backend("emulated:tpot_ms=5,acceptance=0.8,vocab=100")
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     result = measure(target, drafter, prompts, max_new_tokens=8, lookahead=3, warmup=0,
                      shared=True)
+
+    def near(measured: float, ms: float) -> bool:
+        return ms <= measured < ms * 1.25
+
     curve = dict(result["target"]["block_ms"])
     assert sorted(curve) == [2, 3, 4]
-    for n, ms in ((2, 12.0), (3, 14.0), (4, 16.0)):
-        assert ms <= curve[n] < ms + 3.0
+    for n, ms in ((2, 60.0), (3, 70.0), (4, 80.0)):
+        assert near(curve[n], ms), (n, curve[n])
     for entry in result["per_prompt"]:
-        assert len(entry["target_curve_ms"]) == 4 and 4.0 <= entry["target_curve_ms"][0] < 7.0
+        assert len(entry["target_curve_ms"]) == 4 and near(entry["target_curve_ms"][0], 20.0)
     fit = result["ttft_vs_prompt"]["target"]  # emulated TTFT does not grow with the prompt
-    assert abs(fit["per_token_ms"]) < 1.0 and 10.0 <= fit["intercept_ms"] < 14.0
+    assert abs(fit["per_token_ms"]) < 3.0
+    assert near(fit["intercept_ms"] + 4.5 * fit["per_token_ms"], 50.0)  # at the mean length
     # emulated models sleep: running beside each other costs nothing
     shared = result["shared"]
-    assert 4.0 <= shared["target"]["tpot_ms"] < 7.0 and 10.0 <= shared["target"]["ttft_ms"] < 14
-    assert 1.0 <= shared["drafter"]["tpot_ms"] < 4.0
+    assert near(shared["target"]["tpot_ms"], 20.0) and near(shared["target"]["ttft_ms"], 50.0)
+    assert near(shared["drafter"]["tpot_ms"], 5.0)
     assert [n for n, _ in shared["target"]["block_ms"]] == [2, 3, 4]
 
 
