@@ -170,7 +170,12 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
         })
     total = sum(len(row) for row in matches)
     per_position, mean_length = block_acceptance(matches, lookahead)
+    counted = None
+    if isinstance(drafter, TranslatingDrafter):  # its counts are the pass above's
+        counted = (drafter.drafter_forwards, drafter.model_seconds)
     costs = costcurve.measure(target, drafter, prompts, per_prompt, lookahead, shared)
+    if counted is not None:
+        drafter.drafter_forwards, drafter.model_seconds = counted
     result = {
         "target": _summary("", target_timings) | {"block_ms": costs["block_ms"]},
         "drafter": _summary("", drafter_timings),
