@@ -72,7 +72,33 @@ def from_profile(path: str) -> tuple[Latencies, float]:
     if not finite or target_tpot <= 0 or not 0 <= acceptance <= 1:
         raise ValueError("latencies must be >= 0 ms with the target's TPOT > 0, "
                          "and acceptance in [0, 1]")
-    return Latencies(target_tpot, drafter_tpot, target_ttft, drafter_ttft), acceptance
+    block = _block_ms(data["target"].get("block_ms"))
+    shared = None
+    if data.get("shared"):
+        try:
+            t, d = data["shared"]["target"], data["shared"]["drafter"]
+            shared = Latencies(float(t["tpot_ms"]), float(d["tpot_ms"]), float(t["ttft_ms"]),
+                               float(d["ttft_ms"]), _block_ms(t.get("block_ms")))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("its shared latencies need target and drafter tpot_ms and "
+                             "ttft_ms") from None
+    return Latencies(target_tpot, drafter_tpot, target_ttft, drafter_ttft, block,
+                     shared), acceptance
+
+
+def _block_ms(pairs: object) -> tuple[tuple[int, float], ...]:
+    """A profile's ``block_ms`` ([[new tokens, ms], ...], lengths >= 2 ascending)."""
+    if not pairs:
+        return ()
+    try:
+        block = tuple((int(n), float(ms)) for n, ms in pairs)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise ValueError("block_ms must be [[new tokens, ms], ...]") from None
+    lengths = [n for n, _ in block]
+    if lengths[0] < 2 or lengths != sorted(set(lengths)) or \
+            not all(math.isfinite(ms) and ms >= 0 for _, ms in block):
+        raise ValueError("block_ms needs lengths >= 2, ascending, and costs >= 0 ms")
+    return block
 
 
 def tp_degree(path: str) -> int:

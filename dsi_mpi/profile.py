@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from dsi_mpi import costcurve
 from dsi_mpi.backends import Backend, load_backend
 from dsi_mpi.config import RunConfig
 from dsi_mpi.servergroup import ServerGroup
@@ -135,9 +136,12 @@ def _summary(spec: str, timings: Sequence[Timing]) -> dict:
 
 
 def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
-            max_new_tokens: int = 20, lookahead: int = 5, warmup: int = 1) -> dict:
+            max_new_tokens: int = 20, lookahead: int = 5, warmup: int = 1,
+            shared: bool = False) -> dict:
     """Profile a loaded pair on ``prompts`` (token ids); the dict ``dsi-mpi profile`` writes,
-    without the specs."""
+    without the specs. Then the target's cost curve of 1 .. ``lookahead + 1`` new tokens and
+    TTFT against prompt length, and with ``shared`` every latency again with the other model
+    running beside it (``costcurve.py``)."""
     if not prompts:
         raise ValueError("profile needs at least one prompt")
     for _ in range(warmup):
@@ -167,8 +171,14 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
         })
     total = sum(len(row) for row in matches)
     per_position, mean_length = block_acceptance(matches, lookahead)
-    return {
-        "target": _summary("", target_timings),
+    # A translating drafter's counts are the pass above's: the cost-curve pass leaves them.
+    translating = drafter if isinstance(drafter, TranslatingDrafter) else None
+    counted = (translating.drafter_forwards, translating.model_seconds) if translating else None
+    costs = costcurve.measure(target, drafter, prompts, per_prompt, lookahead, shared)
+    if translating is not None and counted is not None:
+        translating.drafter_forwards, translating.model_seconds = counted
+    result = {
+        "target": _summary("", target_timings) | {"block_ms": costs["block_ms"]},
         "drafter": _summary("", drafter_timings),
         "acceptance": sum(map(sum, matches)) / total,
         "acceptance_per_position": per_position,
@@ -178,13 +188,19 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
         "tokens": total,
         "max_new_tokens": max_new_tokens,
         "warmup": warmup,
+        "ttft_vs_prompt": costs["ttft_vs_prompt"],
+        "shared": costs.get("shared"),  # None: measured alone
         "per_prompt": per_prompt,
     }
+    return result
 
 
 def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1,
-            group: ServerGroup | None = None) -> dict:
-    """Load ``config``'s target and drafter in this process and :func:`measure` them.
+            group: ServerGroup | None = None, threads: int | None = None,
+            shared: bool = True) -> dict:
+    """Load ``config``'s target and drafter in this process and :func:`measure` them, on
+    ``threads`` torch threads (default: torch's), with the other model running beside each
+    (``shared``) as in a run on one machine.
 
     ``group`` (``--target-ranks N`` under ``mpiexec -n N``): the target is one server of N
     ranks; every rank runs this same greedy, deterministic measurement, so the target's
@@ -192,6 +208,8 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
     import torch
     import transformers
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     if group is not None:
         group.start_torch(config.device)
     target = load_backend(config.target, config.dtype, config.device,
@@ -202,7 +220,8 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
     # forwards, timings and matches are per target token, as the planner needs them.
     drafter = load_drafter(config.drafter or "", config.target, config.dtype, config.device,
                            target_eos=target.eos_token_ids)
-    result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup)
+    result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup,
+                     shared)
     result["translation"] = None
     if isinstance(drafter, TranslatingDrafter):
         result["translation"] = method_for(config.verify)
@@ -249,6 +268,18 @@ def table(result: dict) -> str:
                  f"{result['prompts']} prompts; "
                  f"per draft position in blocks of {result['lookahead']}: "
                  f"{per_position or '- (too few tokens per prompt)'}")
+    curve = " ".join(f"{n}:{ms:.0f}" for n, ms in result["target"].get("block_ms", []))
+    if curve:
+        lines.append(f"target forward of n new tokens (ms, median): "
+                     f"1:{result['target']['tpot_ms']:.0f} {curve}")
+    shared = result.get("shared")
+    if shared:
+        curve = " ".join(f"{n}:{ms:.0f}" for n, ms in shared["target"]["block_ms"])
+        lines.append(f"with the other model running beside it: target TTFT "
+                     f"{shared['target']['ttft_ms']:.1f} ms, forwards 1:"
+                     f"{shared['target']['tpot_ms']:.0f} {curve}; drafter TTFT "
+                     f"{shared['drafter']['ttft_ms']:.1f} ms, TPOT "
+                     f"{shared['drafter']['tpot_ms']:.1f} ms")
     if result.get("translation"):
         drafter = result["drafter"]
         per_token = drafter["model_forwards"] / drafter["forwards"]

@@ -2,17 +2,19 @@
 
 It drives the very same :class:`~dsi_mpi.policy.Policy` as the coordinator, with emulated
 models (the synthetic language of ``backends/emulated.py``, acceptance i.i.d. per token) whose
-forwards take TTFT on an empty cache and TPOT otherwise. By default messages cost nothing and a
-cancelled forward stops at once: the *ideal* time of the policy, the yardstick for the
-runtime's overhead, and what the planner and the heatmaps use. A :class:`MessageModel` makes
-it see what the runtime sees: a delivery time per message, targets that notice a CANCEL only
-at their cancellation checks, and busy ranks whose polls miss messages already delivered.
+forwards take TTFT on an empty cache and otherwise TPOT, or the target's cost curve for its
+number of tokens (``Latencies``), with other costs while the other model runs at once. By
+default messages cost nothing and a cancelled forward stops at once: the *ideal* time of the
+policy, the yardstick for the runtime's overhead, and what the planner and the heatmaps use.
+A :class:`MessageModel` makes it see what the runtime sees: a delivery time per message,
+targets that notice a CANCEL only at their cancellation checks, and busy ranks whose polls
+miss messages already delivered.
 
 Model of each role, matching the runtime:
 - drafter: one forward per draft; messages that arrive during a forward apply after it (the
   drafter polls between forwards; an idle drafter applies them at once), except a Rollback,
   Start or Stop, which abandons the forward at its next cancellation check;
-- target server: one forward per task (whatever its number of tokens); a cancelled forward
+- target server: one forward per task, priced by its number of tokens; a cancelled forward
   stops at the first cancellation check after the CANCEL arrives, its cache cropped back to
   the task's ``keep``;
 - coordinator: reacts instantly.
@@ -28,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec
+from dsi_mpi.backends.emulated import EmulatedBackend, EmulatedSpec, block_cost
 from dsi_mpi.metrics import Counters
 from dsi_mpi.policy import DRAFTER, Policy, PromptRun, Send, default_run_ahead
 from dsi_mpi.protocol import PREEMPTS_DRAFT, Cancel, Draft, DrafterMessage, Result, Verify
@@ -64,12 +66,22 @@ IDEAL = MessageModel()
 
 @dataclass(frozen=True)
 class Latencies:
-    """Forward latencies in milliseconds; TTFT is the first forward of a prompt."""
+    """Forward latencies in milliseconds; TTFT is the first forward of a prompt.
+
+    ``target_block_ms`` is the target's cost curve: (new tokens, ms) of a forward of two or more
+    tokens on a warm cache (interpolated as ``emulated.block_cost`` does; empty: every such
+    forward costs TPOT). ``shared`` holds the same latencies measured while the other model
+    runs at once on the same machine (``dsi-mpi profile`` measures both): a target forward that
+    starts while the drafter is busy costs ``shared``'s, and a drafter forward that starts
+    while a target server is busy; None: running at once costs nothing (separate GPUs).
+    """
 
     target_tpot_ms: float
     drafter_tpot_ms: float
     target_ttft_ms: float | None = None  # default: target_tpot_ms
     drafter_ttft_ms: float | None = None  # default: drafter_tpot_ms
+    target_block_ms: tuple[tuple[int, float], ...] = ()
+    shared: Latencies | None = None
 
     @property
     def target_ttft(self) -> float:
@@ -78,6 +90,18 @@ class Latencies:
     @property
     def drafter_ttft(self) -> float:
         return self.drafter_tpot_ms if self.drafter_ttft_ms is None else self.drafter_ttft_ms
+
+    def target_forward_ms(self, new_tokens: int) -> float:
+        """A warm target forward of ``new_tokens`` tokens."""
+        return block_cost(self.target_tpot_ms, self.target_block_ms, new_tokens)
+
+    def target_spec(self, vocab: int, seed: int) -> EmulatedSpec:
+        return EmulatedSpec(self.target_tpot_ms, self.target_ttft, None, vocab, seed,
+                            self.target_block_ms)
+
+    def while_other_runs(self, busy: bool) -> Latencies:
+        """The latencies of a forward that starts while the other model is ``busy`` or not."""
+        return self.shared if busy and self.shared is not None else self
 
 
 @dataclass
@@ -139,7 +163,7 @@ class _Simulation:
                  run_ahead: int | None = None, messages: MessageModel = IDEAL,
                  prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True) -> None:
         self.prompt = tuple(prompt)
-        target = EmulatedSpec(lat.target_tpot_ms, lat.target_ttft, None, vocab, seed)
+        target = lat.target_spec(vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
         servers = list(range(sp if mode == "dsi" else 1))
         if mode == "si" or run_ahead is None:
@@ -280,7 +304,8 @@ class _Simulation:
     def _start_task(self, server: int, task: Verify) -> None:
         """The server's forward runs now (its output is known at once; it is delivered when
         the forward ends, unless a Cancel abandons it first)."""
-        cost = self.lat.target_ttft if task.keep == 0 else self.lat.target_tpot_ms
+        lat = self.lat.while_other_runs(self._d_busy)
+        cost = lat.target_ttft if task.keep == 0 else lat.target_forward_ms(len(task.tokens))
         out = self.servers[server].verify(task)
         assert isinstance(out, Result)  # no cancellation check: the forward runs to its end
         self._outputs[server] = out
@@ -332,7 +357,8 @@ class _Simulation:
         message is applied in between: they wait in the inbox, or abandon the forward)."""
         if self._d_busy or not self.drafter.can_draft():
             return
-        cost = self.lat.drafter_ttft if self.drafter.cold else self.lat.drafter_tpot_ms
+        lat = self.lat.while_other_runs(bool(self._running))
+        cost = lat.drafter_ttft if self.drafter.cold else lat.drafter_tpot_ms
         self._d_busy = True
         self._d_forward += 1
         self._d_started, self._d_ends = self.now, self.now + cost

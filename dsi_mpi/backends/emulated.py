@@ -5,14 +5,20 @@ Design note, section 7. The target's token at position ``j`` is a deterministic 
 reproduces the target's token with probability ``acceptance``, decided by another
 deterministic function of ``(seed, prefix)``, and proposes a different token otherwise, so
 acceptance is i.i.d. per position given a correct prefix, as in the paper's simulations.
-Each forward lasts TTFT when it fills an empty cache (the prompt) and TPOT otherwise: it sleeps
+Each forward lasts TTFT when it fills an empty cache (the prompt) and otherwise TPOT, or with
+``block_ms`` the cost of its number of new tokens (a cost curve, as a CPU's matrix multiplies
+give: a forward of several tokens can cost more than one of a single token): it sleeps
 in short slices, so that a cancellation check can interrupt it, until a sleep's wake-up delay
 before the end, and waits out the rest by polling the clock (and the cancellation check), so
 a forward ends within microseconds of its duration rather than a wake-up delay late.
 
 Spec grammar: ``emulated:tpot_ms=20.6,ttft_ms=27.8`` (target) and
 ``emulated:tpot_ms=6.8,ttft_ms=8.1,acceptance=0.93`` (drafter); optional ``vocab`` (default
-32000) and ``seed`` (default 0); ``ttft_ms`` defaults to ``tpot_ms``.
+32000) and ``seed`` (default 0); ``ttft_ms`` defaults to ``tpot_ms``. Optional
+``block_ms=2:1011/4:937/6:969``: a forward of ``n`` new tokens (``n`` >= 2, not the prompt's)
+lasts the listed cost of ``n``, interpolated linearly between listed lengths and the last
+listed cost beyond them (between 1 and the first listed length, from ``tpot_ms``); without it
+every forward after the prompt's lasts ``tpot_ms``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,40 @@ _SALT_OTHER = 0x5A17_07E4_E70C_0003
 _SALT_SAMPLE = 0x5A17_5A3D_1E00_0004
 
 
+def block_cost(tpot_ms: float, block_ms: Sequence[tuple[int, float]], n: int) -> float:
+    """The cost of a forward of ``n`` new tokens on a warm cache: ``tpot_ms`` for one token,
+    else ``block_ms`` ((length, ms) pairs, lengths >= 2 ascending) interpolated linearly, from
+    (1, ``tpot_ms``) to the first pair, and flat after the last."""
+    if n <= 1 or not block_ms:
+        return tpot_ms
+    below_n, below_ms = 1, tpot_ms
+    for length, ms in block_ms:
+        if n <= length:
+            return below_ms + (ms - below_ms) * (n - below_n) / (length - below_n)
+        below_n, below_ms = length, ms
+    return below_ms
+
+
+def parse_block_ms(text: str) -> tuple[tuple[int, float], ...]:
+    """``2:1011/4:937/6:969`` as ((2, 1011.0), (4, 937.0), (6, 969.0)); ValueError when
+    malformed (lengths must be >= 2 and ascending, costs >= 0)."""
+    pairs: list[tuple[int, float]] = []
+    for item in text.split("/"):
+        length, sep, ms = item.partition(":")
+        try:
+            pair = (int(length), float(ms))
+        except ValueError:
+            pair = None
+        if not sep or pair is None:
+            raise ValueError(f"block_ms={text!r}: {item!r} is not LENGTH:MS, "
+                             "e.g. block_ms=2:1011/4:937")
+        if pair[0] < 2 or pair[1] < 0 or (pairs and pair[0] <= pairs[-1][0]):
+            raise ValueError(f"block_ms={text!r}: lengths must be >= 2 and ascending, "
+                             "costs >= 0 (the 1-token cost is tpot_ms)")
+        pairs.append(pair)
+    return tuple(pairs)
+
+
 def _mix(x: int) -> int:
     """splitmix64 finaliser: a fast, well-mixed 64-bit hash."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK
@@ -56,6 +96,13 @@ class EmulatedSpec:
     acceptance: float | None = None
     vocab: int = 32000
     seed: int = 0
+    block_ms: tuple[tuple[int, float], ...] = ()  # (new tokens, ms) of forwards of >= 2 tokens
+
+    def forward_ms(self, cached: int, new_tokens: int) -> float:
+        """How long a forward of ``new_tokens`` on a cache of ``cached`` positions lasts."""
+        if cached == 0:
+            return self.ttft_ms
+        return block_cost(self.tpot_ms, self.block_ms, new_tokens)
 
     @classmethod
     def parse(cls, spec: str) -> EmulatedSpec:
@@ -71,7 +118,7 @@ class EmulatedSpec:
             if key in fields:
                 raise ValueError(f"malformed emulated spec {spec!r}: {key!r} given twice")
             fields[key] = value.strip()
-        known = {"tpot_ms", "ttft_ms", "acceptance", "vocab", "seed"}
+        known = {"tpot_ms", "ttft_ms", "acceptance", "vocab", "seed", "block_ms"}
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(
@@ -96,6 +143,10 @@ class EmulatedSpec:
         acceptance = float(number("acceptance", float)) if "acceptance" in fields else None
         vocab = int(number("vocab", int)) if "vocab" in fields else 32000
         seed = int(number("seed", int)) if "seed" in fields else 0
+        try:
+            block = parse_block_ms(fields["block_ms"]) if "block_ms" in fields else ()
+        except ValueError as exc:
+            raise ValueError(f"malformed emulated spec {spec!r}: {exc}") from None
         if tpot < 0 or ttft < 0:
             raise ValueError(f"emulated spec {spec!r}: latencies must be >= 0 ms")
         if acceptance is not None and not 0.0 <= acceptance <= 1.0:
@@ -105,7 +156,8 @@ class EmulatedSpec:
             raise ValueError(f"emulated spec {spec!r}: vocab must be >= 2, got {vocab}")
         if seed < 0:
             raise ValueError(f"emulated spec {spec!r}: seed must be >= 0, got {seed}")
-        return cls(tpot_ms=tpot, ttft_ms=ttft, acceptance=acceptance, vocab=vocab, seed=seed)
+        return cls(tpot_ms=tpot, ttft_ms=ttft, acceptance=acceptance, vocab=vocab, seed=seed,
+                   block_ms=block)
 
 
 class EmulatedLanguage:
@@ -168,7 +220,7 @@ class EmulatedBackend(Backend):
         if not tokens:
             raise ValueError("forward needs at least one token")
         start = self.cached_length()
-        delay_s = (self.spec.ttft_ms if start == 0 else self.spec.tpot_ms) / 1000.0
+        delay_s = self.spec.forward_ms(start, len(tokens)) / 1000.0
         deadline = time.perf_counter() + delay_s  # the forward's computing counts in its time
         if not self.sleep and should_cancel is not None and should_cancel():
             raise Cancelled()

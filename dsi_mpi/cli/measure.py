@@ -34,6 +34,11 @@ def add_profile(sub: Subparsers) -> None:
     p.add_argument("--target-ranks", type=int, default=1, metavar="N",
                    help="profile the target as one server of N ranks (tensor parallelism): "
                         "launch with mpiexec -n N; rank 0 writes the output")
+    p.add_argument("--threads", type=int,
+                   help="torch threads, as each rank of the run will have (default: torch's)")
+    p.add_argument("--alone", action="store_true",
+                   help="skip timing each model with the other running beside it (the run's "
+                        "conditions when the drafter and the targets share a machine)")
     p.add_argument("--output", default="profile.json",
                    help="JSON file for plan --profile and simulate --profile")
 
@@ -44,6 +49,8 @@ def profile_command(args: argparse.Namespace) -> int:
 
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     # The run's own checks: the same errors as dsi-mpi run, before any weights load.
     device = args.device
     if args.target_ranks > 1 and device == "cuda":  # one node: rank j takes its j-th GPU
@@ -69,7 +76,8 @@ def profile_command(args: argparse.Namespace) -> int:
         comm = MPI.COMM_WORLD
         layout = Layout(size, drafters=(), targets=(0,), target_ranks=size)
         group = ServerGroup(comm.Dup(), layout, comm.Get_rank(), timeout_s=600.0)
-    result = profile(config, [p.ids for p in prompts], warmup=args.warmup, group=group)
+    result = profile(config, [p.ids for p in prompts], warmup=args.warmup, group=group,
+                     threads=args.threads, shared=not args.alone)
     if group is not None:
         group.close()
         if not group.is_leader:
