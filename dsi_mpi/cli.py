@@ -25,7 +25,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from dsi_mpi import results
-from dsi_mpi.config import DTYPES, MODES, POLL_CHOICES, VERIFY_MODES, ConfigError, RunConfig
+from dsi_mpi.config import (
+    DTYPES,
+    ENGINES,
+    MODES,
+    POLL_CHOICES,
+    VERIFY_MODES,
+    ConfigError,
+    RunConfig,
+)
 from dsi_mpi.exits import (
     EXIT_BAD_INPUT,
     EXIT_OK,
@@ -71,6 +79,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda (each model rank takes a GPU of its node)")
+    _add_engine_options(p)
     _add_prompt_options(p, "text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
     p.add_argument("--output", required=True,
                    help="JSONL file, one line per prompt and mode, written as each finishes")
@@ -99,6 +108,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="write what every rank did, on one clock, as a Chrome trace "
                         "(Perfetto; dsi-mpi timeline)")
     p.add_argument("--quiet", action="store_true", help="no progress report on stderr")
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """How model ranks run their forwards (dsi_mpi/backends/engine.py)."""
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="eager (dynamic KV cache), static (one static KV cache per rank), "
+                        "cudagraph (static cache, short forwards replayed as CUDA graphs; "
+                        "CUDA only); auto: cudagraph on CUDA, eager on a CPU")
+    p.add_argument("--graph-segments", type=int, default=1,
+                   help="cudagraph: graphs per forward, CANCEL probed between them "
+                        "(1: the whole forward in one graph; >1: Llama-layout models)")
 
 
 def _add_prompt_options(p: argparse.ArgumentParser, file_help: str) -> None:
@@ -131,7 +151,8 @@ def build_configs(args: argparse.Namespace) -> list[RunConfig]:
     base = RunConfig(
         target=args.target, drafter=args.drafter, mode=modes[0], lookahead=args.lookahead,
         sp=args.sp, max_new_tokens=args.max_new_tokens, sampling=sampling, verify=args.verify,
-        dtype=args.dtype, device=args.device, max_run_ahead=args.max_run_ahead,
+        dtype=args.dtype, device=args.device, engine=args.engine,
+        graph_segments=args.graph_segments, max_run_ahead=args.max_run_ahead,
         reuse_cache=args.reuse_cache, timeout_s=args.timeout, poll=args.poll,
     )
     # sp and lookahead are DSI's and SI's knobs; the other modes accept and ignore them, so
@@ -457,6 +478,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed generations of the first prompt")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models on it)")
+    _add_engine_options(p)
     p.add_argument("--output", default="profile.json",
                    help="JSON file for plan --profile and simulate --profile")
 
@@ -470,7 +492,8 @@ def profile_command(args: argparse.Namespace) -> int:
     # The run's own checks: the same errors as dsi-mpi run, before any weights load.
     config = RunConfig(target=args.target, drafter=args.drafter, mode="si",
                        lookahead=args.lookahead, max_new_tokens=args.max_new_tokens,
-                       dtype=args.dtype, device=args.device)
+                       dtype=args.dtype, device=args.device, engine=args.engine,
+                       graph_segments=args.graph_segments)
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--output: directory {out_dir!r} does not exist")

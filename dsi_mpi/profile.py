@@ -186,11 +186,13 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
     import torch
     import transformers
 
-    target = load_backend(config.target, config.dtype, config.device)
+    longest = max((len(p) for p in prompts), default=0)
+    engine = config.engine_options(longest, config.lookahead)
+    target = load_backend(config.target, config.dtype, config.device, engine=engine)
     # A drafter with another vocabulary drafts through a translating drafter (translate.py): its
     # forwards, timings and matches are per target token, as the planner needs them.
     drafter = load_drafter(config.drafter or "", config.target, config.dtype, config.device,
-                           target_eos=target.eos_token_ids)
+                           target_eos=target.eos_token_ids, engine=engine)
     result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup)
     result["translation"] = None
     if isinstance(drafter, TranslatingDrafter):
@@ -210,6 +212,7 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
         result[name]["num_layers"] = getattr(config_, "num_hidden_layers", None)
     result |= {
         "dtype": config.dtype,
+        "engine": config.engine_name,
         "device": config.device,
         "host": platform.node(),
         "torch": torch.__version__,

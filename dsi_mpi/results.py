@@ -35,6 +35,7 @@ IDENTITY = (
     "target",
     "drafter",
     "max_new_tokens",
+    "engine",
 )
 
 

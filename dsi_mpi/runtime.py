@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from dsi_mpi import trace as tracing
-from dsi_mpi.backends import Backend, load_backend
+from dsi_mpi.backends import Backend, EngineOptions, load_backend
 from dsi_mpi.config import ConfigError, RunConfig
 from dsi_mpi.coordinator import Coordinator, PromptResult, Unresponsive
 from dsi_mpi.devices import model_device
@@ -90,6 +90,9 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "target": config.target,
         "drafter": config.drafter if config.mode != "nonsi" else None,
         "max_new_tokens": config.max_new_tokens,
+        # how the model ranks ran their forwards (eager, static, cudagraph; None: emulated)
+        "engine": config.engine_name,
+        "graph_segments": config.graph_segments if config.engine_name == "cudagraph" else None,
         # acceptance by position in a block (vLLM's definition; docs/records.md)
         "blocks_verified": counters.blocks_verified,
         "blocks_per_position": counters.blocks_per_position,
@@ -132,6 +135,7 @@ def planned(configs: Sequence[RunConfig], layout: Layout, prompts: Sequence[Prom
                     "target": config.target,
                     "drafter": config.drafter if config.mode != "nonsi" else None,
                     "max_new_tokens": config.max_new_tokens,
+                    "engine": config.engine_name,
                 }
     return out
 
@@ -157,16 +161,19 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig],
     """
     base = configs[0]
     for c in configs:
-        if (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, c.sampling.temperature,
-                c.sampling.top_k, c.sampling.top_p) != (
-                base.target, base.drafter, base.dtype, base.device, base.reuse_cache,
-                base.sampling.temperature, base.sampling.top_k, base.sampling.top_p):
+        if (c.target, c.drafter, c.dtype, c.device, c.engine, c.graph_segments, c.reuse_cache,
+                c.sampling.temperature, c.sampling.top_k, c.sampling.top_p) != (
+                base.target, base.drafter, base.dtype, base.device, base.engine,
+                base.graph_segments, base.reuse_cache, base.sampling.temperature,
+                base.sampling.top_k, base.sampling.top_p):
             raise ValueError("configs of one run may differ in mode, lookahead, sp and seed only")
     prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
     max_sp = max((c.sp or 0) for c in configs) or None
     layout = make_layout(comm.Get_size(), [c.mode for c in configs], max_sp)
     rank = comm.Get_rank()
     eos = _share_eos_ids(comm, base)
+    # The engines' static caches are sized for the longest prompt, which rank 0 alone knows.
+    longest = comm.bcast(max((len(p.ids) for p in prompts), default=0), root=0)
     role = layout.role(rank)
     transport = Transport(comm, timeout_s=base.timeout_s, poll=base.poll,
                           poll_max_s=base.poll_max_s)
@@ -180,7 +187,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig],
                                    sink or outcome.records.append, frozenset(done), trace,
                                    progress)
         else:
-            recorder = _serve(transport, layout, configs, eos, trace is not None)
+            recorder = _serve(transport, layout, configs, eos, trace is not None,
+                              _engine_options(configs, layout, longest))
         if trace:  # every rank has finished (rank 0 has every Bye): gather the events
             parts = tracing.gather(recorder, transport)
             if parts is not None:
@@ -200,21 +208,35 @@ def _describe(config: RunConfig) -> dict:
             "max_new_tokens": config.max_new_tokens}
 
 
+def _engine_options(configs: Sequence[RunConfig], layout: Layout,
+                    longest: int) -> EngineOptions:
+    """The engines' sizing for every config of the run: the longest sequence any makes."""
+    ahead = max((c.run_ahead(len(layout.active_targets(c.mode, c.sp))) for c in configs
+                 if c.uses_drafter), default=0)
+    lookahead = max(c.lookahead for c in configs)
+    capacity = longest + max(c.max_new_tokens for c in configs) + ahead + lookahead + 1
+    return EngineOptions(configs[0].engine, capacity, lookahead + 1, configs[0].graph_segments)
+
+
 def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
-           eos: frozenset[int], trace: bool = False) -> tracing.Recorder:
-    """A worker: load the model, say Ready, serve until Shutdown, say Bye; returns what it
-    recorded (``trace``: with rank 0's clock aligned once every rank is ready)."""
+           eos: frozenset[int], trace: bool = False,
+           engine: EngineOptions | str = "auto") -> tracing.Recorder:
+    """A worker: load the model (its forwards run as ``engine`` says), say Ready, serve until
+    Shutdown, say Bye; returns what it recorded (``trace``: with rank 0's clock aligned once
+    every rank is ready)."""
     base = configs[0]
     comm, role = transport.comm, layout.role(transport.rank)
     backend: Backend | None = None
     with interruptible():  # a signal while loading stops at once: nothing to keep yet
         if role == "target":
-            backend = load_backend(base.target, base.dtype, model_device(comm, layout, base.device))
+            backend = load_backend(base.target, base.dtype, model_device(comm, layout, base.device),
+                                   engine=engine)
         elif any(c.uses_drafter for c in configs):
             # A self:layers=N drafter is built from the target; one with another vocabulary is
             # wrapped in a translating drafter (dsi_mpi/translate.py).
             backend = load_drafter(base.drafter or "", base.target, base.dtype,
-                                   model_device(comm, layout, base.device), target_eos=eos)
+                                   model_device(comm, layout, base.device), target_eos=eos,
+                                   engine=engine)
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
     transport.send(0, Ready())

@@ -541,13 +541,14 @@ def translation(target: str, drafter: str | None, verify: str) -> str | None:
 
 
 def load_drafter(spec: str, target: str, dtype: str = "auto", device: str = "cpu",
-                 target_eos: frozenset[int] = frozenset()) -> Backend:
+                 target_eos: frozenset[int] = frozenset(), engine: object = "auto") -> Backend:
     """The drafter for ``target``: its backend, behind a :class:`TranslatingDrafter` when its
     vocabulary is not the target's. ``target_eos``: the target's end-of-sequence ids (what a
-    draft that ends the text becomes), default its tokenizer's."""
+    draft that ends the text becomes), default its tokenizer's. ``engine``: how its forwards
+    run (``backends/engine.py``)."""
     from dsi_mpi.backends import load_backend
 
-    backend = load_backend(spec, dtype, device, target=target)
+    backend = load_backend(spec, dtype, device, target=target, engine=engine)
     t_tok, d_tok = _tokenizer(target), _tokenizer(spec)
     if t_tok is None or d_tok is None or same_vocabulary(t_tok, d_tok):
         return backend
