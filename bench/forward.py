@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lookahead", type=int, default=5, help="k: blocks of 1 .. k+1 tokens")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--peer-tokens", type=int, default=32, help="0: no generate peer")
+    p.add_argument("--peer-shapes", help="time generate for these shapes only (default: all)")
     p.add_argument("--bandwidth-mib", type=int, default=None)
     p.add_argument("--output", help="also append the JSON lines here")
     args = p.parse_args(argv)
@@ -228,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             run[3].uninstall()  # the gate's hooks
         del runs
-        for compiled in ([False, True] if cuda else [False]) if args.peer_tokens else []:
-            peer = peer_generate(model, args.device, caches[0], args.peer_tokens, compiled)
+        peers = args.peer_tokens and (not args.peer_shapes or name in args.peer_shapes.split(","))
+        for compiled in ([False, True] if cuda else [False]) if peers else []:
+            try:
+                peer = peer_generate(model, args.device, caches[0], args.peer_tokens, compiled)
+            except Exception as exc:  # a compile that fails is a result too
+                peer = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             emit({"kind": "generate", "shape": name, "cache": "static+compile" if compiled
                   else "dynamic", "cached": caches[0], "new_tokens": args.peer_tokens} | peer)
         del model
