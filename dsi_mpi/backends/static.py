@@ -39,19 +39,47 @@ from dsi_mpi.backends.gate import LayerGate
 DEFAULT_CAPACITY = 512  # positions, when the run does not say (grown on demand)
 
 
-def static_cache(config: object, capacity: int):  # a transformers StaticCache
-    """A ``StaticCache`` of ``capacity`` positions whose every layer rolls back exactly (a
-    sliding-window layer becomes a full-length one); a layer of another kind is refused."""
+class Visible:
+    """How many slots of a static cache attention reads: all (None, fixed shapes for a CUDA
+    graph) or the first ``n``, the length the host knows the cache will have after the
+    forward. Slots past it are masked anyway; not reading them keeps an eager forward's
+    attention (and transformers' GQA head expansion, a copy of every slot read) as long as
+    the dynamic cache's instead of the capacity's."""
+
+    n: int | None = None
+
+
+def bounded_layer(capacity: int, visible: Visible):  # a transformers StaticLayer
+    """A ``StaticLayer`` of ``capacity`` slots whose attention reads ``visible.n`` of them."""
+    from transformers.cache_utils import StaticLayer
+
+    class BoundedStaticLayer(StaticLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            n = visible.n
+            return (keys, values) if n is None else (keys[:, :, :n], values[:, :, :n])
+
+        def get_mask_sizes(self, *args, **kwargs):
+            kv_length, kv_offset = super().get_mask_sizes(*args, **kwargs)
+            return (kv_length if visible.n is None else visible.n), kv_offset
+
+    return BoundedStaticLayer(max_cache_len=capacity)
+
+
+def static_cache(config: object, capacity: int, visible: Visible | None = None):
+    """A transformers ``StaticCache`` of ``capacity`` positions whose every layer rolls back
+    exactly (a sliding-window layer becomes a full-length one) and reads ``visible.n`` slots;
+    a layer of another kind is refused."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
+    visible = visible or Visible()
     cache = StaticCache(config=config, max_cache_len=capacity)
     for i, layer in enumerate(cache.layers):
-        if type(layer) is StaticSlidingWindowLayer:
-            cache.layers[i] = StaticLayer(max_cache_len=capacity)
-        elif type(layer) is not StaticLayer:
+        if type(layer) not in (StaticLayer, StaticSlidingWindowLayer):
             raise ValueError(f"layer {i} of this model keeps a {type(layer).__name__} cache, "
                              "which the static engine cannot roll back: use --engine eager")
+        cache.layers[i] = bounded_layer(capacity, visible)
     return cache
 
 
@@ -68,7 +96,8 @@ class StaticEngine:
         self.gate = gate
         self.cache_keyword = cache_keyword
         self.capacity = capacity or DEFAULT_CAPACITY
-        self.cache = static_cache(model.config, self.capacity)
+        self.visible = Visible()  # eager forwards read the slots in use, graphs all of them
+        self.cache = static_cache(model.config, self.capacity, self.visible)
         self.length = 0  # positions cached, counted here (the device holds the same per layer)
         self.growths = 0  # times a sequence outgrew the cache (a new cache, a copy)
         # Before 5.2x the caller passes the positions a block is written at.
@@ -94,6 +123,7 @@ class StaticEngine:
         self.reserve(start + m)
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # [1, m]
         self.gate.begin(should_cancel)
+        self.visible.n = start + m
         try:
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
@@ -104,6 +134,7 @@ class StaticEngine:
             self.rewind(start)
             raise
         finally:
+            self.visible.n = None
             self.gate.end()
         self.length = start + m
         return out.logits[0, -n:, :]
@@ -139,7 +170,7 @@ class StaticEngine:
         if needed <= self.capacity:
             return
         old, self.capacity = self.cache, max(needed, 2 * self.capacity)
-        self.cache = static_cache(self.model.config, self.capacity)
+        self.cache = static_cache(self.model.config, self.capacity, self.visible)
         with torch.inference_mode():
             for was, now in zip(old.layers, self.cache.layers, strict=True):
                 if not getattr(was, "is_initialized", False):

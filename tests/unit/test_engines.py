@@ -60,8 +60,8 @@ def test_the_static_cache_rolls_back_past_a_sliding_window(tiny_suite: dict[str,
     default = StaticCache(config=config, max_cache_len=capacity)
     assert any(layer.is_sliding and not layer.is_croppable for layer in default.layers)
     ours = static_cache(config, capacity)
-    assert all(type(layer) is StaticLayer and layer.max_cache_len == capacity
-               for layer in ours.layers)
+    assert all(isinstance(layer, StaticLayer) and not layer.is_sliding and layer.is_croppable
+               and layer.max_cache_len == capacity for layer in ours.layers)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
