@@ -202,15 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         name = shape or args.model
         model = build(shape, args.model, dtype, args.device)
         vocab = model.config.vocab_size
-        runs = []  # (engine kind, segments, engine, gate, set-up seconds)
-        for kind in engines:
-            for segments in ([int(s) for s in args.segments.split(",")]
-                             if kind == "cudagraph" else [1]):
-                t0 = time.perf_counter()
-                engine, gate = engine_for(kind, model, args.device, max(caches) + 64,
-                                          args.lookahead + 1, segments)
-                runs.append((kind, segments, engine, gate, time.perf_counter() - t0))
         for cached in caches:
+            # Each engine sized as a run sizes it: the cache holds what the run needs (here
+            # the cached positions and one block), not more: static attention reads it all.
+            runs = []  # (engine kind, segments, engine, gate, set-up seconds)
+            for kind in engines:
+                for segments in ([int(s) for s in args.segments.split(",")]
+                                 if kind == "cudagraph" else [1]):
+                    t0 = time.perf_counter()
+                    engine, gate = engine_for(kind, model, args.device,
+                                              cached + args.lookahead + 1, args.lookahead + 1,
+                                              segments)
+                    runs.append((kind, segments, engine, gate, time.perf_counter() - t0))
             weights, kv = model_bytes(model, cached)
             floor_ms = (weights + kv) / bandwidth * 1e3
             for _, _, engine, _, _ in runs:
@@ -221,14 +224,17 @@ def main(argv: list[str] | None = None) -> int:
                     ms = statistics.median(times) * 1e3
                     row = {"kind": "forward", "shape": name, "engine": kind,
                            "segments": segments, "cached": cached, "block": block,
+                           "capacity": getattr(engine, "capacity", None),
                            "median_ms": ms, "min_ms": min(times) * 1e3, "floor_ms": floor_ms,
                            "over_floor": ms / floor_ms, "setup_s": setup_s,
                            "captures": getattr(engine, "captures", 0)}
                     emit(row)
                     rows.append(row)
-        for run in runs:
-            run[3].uninstall()  # the gate's hooks
-        del runs
+            for run in runs:
+                run[3].uninstall()  # the gate's hooks
+            del runs
+            if cuda:
+                torch.cuda.empty_cache()
         peers = args.peer_tokens and (not args.peer_shapes or name in args.peer_shapes.split(","))
         for compiled in ([False, True] if cuda else [False]) if peers else []:
             try:
