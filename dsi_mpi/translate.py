@@ -541,7 +541,7 @@ def translation(target: str, drafter: str | None, verify: str) -> str | None:
 
 
 def load_drafter(spec: str, target: str, dtype: str = "auto", device: str = "cpu",
-                 target_eos: frozenset[int] = frozenset(), engine: object = "auto") -> Backend:
+                 target_eos: frozenset[int] = frozenset(), engine: object = "eager") -> Backend:
     """The drafter for ``target``: its backend, behind a :class:`TranslatingDrafter` when its
     vocabulary is not the target's. ``target_eos``: the target's end-of-sequence ids (what a
     draft that ends the text becomes), default its tokenizer's. ``engine``: how its forwards

@@ -42,10 +42,11 @@ def self_drafter_layers(spec: str) -> int:
 
 
 def load_backend(spec: str, dtype: str = "auto", device: str = "cpu", sleep: bool = True,
-                 target: str | None = None, engine: EngineOptions | str = "auto") -> Backend:
+                 target: str | None = None, engine: EngineOptions | str = "eager") -> Backend:
     """A backend from a spec: ``emulated:...``, a local directory, a hub id or a ``.gguf`` file;
     ``self:layers=N`` builds a drafter from ``target``'s spec. ``engine`` (a model's: eager,
-    static, cudagraph or auto) says how its forwards run; an emulated backend has none."""
+    static, cudagraph or auto; a run passes ``--engine``'s) says how its forwards run; an
+    emulated backend has none."""
     if is_emulated(spec):
         return EmulatedBackend(EmulatedSpec.parse(spec), sleep=sleep)
     from dsi_mpi.backends.hf import HFBackend

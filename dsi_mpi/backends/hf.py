@@ -145,7 +145,7 @@ class HFBackend(Backend):
     its forwards run (``engine.py``: eager, static or cudagraph; auto by device)."""
 
     def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu",
-                 layers: int | None = None, engine: EngineOptions | str = "auto") -> None:
+                 layers: int | None = None, engine: EngineOptions | str = "eager") -> None:
         from transformers import AutoModelForCausalLM
 
         options = engine if isinstance(engine, EngineOptions) else EngineOptions(kind=engine)
