@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The GPU path checked in one command (docs/cluster.md), within a time budget (default 450 s):
+# The GPU path checked in one command (docs/cluster.md), within a time budget (default 560 s):
 #
+#   0. forward     bench/forward.py first (issue 21): one forward of 1..6 tokens on 128 and 2048
+#                  cached, per engine (eager, static, cudagraph with G = 1 and 4 segments), for
+#                  the shapes of SmolLM2-135M, Qwen2.5-0.5B/1.5B and Llama-3.1-8B (random
+#                  weights), bfloat16, beside the memory floor and generate's tokens/s (dynamic
+#                  cache; static cache + compile for SmolLM2 and Qwen2.5-1.5B)
+#   0b. table2-fast the paper's Table 2 rows with every latency x 0.15 (targets 3.1-5.7 ms,
+#                  drafters 0.4-1.0 ms: GPU-fast forwards), 9 ranks, spin polling: runtime/ideal
 #   1. env         versions, the GPU, and an MPI hello on 2 ranks
 #   2. tests       the unit tests with --device (HF backend, reference decoders and gate on the GPU)
 #   3. model       the target: --model (a .gguf file or a folder) or random SmolLM2-135M weights
@@ -21,7 +28,7 @@
 # get less than 20 s is skipped; --cap-scale multiplies the caps, for a dry run on a slow CPU),
 # a failing step does not stop the others, and the script prints what it did and a summary;
 # it exits 1 if a step failed. Results go to --out (default $OUT, else out/gpu-check):
-# gpu_check.log, summary.json, modes.jsonl, preemption.jsonl.
+# gpu_check.log, summary.json, forward.jsonl, table2-fast.jsonl, modes.jsonl, preemption.jsonl.
 #
 # On a GPU machine without network or MPI, first run bench/gpu_prepare.sh where PyPI is
 # reachable and carry .gpu/ (wheels: mpich, mpi4py, pytest-mpi, gguf; HumanEval prompts as
@@ -34,7 +41,7 @@ REPO=$(pwd)
 PY=${PYTHON:-python3}
 
 DEVICE=cuda MODEL=${DSI_GPU_MODEL:-} PROMPTS=8 MAX_NEW=32 DTYPES=bfloat16,float32 TRIALS=100
-STEPS=env,tests,model,modes,preemption,mpi-tests BUDGET=450 OUTDIR=${OUT:-$REPO/out/gpu-check} INSTALL=1
+STEPS=forward,table2-fast,env,tests,model,modes,preemption,mpi-tests BUDGET=560 OUTDIR=${OUT:-$REPO/out/gpu-check} INSTALL=1
 CAP_SCALE=1
 while [ $# -gt 0 ]; do
     case $1 in
@@ -147,6 +154,19 @@ main() {
     export PY WORK MPIEXEC
     export -f check_env prepare_model
 
+    # Issue 21 first: the forward latency per engine, then the coordinator at GPU-fast latencies.
+    if [ "$DEVICE" = cpu ]; then  # a dry run: the smallest shape, two engines, a few forwards
+        step forward 240 "$PY" bench/forward.py --device cpu --shapes smollm2-135m --engines eager,static \
+            --caches 32 --lookahead 1 --trials 2 --peer-tokens 2 --output "$OUTDIR/forward.jsonl"
+        step table2-fast 120 "$MPIEXEC" -n 9 "$PY" -m mpi4py bench/paper_table2.py --scale 0.15 --repeats 1 \
+            --tokens 10 --sim-repeats 10 --out "$OUTDIR/table2-fast.jsonl"
+    else
+        step forward 240 "$PY" bench/forward.py --device "$DEVICE" --dtype bfloat16 --trials 10 --segments 1,4 \
+            --peer-tokens 32 --peer-shapes smollm2-135m,qwen2.5-1.5b --output "$OUTDIR/forward.jsonl"
+        step table2-fast 100 "$MPIEXEC" -n 9 "$PY" -m mpi4py bench/paper_table2.py --scale 0.15 --poll spin \
+            --repeats 3 --tokens 50 --sim-repeats 50 --out "$OUTDIR/table2-fast.jsonl"
+    fi
+
     step env 60 bash -c check_env
 
     model_spec=random:smollm2
@@ -207,7 +227,8 @@ main() {
 }
 
 : > "$STEPS_FILE"
-rm -f "$OUTDIR/modes.jsonl" "$OUTDIR/preemption.jsonl" "$OUTDIR/summary.json"
+rm -f "$OUTDIR/modes.jsonl" "$OUTDIR/preemption.jsonl" "$OUTDIR/summary.json" "$OUTDIR/forward.jsonl" \
+    "$OUTDIR/table2-fast.jsonl"
 main 2>&1 | tee "$OUTDIR/gpu_check.log"
 rc=${PIPESTATUS[0]}
 rm -rf "$WORK"

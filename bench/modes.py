@@ -164,6 +164,7 @@ def main() -> int:
     parser.add_argument("--drafter", default=None,
                         help="a drafter model (folder or .gguf) instead of the self-drafter")
     parser.add_argument("--lookahead", type=int, default=4)
+    parser.add_argument("--engine", default="auto", help="eager, static, cudagraph or auto")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--workdir", default=None,
                         help="where random, converted and drafter models are kept")
@@ -201,12 +202,13 @@ def main() -> int:
     folder, drafter, prompts = prepared
     base = RunConfig(target=folder, drafter=drafter, mode="nonsi",
                      max_new_tokens=args.max_new_tokens,
-                     device=args.device, timeout_s=args.timeout)
+                     device=args.device, timeout_s=args.timeout, engine=args.engine)
     configs = [replace(base, mode="dsi", lookahead=args.lookahead, sp=size - 2),
                replace(base, mode="si", lookahead=args.lookahead), base]
     drafter_name = describe(args.drafter) if args.drafter else f"first {args.layers} layers"
     meta = {"device": None, "model": describe(args.model), "drafter": drafter_name,
-            "max_new_tokens": args.max_new_tokens, **provenance(size)}
+            "max_new_tokens": args.max_new_tokens, "engine": base.engine_name,
+            **provenance(size)}
     rows, failed = [], []
     for dtype in args.dtypes.split(","):
         dtyped = [replace(c, dtype=dtype) for c in configs]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dsi_mpi.backends import EmulatedSpec, is_emulated
+from dsi_mpi.backends import ENGINES, EmulatedSpec, EngineOptions, is_emulated
+from dsi_mpi.backends.choice import resolve_engine
 from dsi_mpi.verify import SamplingParams
 
 MODES = ("dsi", "si", "nonsi")
@@ -33,6 +34,8 @@ class RunConfig:
     verify: str = "exact"  # exact (shared noise, token-identical) or rejection (Leviathan et al.)
     dtype: str = "auto"  # model dtype for HF backends
     device: str = "cpu"  # cpu, cuda, or cuda:N for model ranks
+    engine: str = "auto"  # how model forwards run: eager, static, cudagraph; auto by device
+    graph_segments: int = 1  # cudagraph: graphs per forward, CANCEL probed between them
     num_drafters: int = 1  # drafter ranks; ranks 1..num_drafters
     target_ranks: int = 1  # ranks per target server (tensor parallelism; servergroup.py)
     max_run_ahead: int | None = None  # drafts past the committed prefix; None: lookahead*(sp+1)
@@ -49,6 +52,14 @@ class RunConfig:
                               f"got {self.verify!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, "
+                              f"got {self.engine!r}")
+        if self.engine == "cudagraph" and not self.device.startswith("cuda"):
+            raise ConfigError(f"--engine cudagraph needs --device cuda (CUDA graphs), got "
+                              f"--device {self.device}: use --engine static or eager on a CPU")
+        if self.graph_segments < 1:
+            raise ConfigError(f"--graph-segments must be >= 1, got {self.graph_segments}")
         if self.mode != "nonsi" and not self.drafter:
             raise ConfigError(f"--mode {self.mode} needs --drafter SPEC "
                               "(a path, hub id or emulated: spec)")
@@ -117,14 +128,28 @@ class RunConfig:
         return is_emulated(self.target)
 
     def loads_as(self, other: RunConfig) -> bool:
-        """Whether ``other`` needs the very models, sampling and caches this config does: the
-        configs of one run (its modes) may differ in mode, lookahead, SP and seed only."""
+        """Whether ``other`` needs the very models, engines, sampling and caches this config
+        does: the configs of one run (its modes) may differ in mode, lookahead, SP and seed
+        only."""
         def loaded(c: RunConfig) -> tuple[object, ...]:
             s = c.sampling
-            return (c.target, c.drafter, c.dtype, c.device, c.reuse_cache, s.temperature,
-                    s.top_k, s.top_p)
+            return (c.target, c.drafter, c.dtype, c.device, c.engine, c.graph_segments,
+                    c.target_ranks, c.reuse_cache, s.temperature, s.top_k, s.top_p)
 
         return loaded(self) == loaded(other)
+
+    @property
+    def engine_name(self) -> str | None:
+        """The engine the model ranks run (eager, static or cudagraph; None: emulated)."""
+        return None if self.emulated else resolve_engine(self.engine, self.device)
+
+    def engine_options(self, longest_prompt: int, run_ahead: int) -> EngineOptions:
+        """What the model ranks' engines are sized for: the longest sequence a rank's cache can
+        hold (longest prompt + new tokens + drafts run ahead + a verification block), and
+        blocks of up to lookahead + 1 tokens graphed."""
+        capacity = longest_prompt + self.max_new_tokens + run_ahead + self.lookahead + 1
+        return EngineOptions(kind=self.engine, capacity=capacity, max_block=self.lookahead + 1,
+                             segments=self.graph_segments)
 
     def run_ahead(self, sp: int) -> int:
         """How far the drafter may run beyond the committed prefix."""

@@ -44,6 +44,7 @@ class ModelInfo:
     max_positions: int | None
     tokenizer: Any  # a transformers tokenizer, or None (token ids only)
     num_layers: int | None = None  # decoder layers, for self:layers=N drafters
+    model_type: str | None = None  # the config's model_type (which engines can run it)
 
 
 # What from_pretrained loads weights from (transformers' SAFE_WEIGHTS_NAME, WEIGHTS_NAME and
@@ -149,7 +150,8 @@ def inspect_model(spec: str, flag: str, target: ModelInfo | None = None) -> Mode
         raise ConfigError(f"{flag}: {exc}") from None
     layers = getattr(config, "num_hidden_layers", None)
     return ModelInfo(int(config.vocab_size), context_length(config), load_tokenizer(spec),
-                     int(layers) if isinstance(layers, int) else None)
+                     int(layers) if isinstance(layers, int) else None,
+                     getattr(config, "model_type", None))
 
 
 def check_tensor_parallel(spec: str, n: int) -> None:
@@ -373,6 +375,18 @@ def check_prompts(prompts: Sequence[Prompt], config: RunConfig, infos: Sequence[
                 )
 
 
+def check_engine(config: RunConfig, infos: Sequence[ModelInfo]) -> None:
+    """The CUDA-graph engine in G > 1 segments runs Llama-layout decoders only."""
+    if config.engine_name != "cudagraph":
+        return
+    from dsi_mpi.backends.choice import graph_refusal
+
+    for info in infos:
+        refusal = graph_refusal(info.model_type, config.graph_segments)
+        if info.model_type is not None and refusal:
+            raise ConfigError(refusal)
+
+
 def preflight(config: RunConfig, prompt: str | None = None, prompt_file: str | None = None,
               prompt_ids: str | None = None, chat: bool = False,
               num_prompts: int | None = None) -> tuple[list[Prompt], object | None]:
@@ -394,6 +408,7 @@ def preflight(config: RunConfig, prompt: str | None = None, prompt_file: str | N
             # The prompts are target ids; the drafter's context length still bounds them.
             drafter = ModelInfo(target.vocab_size, drafter.max_positions, None)
         infos.append(drafter)
+    check_engine(config, infos)
     prompts = read_prompts(prompt, prompt_file, prompt_ids, target.tokenizer, chat, num_prompts)
     check_prompts(prompts, config, infos)
     prepare_models(config)

@@ -210,16 +210,18 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
 
     if threads is not None:
         torch.set_num_threads(threads)
+    longest = max((len(p) for p in prompts), default=0)
+    engine = config.engine_options(longest, config.lookahead)
     if group is not None:
         group.start_torch(config.device)
-    target = load_backend(config.target, config.dtype, config.device,
+    target = load_backend(config.target, config.dtype, config.device, engine=engine,
                           tp_size=config.target_ranks)
     if group is not None:
         group.loaded(target)
     # A drafter with another vocabulary drafts through a translating drafter (translate.py): its
     # forwards, timings and matches are per target token, as the planner needs them.
     drafter = load_drafter(config.drafter or "", config.target, config.dtype, config.device,
-                           target_eos=target.eos_token_ids)
+                           target_eos=target.eos_token_ids, engine=engine)
     result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup,
                      shared)
     result["translation"] = None
@@ -241,6 +243,7 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
     result |= {
         "target_ranks": config.target_ranks,  # a server of this many ranks (TP): plan --gpus
         "dtype": config.dtype,
+        "engine": config.engine_name,
         "device": config.device,
         "host": platform.node(),
         "torch": torch.__version__,

@@ -48,6 +48,8 @@ def identity(config: RunConfig, sp: int, prompt_tokens: int, seed: int | None = 
         "target": config.target,
         "drafter": config.drafter if uses_drafter else None,
         "max_new_tokens": config.max_new_tokens,
+        # how the model ranks ran their forwards (eager, static, cudagraph; None: emulated)
+        "engine": config.engine_name,
     }
 
 

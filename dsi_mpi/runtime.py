@@ -27,7 +27,7 @@ from mpi4py import MPI
 
 from dsi_mpi import results
 from dsi_mpi import trace as tracing
-from dsi_mpi.backends import Backend, load_backend
+from dsi_mpi.backends import Backend, EngineOptions, load_backend
 from dsi_mpi.config import ConfigError, RunConfig
 from dsi_mpi.coordinator import Coordinator, PromptResult, Unresponsive
 from dsi_mpi.devices import model_device
@@ -86,9 +86,10 @@ def record(result: PromptResult, config: RunConfig, sp: int, prompt_index: int, 
         "target_forwards": counters.target_forwards,
         "drafts_received": counters.drafts_received,
         "drafts_late": counters.drafts_late,
-        # which run wrote it: models, lookahead, sp, sampling, prompt length (what --resume
-        # matches on)
+        # which run wrote it: models, engine, lookahead, sp, sampling, prompt length (what
+        # --resume matches on)
         **results.identity(config, sp, prompt_len, seed),
+        "graph_segments": config.graph_segments if config.engine_name == "cudagraph" else None,
         # acceptance by position in a block (vLLM's definition; docs/records.md)
         "blocks_verified": counters.blocks_verified,
         "blocks_per_position": counters.blocks_per_position,
@@ -124,6 +125,10 @@ class Rank0:
     done: Collection[Key] = ()  # (mode, prompt index, repeat) already written (--resume)
     progress: Progress | None = None  # told of every record as it is made
 
+    @property
+    def longest_prompt(self) -> int:
+        return max((len(p.ids if isinstance(p, Prompt) else p) for p in self.prompts), default=0)
+
 
 def run(comm: MPI.Comm, configs: Sequence[RunConfig], rank0: Rank0 | None = None,
         trace: str | None = None) -> RunOutcome:
@@ -151,6 +156,9 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], rank0: Rank0 | None = None
     role = layout.role(rank)
     try:
         eos = _share_eos_ids(transport.comm, base)
+        # The engines' static caches are sized for the longest prompt, which rank 0 alone knows.
+        longest = transport.comm.bcast((rank0 or Rank0()).longest_prompt if rank == 0 else None,
+                                       root=0)
         # collective: the ranks of a server of several ranks get a communicator of their own
         server_comm = split(transport.comm, layout)
     except BaseException:  # raised alike on every rank, before the run: nothing to end
@@ -167,7 +175,8 @@ def run(comm: MPI.Comm, configs: Sequence[RunConfig], rank0: Rank0 | None = None
         else:
             group = (ServerGroup(server_comm, layout, rank, base.timeout_s)
                      if server_comm is not None else None)
-            recorder = _serve(transport, layout, configs, eos, trace is not None, group)
+            recorder = _serve(transport, layout, configs, eos, trace is not None,
+                              _engine_options(configs, layout, longest), group)
         if trace:  # every rank has finished (rank 0 has every Bye): gather the events
             parts = tracing.gather(recorder, transport)
             if parts is not None:
@@ -188,12 +197,24 @@ def _describe(config: RunConfig) -> dict:
             "max_new_tokens": config.max_new_tokens}
 
 
+def _engine_options(configs: Sequence[RunConfig], layout: Layout,
+                    longest: int) -> EngineOptions:
+    """The engines' sizing for every config of the run: the longest sequence any makes."""
+    ahead = max((c.run_ahead(len(layout.active_targets(c.mode, c.sp))) for c in configs
+                 if c.uses_drafter), default=0)
+    lookahead = max(c.lookahead for c in configs)
+    capacity = longest + max(c.max_new_tokens for c in configs) + ahead + lookahead + 1
+    return EngineOptions(configs[0].engine, capacity, lookahead + 1, configs[0].graph_segments)
+
+
 def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
            eos: frozenset[int], trace: bool = False,
+           engine: EngineOptions | str = "auto",
            group: ServerGroup | None = None) -> tracing.Recorder:
-    """A worker: load the model, say Ready, serve until Shutdown, say Bye; returns what it
-    recorded (``trace``: with rank 0's clock aligned once every rank is ready). ``group``: the
-    server of several ranks this target rank belongs to (its leader or a follower)."""
+    """A worker: load the model (its forwards run as ``engine`` says), say Ready, serve until
+    Shutdown, say Bye; returns what it recorded (``trace``: with rank 0's clock aligned once
+    every rank is ready). ``group``: the server of several ranks this target rank belongs to
+    (its leader or a follower)."""
     base = configs[0]
     comm, role = transport.comm, layout.role(transport.rank)
     backend: Backend | None = None
@@ -202,14 +223,16 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
             device = model_device(comm, layout, base.device)
             if group is not None:
                 group.start_torch(device)
-            backend = load_backend(base.target, base.dtype, device, tp_size=layout.target_ranks)
+            backend = load_backend(base.target, base.dtype, device, engine=engine,
+                                   tp_size=layout.target_ranks)
             if group is not None:
                 group.loaded(backend)
         elif any(c.uses_drafter for c in configs):
             # A self:layers=N drafter is built from the target; one with another vocabulary is
             # wrapped in a translating drafter (dsi_mpi/translate.py).
             backend = load_drafter(base.drafter or "", base.target, base.dtype,
-                                   model_device(comm, layout, base.device), target_eos=eos)
+                                   model_device(comm, layout, base.device), target_eos=eos,
+                                   engine=engine)
         elif base.device == "cuda":
             model_device(comm, layout, base.device)  # the split is collective over the node
     transport.send(0, Ready())

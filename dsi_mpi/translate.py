@@ -36,6 +36,7 @@ pair of model specs gets (:func:`translation`, :func:`load_drafter`).
 from __future__ import annotations
 
 from dsi_mpi.backends.base import Backend
+from dsi_mpi.backends.choice import EngineOptions
 from dsi_mpi.backends.translating import MAX_DRAFTER_FORWARDS, TranslatingDrafter
 from dsi_mpi.vocabulary import (
     METHODS,
@@ -84,13 +85,15 @@ def translation(target: str, drafter: str | None, verify: str) -> str | None:
 
 
 def load_drafter(spec: str, target: str, dtype: str = "auto", device: str = "cpu",
-                 target_eos: frozenset[int] = frozenset()) -> Backend:
+                 target_eos: frozenset[int] = frozenset(),
+                 engine: EngineOptions | str = "eager") -> Backend:
     """The drafter for ``target``: its backend, behind a :class:`TranslatingDrafter` when its
     vocabulary is not the target's. ``target_eos``: the target's end-of-sequence ids (what a
-    draft that ends the text becomes), default its tokenizer's."""
+    draft that ends the text becomes), default its tokenizer's. ``engine``: how its forwards
+    run (``backends/engine.py``)."""
     from dsi_mpi.backends import load_backend
 
-    backend = load_backend(spec, dtype, device, target=target)
+    backend = load_backend(spec, dtype, device, target=target, engine=engine)
     t_tok, d_tok = _tokenizer(target), _tokenizer(spec)
     if t_tok is None or d_tok is None or same_vocabulary(t_tok, d_tok):
         return backend

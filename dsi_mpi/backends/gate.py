@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -165,6 +166,16 @@ class LayerGate:
 
     def end(self) -> None:
         self._should_cancel = None
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """The layer hooks pass through (a graph segment replayed eagerly probes only between
+        segments, where the engine calls :meth:`before_layer` itself)."""
+        cancel, self._should_cancel = self._should_cancel, None
+        try:
+            yield
+        finally:
+            self._should_cancel = cancel
 
     # ------------------------------------------------------------------ hooks
 

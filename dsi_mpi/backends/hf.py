@@ -1,17 +1,21 @@
-"""Hugging Face backend: any ``AutoModelForCausalLM`` with a croppable ``DynamicCache``.
+"""Hugging Face backend: any ``AutoModelForCausalLM``, its KV cache rolled back exactly.
 
 A model is a local folder, a hub id or a ``.gguf`` file (converted once to a cached folder,
 see ``gguf.py``). ``layers=N`` keeps the first N decoder layers of the model: the
 self-drafter ``self:layers=N`` (early-exit self-speculation), whose KV cache has N layers.
 
-Written against transformers 5.x: the cache is passed as ``cache=`` and
-``DynamicCache.crop`` takes the (negative) number of tokens to remove. Cancellation is checked
-by forward pre-hooks on the decoder layers, so a stale forward stops within one layer's time;
-the partly updated cache is then cropped back, layer by layer, to its previous length.
+How the forwards run and where the cache lives is the engine's (``engine.py``): ``eager``, a
+croppable ``DynamicCache`` and the model's own forward; ``static``, one ``StaticCache`` for
+the rank's life (``static.py``); ``cudagraph``, the static engine replayed as CUDA graphs
+(``graphs.py``). Cancellation is checked by forward pre-hooks on the decoder layers (between
+graph segments, for cudagraph), so a stale forward stops within one layer's time; the partly
+updated cache is then put back at its previous length.
 
-Before 5.2x (5.17, for one) the cache goes as ``past_key_values=`` (:func:`cache_keyword`).
-The hooks belong to the gate of ``gate.py``, which on a GPU also keeps the CPU at most W layers
-ahead of the GPU, so that "between layers" means between layers the GPU has run.
+Written against transformers 5.x: the cache is passed as ``cache=`` and its ``crop`` takes
+the (negative) number of tokens to remove. Before 5.2x (5.17, for one) the cache goes as
+``past_key_values=`` (:func:`cache_keyword`). The hooks belong to the gate of ``gate.py``,
+which on a GPU also keeps the CPU at most W layers ahead of the GPU, so that "between layers"
+means between layers the GPU has run.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
 from dsi_mpi.backends import gguf
-from dsi_mpi.backends.base import Backend, Cancelled, StepOutput
+from dsi_mpi.backends.base import Backend, StepOutput
+from dsi_mpi.backends.choice import EngineOptions, resolve_engine
+from dsi_mpi.backends.engine import EagerEngine, Engine
 from dsi_mpi.backends.gate import LayerGate
 from dsi_mpi.backends.logits import distributions, select_tokens
+from dsi_mpi.backends.static import StaticEngine
 from dsi_mpi.verify import SamplingParams
 
 DTYPES = {
@@ -142,12 +150,16 @@ def pretrained_path(spec: str) -> str:
 
 class HFBackend(Backend):
     """A causal LM from a local path, hub id or GGUF file, one sequence, KV cache kept across
-    calls; with ``layers``, only its first decoder layers (a self-drafter)."""
+    calls; with ``layers``, only its first decoder layers (a self-drafter). ``engine`` picks how
+    its forwards run (``engine.py``: eager, static or cudagraph; auto by device)."""
 
     def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "cpu",
-                 layers: int | None = None, tp_size: int = 1) -> None:
+                 layers: int | None = None, engine: EngineOptions | str = "eager",
+                 tp_size: int = 1) -> None:
         from transformers import AutoModelForCausalLM
 
+        options = engine if isinstance(engine, EngineOptions) else EngineOptions(kind=engine)
+        kind = resolve_engine(options.kind, device)  # refuses cudagraph off CUDA before loading
         # tp_size > 1: this rank's shard of a tensor-parallel model, whose torch.distributed
         # world (its server's ranks) exists already (dsi_mpi/servergroup.py).
         sharded = {"distributed_config": tp_config(tp_size)} if tp_size > 1 else {}
@@ -164,23 +176,29 @@ class HFBackend(Backend):
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.eos_token_ids = eos_ids(self.model)
         self.max_positions = context_length(self.config)
-        self.cache = croppable_cache(self.config)
-        self._cache_keyword = cache_keyword(self.model)
-        self.gate = LayerGate.for_device(self.device)  # DSI_MPI_GATE: window, hook or sync
-        self.gate.install(_decoder_layers(self.model))
+        if options.capacity and self.max_positions:  # the run's longest sequence, capped
+            options = replace(options, capacity=min(options.capacity, self.max_positions))
+        gate = LayerGate.for_device(self.device)  # DSI_MPI_GATE: window, hook or sync
+        gate.install(_decoder_layers(self.model))
+        self.engine = make_engine(kind, self.model, self.device, gate, options)
+
+    @property
+    def cache(self):  # the engine's transformers Cache
+        return self.engine.cache
+
+    @property
+    def gate(self) -> LayerGate:
+        return self.engine.gate
+
+    @gate.setter
+    def gate(self, gate: LayerGate) -> None:  # another gate in the installed one's place
+        self.engine.gate = gate
 
     def cached_length(self) -> int:
-        return int(self.cache.get_seq_length())
+        return self.engine.cached_length()
 
     def crop(self, length: int) -> None:
-        # Layer by layer: after an interrupted forward the layers hold different lengths. A
-        # negative count removes tokens alike in 5.17 and 5.24 (a positive one was 5.17's
-        # deprecated absolute length, an error in 5.24); a layer never reached is skipped.
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", True):
-                current = int(layer.get_seq_length())
-                if current > length:
-                    layer.crop(length - current)
+        self.engine.crop(length)
 
     def forward(
         self,
@@ -203,22 +221,22 @@ class HFBackend(Backend):
         model's device (a translating drafter selects its tokens from them itself)."""
         if not tokens:
             raise ValueError("forward needs at least one token")
-        start = self.cached_length()
-        n = len(tokens) if num_outputs is None else min(num_outputs, len(tokens))
-        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # [1, m]
-        self.gate.begin(should_cancel)
-        try:
-            if should_cancel is not None and should_cancel():
-                raise Cancelled()
-            with torch.inference_mode():
-                out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=n,
-                                 **{self._cache_keyword: self.cache})
-        except Cancelled:
-            self.crop(start)
-            raise
-        finally:
-            self.gate.end()
-        return out.logits[0, -n:, :]
+        return self.engine.logits(tokens, num_outputs, should_cancel)
+
+
+def make_engine(kind: str, model: torch.nn.Module, device: torch.device, gate: LayerGate,
+                options: EngineOptions) -> Engine:
+    """The engine ``kind`` (resolved: eager, static or cudagraph) over a loaded model."""
+    keyword = cache_keyword(model)
+    if kind == "eager":
+        return EagerEngine(model, device, gate, keyword)
+    if kind == "static":
+        return StaticEngine(model, device, gate, keyword, options.capacity)
+    from dsi_mpi.backends.graphs import GraphEngine, cuda_capturer
+
+    engine = GraphEngine(model, device, gate, keyword, options, cuda_capturer(device))
+    engine.prepare()  # every block length's graphs, at start-up
+    return engine
 
 
 def load_tokenizer(name_or_path: str):  # a transformers tokenizer or None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from dsi_mpi.backends import ENGINES
 from dsi_mpi.config import ConfigError
 
 
@@ -28,6 +29,17 @@ def add_prompt_options(p: argparse.ArgumentParser, file_help: str) -> None:
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt in the tokenizer's chat template (instruct models)")
     p.add_argument("--num-prompts", type=int, help="take the first N prompts")
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """How model ranks run their forwards (dsi_mpi/backends/engine.py)."""
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="eager (dynamic KV cache), static (one static KV cache per rank), "
+                        "cudagraph (static cache, short forwards replayed as CUDA graphs; "
+                        "CUDA only); auto: cudagraph on CUDA, eager on a CPU")
+    p.add_argument("--graph-segments", type=int, default=1,
+                   help="cudagraph: graphs per forward, CANCEL probed between them "
+                        "(1: the whole forward in one graph; >1: Llama-layout models)")
 
 
 def positive(args: argparse.Namespace, *names: str) -> None:

@@ -7,7 +7,13 @@ import argparse
 import json
 import os
 
-from dsi_mpi.cli.common import Subparsers, add_prompt_options, need_matplotlib, writable
+from dsi_mpi.cli.common import (
+    Subparsers,
+    add_engine_options,
+    add_prompt_options,
+    need_matplotlib,
+    writable,
+)
 from dsi_mpi.cli.launch import rank, world_size
 from dsi_mpi.config import DTYPES, MODES, ConfigError, RunConfig
 
@@ -31,6 +37,7 @@ def add_profile(sub: Subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed generations of the first prompt")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models on it)")
+    add_engine_options(p)
     p.add_argument("--target-ranks", type=int, default=1, metavar="N",
                    help="profile the target as one server of N ranks (tensor parallelism): "
                         "launch with mpiexec -n N; rank 0 writes the output")
@@ -57,7 +64,8 @@ def profile_command(args: argparse.Namespace) -> int:
         device = f"cuda:{rank()}"
     config = RunConfig(target=args.target, drafter=args.drafter, mode="si",
                        lookahead=args.lookahead, max_new_tokens=args.max_new_tokens,
-                       dtype=args.dtype, device=device, target_ranks=args.target_ranks)
+                       dtype=args.dtype, device=device, engine=args.engine,
+                       graph_segments=args.graph_segments, target_ranks=args.target_ranks)
     writable(args.output, "--output")
     size = world_size() or 1
     if size != args.target_ranks:

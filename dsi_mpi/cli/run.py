@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from dsi_mpi import results
-from dsi_mpi.cli.common import Subparsers, add_prompt_options, writable
+from dsi_mpi.cli.common import Subparsers, add_engine_options, add_prompt_options, writable
 from dsi_mpi.cli.launch import Checked, Outcome, check_on_rank_0, world_size
 from dsi_mpi.config import DTYPES, MODES, POLL_CHOICES, VERIFY_MODES, ConfigError, RunConfig
 from dsi_mpi.exits import (
@@ -56,6 +56,7 @@ def add_run(sub: Subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda (each model rank takes a GPU of its node)")
+    add_engine_options(p)
     add_prompt_options(p, "text (one prompt a line), or JSONL (.gz too) with prompt or prompt_ids")
     p.add_argument("--output", required=True,
                    help="JSONL file, one line per prompt and mode, written as each finishes")
@@ -107,7 +108,8 @@ def build_configs(args: argparse.Namespace) -> list[RunConfig]:
     base = RunConfig(
         target=args.target, drafter=args.drafter, mode=modes[0], lookahead=args.lookahead,
         sp=args.sp, max_new_tokens=args.max_new_tokens, sampling=sampling_params(args),
-        verify=args.verify, dtype=args.dtype, device=args.device, max_run_ahead=args.max_run_ahead,
+        verify=args.verify, dtype=args.dtype, device=args.device, engine=args.engine,
+        graph_segments=args.graph_segments, max_run_ahead=args.max_run_ahead,
         reuse_cache=args.reuse_cache, timeout_s=args.timeout, poll=args.poll,
         target_ranks=args.target_ranks,
     )

@@ -57,6 +57,7 @@ def test_nonsi_runs_on_two_ranks_without_a_drafter(tmp_path: Path) -> None:
         (3, ["--target", "/no/such/model", "--drafter", "/no/such/drafter"], "does not exist"),
         (4, ["--sp", "3"], "--sp 3 needs 1 coordinator"),
         (3, ["--mode", "warp"], "--mode must be one or more of"),
+        (3, ["--engine", "cudagraph"], "--engine cudagraph needs --device cuda"),
     ],
 )
 def test_bad_input_is_reported_once_and_every_rank_exits_2(ranks: int, args: list[str],

@@ -42,25 +42,32 @@ def _generate(path: str, ids: list[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-CASES = [(a, k) for a in ("llama", "gpt2") for k in ("identical", "perturbed", "unrelated")]
-CASES.append(("gemma3", "perturbed"))  # sliding-window layers, rolled back past the window
+CASES = [(a, k, "eager") for a in ("llama", "gpt2")
+         for k in ("identical", "perturbed", "unrelated")]
+CASES.append(("gemma3", "perturbed", "eager"))  # sliding-window layers, rolled back past it
+# The static engine (one StaticCache per rank, backends/static.py), fewer lookaheads and SPs.
+CASES += [("llama", "perturbed", "static"), ("gemma3", "perturbed", "static")]
 
 
 @pytest.mark.mpi(min_size=5)
-@pytest.mark.parametrize(("arch", "kind"), CASES)
-def test_greedy_modes_equal_generate(mpi_tiny_suite: dict[str, str], arch: str, kind: str) -> None:
+@pytest.mark.parametrize(("arch", "kind", "engine"), CASES)
+def test_greedy_modes_equal_generate(mpi_tiny_suite: dict[str, str], arch: str, kind: str,
+                                     engine: str) -> None:
     from transformers import AutoTokenizer
 
     target, drafter = mpi_tiny_suite[arch], mpi_tiny_suite[f"{arch}/{kind}"]
     tokenizer = AutoTokenizer.from_pretrained(target)
     texts = (EOS_PROBE_PROMPT, corpus_lines()[3], corpus_lines()[21][:25])
     prompts = [tokenizer(t)["input_ids"] for t in texts]
-    records, error, pending = run_on(5, _configs(target, drafter), prompts, tokenizer)
+    configs = (_configs(target, drafter) if engine == "eager"
+               else _configs(target, drafter, (1, 4), (1, 3), engine=engine))
+    records, error, pending = run_on(5, configs, prompts, tokenizer)
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"
     if ok and RANK == 0:
         expected = [_generate(target, ids) for ids in prompts]
         assert len(expected[0]) < MAX_NEW, "the EOS probe prompt must end at EOS"
-        assert len(records) == 13 * len(prompts)
+        assert len(records) == len(configs) * len(prompts)
+        assert {r["engine"] for r in records} == {engine}
         wrong = mismatch(records, expected)
         if wrong is not None:
             ok, message = False, wrong
@@ -176,13 +183,14 @@ def test_emulated_is_deterministic_and_counters_add_up() -> None:
 
 
 @pytest.mark.mpi(min_size=5)
+@pytest.mark.parametrize("engine", ["eager", "static"])
 def test_cancellation_keeps_caches_consistent_across_prompts(
-        mpi_tiny_suite: dict[str, str]) -> None:
+        mpi_tiny_suite: dict[str, str], engine: str) -> None:
     """Many rejections and cancels on HF servers, then more prompts on the same caches."""
     target, drafter = mpi_tiny_suite["llama"], mpi_tiny_suite["llama/perturbed"]
     base = RunConfig(target=target, drafter=drafter, mode="dsi", lookahead=1, sp=3,
                      max_new_tokens=MAX_NEW, dtype="float64", device=DEVICE, timeout_s=TIMEOUT_S,
-                     reuse_cache=True)
+                     reuse_cache=True, engine=engine)
     prompts = [[5, 17, 42, 8], [5, 17, 42, 9, 11], [5, 17, 42, 8]]
     records, error, pending = run_on(5, [base], prompts)
     ok, message = error is None and pending == 0, error or f"{pending} requests left open"

@@ -21,13 +21,16 @@ LAYERS = 22
 
 
 @pytest.mark.mpi(min_size=5)
-def test_smollm2_with_a_self_drafter_equals_generate(mpi_smollm2: dict[str, str]) -> None:
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_smollm2_with_a_self_drafter_equals_generate(mpi_smollm2: dict[str, str],
+                                                     engine: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(mpi_smollm2["folder"])
     prompts = read_prompts(None, mpi_smollm2["humaneval"], None, tokenizer, num_prompts=3)
     base = RunConfig(target=mpi_smollm2["gguf"], drafter=f"self:layers={LAYERS}", mode="nonsi",
-                     max_new_tokens=MAX_NEW, dtype="float32", timeout_s=TIMEOUT_S)
+                     max_new_tokens=MAX_NEW, dtype="float32", timeout_s=TIMEOUT_S,
+                     engine=engine)
     configs = [base, replace(base, mode="si", lookahead=4),
                replace(base, mode="dsi", lookahead=2, sp=3)]
     records, error, pending = run_on(5, configs, prompts, tokenizer)
@@ -42,6 +45,7 @@ def test_smollm2_with_a_self_drafter_equals_generate(mpi_smollm2: dict[str, str]
                                      do_sample=False)
             expected.append(out[0, len(prompt.ids):].tolist())
         assert len(records) == 3 * len(prompts)
+        assert {r["engine"] for r in records} == {engine}
         wrong = mismatch(records, expected)
         if wrong is not None:
             ok, message = False, wrong

@@ -27,6 +27,9 @@ D = "emulated:tpot_ms=1,acceptance=0.5"
         ({"sp": 0}, "--sp must be >= 1"),
         ({"drafter": "/some/model"}, "both be emulated"),
         ({"poll": "busy"}, "--poll must be one of auto, spin, backoff"),
+        ({"engine": "turbo"}, "--engine must be one of auto, eager, static, cudagraph"),
+        ({"engine": "cudagraph"}, "--engine cudagraph needs --device cuda"),
+        ({"graph_segments": 0}, "--graph-segments must be >= 1"),
     ],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:

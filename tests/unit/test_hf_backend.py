@@ -11,15 +11,17 @@ from dsi_mpi.backends import Cancelled, load_backend
 from dsi_mpi.backends.base import ContextRunner
 from dsi_mpi.backends.hf import cache_keyword, load_config, resolve_dtype
 from dsi_mpi.verify import SamplingParams
+from tests.engines import ENGINES, load_engine
 
 GREEDY = SamplingParams()
 PROMPT = [5, 17, 42, 8, 99, 3, 250]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str], arch: str,
-                                                     device: str) -> None:
-    backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
+                                                     engine: str, device: str) -> None:
+    backend = load_engine(tiny_suite[arch], engine, device)
     assert backend.model.dtype == torch.float64
     full = backend.forward(PROMPT, GREEDY).tokens.tolist()
     backend.reset()
@@ -34,10 +36,11 @@ def test_incremental_forwards_match_one_full_forward(tiny_suite: dict[str, str],
     assert backend.forward(PROMPT[:2] + [7, 7, 7], GREEDY).tokens[2:].tolist() == rolled
 
 
+@pytest.mark.parametrize("engine", ["eager", "static"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch: str,
-                                               device: str) -> None:
-    backend = load_backend(tiny_suite[arch], dtype="float64", device=device)
+                                               engine: str, device: str) -> None:
+    backend = load_engine(tiny_suite[arch], engine, device)
     runner = ContextRunner(backend)
     runner.run(PROMPT, GREEDY)
     assert backend.cached_length() == len(PROMPT)
@@ -51,7 +54,8 @@ def test_cancel_between_layers_leaves_no_trace(tiny_suite: dict[str, str], arch:
         backend.forward([11, 12, 13], GREEDY, should_cancel=cancel_at_second_layer)
     assert len(polls) == 3  # it stopped inside the forward, between decoder layers
     # Every layer is back at the previous length: the next result equals a fresh model's.
-    assert {layer.get_seq_length() for layer in backend.cache.layers} == {len(PROMPT)}
+    assert {int(layer.get_seq_length()) for layer in backend.cache.layers} == {len(PROMPT)}
+    assert backend.cached_length() == len(PROMPT)
     after = backend.forward([20, 21], GREEDY).tokens.tolist()
     fresh = load_backend(tiny_suite[arch], dtype="float64", device=device)
     assert fresh.forward(PROMPT + [20, 21], GREEDY).tokens[-2:].tolist() == after
@@ -112,21 +116,24 @@ def test_the_cache_goes_by_the_keyword_the_forward_takes(tiny_suite: dict[str, s
 
     assert (cache_keyword(Old()), cache_keyword(New())) == ("past_key_values", "cache")
     backend = load_backend(tiny_suite["llama"], dtype="float64", device=device)
-    assert backend._cache_keyword in inspect.signature(backend.model.forward).parameters
+    assert backend.engine.cache_keyword in inspect.signature(backend.model.forward).parameters
 
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_sliding_window_rollback_is_exact_past_the_window(tiny_suite: dict[str, str],
-                                                          device: str) -> None:
+                                                          engine: str, device: str) -> None:
     """Gemma 3's sliding-window layers: the cache transformers builds by default keeps only the
     window and cannot roll back past it; ours keeps every position (the attention mask keeps the
-    window), gives the default cache's logits, and crops exactly at any length."""
+    window), gives the default cache's logits, and crops exactly at any length (the static
+    engine's full-length static layers likewise: transformers' static sliding layer is not
+    croppable past the window either)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
     from dsi_mpi.tiny import SLIDING_WINDOW
 
-    backend = load_backend(tiny_suite["gemma3"], dtype="float64", device=device)
+    backend = load_engine(tiny_suite["gemma3"], engine, device)
     model = backend.model
     assert "sliding_attention" in model.config.layer_types
     assert model.config.sliding_window == SLIDING_WINDOW
@@ -159,15 +166,17 @@ def test_sliding_window_rollback_is_exact_past_the_window(tiny_suite: dict[str, 
         assert torch.allclose(got, full(ids)[keep:], rtol=0, atol=1e-10), keep
 
 
-def test_sliding_window_decoding_equals_generate(tiny_suite: dict[str, str], device: str) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sliding_window_decoding_equals_generate(tiny_suite: dict[str, str], engine: str,
+                                                 device: str) -> None:
     """Decoding far past the window with rollbacks (SI with a drafter that is often wrong)
     equals ``generate``, which decodes with the default sliding-window cache."""
     from transformers import AutoModelForCausalLM
 
     from dsi_mpi.reference import generate_nonsi, generate_si
 
-    target = load_backend(tiny_suite["gemma3"], dtype="float64", device=device)
-    drafter = load_backend(tiny_suite["gemma3/perturbed"], dtype="float64", device=device)
+    target = load_engine(tiny_suite["gemma3"], engine, device)
+    drafter = load_engine(tiny_suite["gemma3/perturbed"], engine, device)
     model = AutoModelForCausalLM.from_pretrained(tiny_suite["gemma3"], dtype=torch.float64)
     with torch.inference_mode():
         out = model.to(device).generate(torch.tensor([PROMPT], device=device), max_new_tokens=40,

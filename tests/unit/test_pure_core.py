@@ -11,7 +11,7 @@ import sys
 
 PURE = ("policy", "rules", "tasks", "dispatch", "ledger", "protocol", "verify", "simulate",
         "plan", "metrics", "roles", "worker", "sequences", "config", "exits", "results", "trace",
-        "progress", "report", "timeline", "vocabulary", "liveness")
+        "progress", "report", "timeline", "vocabulary", "liveness", "backends.choice", "cli")
 
 SCRIPT = """
 import sys

@@ -11,6 +11,7 @@ from dsi_mpi.backends import load_backend
 from dsi_mpi.reference import generate_nonsi, generate_si
 from dsi_mpi.tiny import EOS_PROBE_PROMPT, corpus_lines
 from dsi_mpi.verify import SamplingParams
+from tests.engines import ENGINES, load_engine
 
 GREEDY = SamplingParams()
 MAX_NEW = 24
@@ -21,30 +22,35 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
-def _hf_generate(path: str, ids: list[int], max_new: int, device: str = "cpu") -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).to(device).eval()
+def _hf_generate(path: str, ids: list[int], max_new: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float64) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new,
                              do_sample=False)
     return out[0, len(ids):].tolist()
 
 
+@pytest.mark.parametrize(("engine", "dtype"), [("eager", "float64"), ("static", "float64"),
+                                               ("static", "float32"), ("cudagraph", "float32")])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_greedy_nonsi_and_si_equal_generate(tiny_suite: dict[str, str], arch: str,
-                                            device: str) -> None:
+def test_greedy_nonsi_and_si_equal_generate(tiny_suite: dict[str, str], arch: str, engine: str,
+                                            dtype: str, device: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_suite[arch])
-    target = load_backend(tiny_suite[arch], dtype="float64", device=device)
-    drafters = {kind: load_backend(tiny_suite[f"{arch}/{kind}"], dtype="float64", device=device)
+    target = load_engine(tiny_suite[arch], engine, device, dtype)
+    drafters = {kind: load_engine(tiny_suite[f"{arch}/{kind}"], engine, device, dtype)
                 for kind in ("identical", "perturbed", "unrelated")}
     ended_at_eos = False
     for ids in _prompts(tokenizer):
-        expected = _hf_generate(tiny_suite[arch], ids, MAX_NEW, device)
+        expected = _hf_generate(tiny_suite[arch], ids, MAX_NEW, device, getattr(torch, dtype))
         ended_at_eos |= len(expected) < MAX_NEW and expected[-1] in target.eos_token_ids
         nonsi = generate_nonsi(target, ids, MAX_NEW, GREEDY)
         assert nonsi.tokens == expected
         assert nonsi.counters.forced == len(expected)
         for kind, drafter in drafters.items():
-            for lookahead in range(1, 9):
+            # Every lookahead on the eager engine; blocks around the graphed lengths (1 .. 6)
+            # and past them on the others.
+            for lookahead in range(1, 9) if engine == "eager" else (1, 5, 8):
                 si = generate_si(target, drafter, ids, MAX_NEW, lookahead, GREEDY)
                 assert si.tokens == expected, (kind, lookahead)
                 c = si.counters
@@ -87,10 +93,11 @@ def test_sampling_with_shared_noise_is_reproducible_across_modes(tiny_suite: dic
     assert len({tuple(o) for o in outputs}) == 3, "different seeds must give different samples"
 
 
-def test_rejection_mode_runs_and_is_exact_when_greedy(tiny_suite: dict[str, str],
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rejection_mode_runs_and_is_exact_when_greedy(tiny_suite: dict[str, str], engine: str,
                                                       device: str) -> None:
-    target = load_backend(tiny_suite["llama"], dtype="float64", device=device)
-    drafter = load_backend(tiny_suite["llama/perturbed"], dtype="float64", device=device)
+    target = load_engine(tiny_suite["llama"], engine, device)
+    drafter = load_engine(tiny_suite["llama/perturbed"], engine, device)
     ids = [5, 17, 42, 8]
     expected = generate_nonsi(target, ids, MAX_NEW, GREEDY).tokens
     # At temperature 0 p and q are one-hot and rejection sampling reduces to exact matching.

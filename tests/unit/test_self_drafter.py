@@ -12,6 +12,7 @@ from dsi_mpi.config import ConfigError, RunConfig
 from dsi_mpi.preflight import preflight
 from dsi_mpi.reference import generate_nonsi, generate_si
 from dsi_mpi.verify import SamplingParams
+from tests.engines import ENGINES, load_engine
 
 GREEDY = SamplingParams()
 PROMPT = [5, 17, 42, 8, 99, 3, 250]
@@ -45,22 +46,26 @@ def test_self_drafter_is_the_targets_early_exit(tiny_suite: dict[str, str], arch
     assert drafter.forward(PROMPT[3:], GREEDY).tokens.tolist() == out.tokens[3:].tolist()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_all_layers_accept_everything_and_fewer_change_nothing_in_the_output(
-        tiny_suite: dict[str, str], arch: str) -> None:
-    target = load_backend(tiny_suite[arch], dtype="float64")
+        tiny_suite: dict[str, str], arch: str, engine: str) -> None:
+    target = load_engine(tiny_suite[arch], engine)
     expected = generate_nonsi(target, PROMPT, 20, GREEDY).tokens
     for layers, all_accepted in ((2, True), (1, False)):
-        drafter = load_backend(f"self:layers={layers}", dtype="float64", target=tiny_suite[arch])
+        drafter = load_engine(f"self:layers={layers}", engine, target=tiny_suite[arch])
+        assert drafter.engine.name == engine and len(drafter.cache.layers) == layers
         gen = generate_si(target, drafter, PROMPT, 20, 3, GREEDY)
         assert gen.tokens == expected
         assert (gen.counters.rejected == 0) == all_accepted, gen.counters
 
 
-def test_cancellation_still_reaches_every_kept_layer(tiny_suite: dict[str, str]) -> None:
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_cancellation_still_reaches_every_kept_layer(tiny_suite: dict[str, str],
+                                                     engine: str) -> None:
     from dsi_mpi.backends import Cancelled
 
-    drafter = load_backend("self:layers=1", dtype="float64", target=tiny_suite["llama"])
+    drafter = load_engine("self:layers=1", engine, target=tiny_suite["llama"])
     ContextRunner(drafter).run(PROMPT, GREEDY)
     polls = []
 

@@ -31,6 +31,7 @@ from dsi_mpi.translate import (
     shared_tokens,
 )
 from dsi_mpi.verify import SamplingParams
+from tests.engines import ENGINES, load_engine, loadable, replayed
 
 GREEDY = SamplingParams()
 
@@ -312,17 +313,23 @@ def _generate(path: str, ids: list[int], max_new_tokens: int, device: str) -> li
     return out[0, len(ids):].tolist()
 
 
-def test_si_across_vocabularies_is_the_targets_output(tiny_mixed: dict, device: str) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_si_across_vocabularies_is_the_targets_output(tiny_mixed: dict, engine: str,
+                                                      device: str) -> None:
     """Greedy: SI with the translating drafter equals ``generate``; sampling with shared noise:
-    it equals the target alone for each seed. Drafts are both accepted and rejected."""
-    from dsi_mpi.backends import load_backend
+    it equals the target alone for each seed. Drafts are both accepted and rejected. On every
+    engine (the drafter's model runs behind the translation)."""
     from dsi_mpi.reference import generate_nonsi, generate_si
     from dsi_mpi.translate import load_drafter
 
-    target = load_backend(tiny_mixed["target"], dtype="float64", device=device)
+    target = load_engine(tiny_mixed["target"], engine, device)
     drafter = load_drafter(tiny_mixed["drafter"], tiny_mixed["target"], dtype="float64",
-                           device=device, target_eos=target.eos_token_ids)
+                           device=device, target_eos=target.eos_token_ids,
+                           engine=loadable(engine, device))
     assert isinstance(drafter, TranslatingDrafter) and drafter.vocab_size == target.vocab_size
+    if loadable(engine, device) != engine:
+        replayed(drafter.drafter)
+    assert drafter.drafter.engine.name == engine
     accepted = rejected = 0
     for ids in _prompts(tiny_mixed["target"]):
         for k in (1, 3):
