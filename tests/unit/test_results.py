@@ -137,7 +137,7 @@ def test_a_run_s_identity_is_planned_for_every_record_it_writes() -> None:
     assert plan[("dsi", 1, 1)] | {"sp": 3} == {
         "prompt_tokens": 2, "lookahead": 3, "sp": 3, "tp_size": 1, "verify": "exact",
         "temperature": 0.0, "seed": 9, "target": dsi.target, "drafter": dsi.drafter,
-        "max_new_tokens": 8}
+        "max_new_tokens": 8, "engine": None}  # emulated models run no engine
     assert plan[("nonsi", 0, 0)]["lookahead"] == 0 and plan[("nonsi", 0, 0)]["drafter"] is None
     assert plan[("nonsi", 0, 0)]["seed"] == 5 and plan[("nonsi", 0, 0)]["sp"] == 1
 
