@@ -23,6 +23,10 @@ BACKOFF_MAX_S = 5e-4
 NEVER = float("inf")
 
 
+class WaitTimeout(TimeoutError):
+    """No message came within the configured bound: the job is aborted, never left hanging."""
+
+
 def wait_until(ready: Callable[[], T | None], timeout_s: float,
                expired: Callable[[float], BaseException], *, spin: bool = False,
                max_sleep_s: float = BACKOFF_MAX_S,

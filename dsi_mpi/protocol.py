@@ -49,7 +49,7 @@ class Tag(IntEnum):
     HEARTBEAT = 14
     SIGNALLED = 15
     READY = 16
-    CLOCK = 17  # not a message: the clock alignment of a traced run (Transport.clock_offset)
+    CLOCK = 17  # not a message: the clock alignment of a traced run (clocks.py)
 
 
 # ----------------------------------------------------------------- coordinator -> target

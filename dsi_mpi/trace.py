@@ -24,7 +24,7 @@ generation of the run) in its args.
 
 One clock: each rank times with ``time.perf_counter``; when the trace starts, and again before
 it is gathered, rank 0 measures every rank's offset by ping-pong (Cristian's method: the best
-of 20 round trips, uncertain by half of it; :meth:`dsi_mpi.transport.Transport.clock_offset`).
+of 20 round trips, uncertain by half of it; :func:`dsi_mpi.clocks.offset`).
 Times are mapped to rank 0's clock with the offset interpolated linearly between the two
 measurements, which also corrects a steady drift. The file records each rank's offset, its
 uncertainty and the drift (``otherData.clock``).

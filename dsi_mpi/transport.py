@@ -45,10 +45,10 @@ from typing import NamedTuple
 import numpy as np
 from mpi4py import MPI
 
-from dsi_mpi import exits
+from dsi_mpi import clocks, exits
 from dsi_mpi.devices import poll_strategy
 from dsi_mpi.exits import Stopped
-from dsi_mpi.liveness import BACKOFF_MAX_S, Liveness, wait_until
+from dsi_mpi.liveness import BACKOFF_MAX_S, Liveness, WaitTimeout, wait_until
 from dsi_mpi.protocol import (
     Draft,
     Error,
@@ -89,10 +89,6 @@ def _precise_sleeps() -> None:
 class Incoming(NamedTuple):
     source: int  # the sender's rank
     message: Message
-
-
-class WaitTimeout(TimeoutError):
-    """No message came within the configured bound: the job is aborted, never left hanging."""
 
 
 class RemoteError(RuntimeError):
@@ -246,10 +242,6 @@ class Transport:
         self._between_polls(time.monotonic())
         self.progress()
 
-    def heard(self, rank: int) -> float:
-        """When a message (a heartbeat included) from ``rank`` last arrived (monotonic clock)."""
-        return self.liveness.heard(rank)
-
     def watch(self, rank: int, silence_s: float) -> None:
         """Worker: raise CoordinatorLost from a wait once ``rank`` has been silent this long."""
         self.liveness.watch(rank, silence_s, time.monotonic())
@@ -307,33 +299,8 @@ class Transport:
             f"rank {self.rank} waited {self.timeout_s:.0f} s for {what}"), max_sleep_s=0.01)
 
     def clock_offset(self, rounds: int = 20) -> tuple[float, float]:
-        """This rank's ``time.perf_counter`` against rank 0's, by ping-pong (collective): the
-        offset to add to a local time to get rank 0's, and its uncertainty, half the shortest of
-        ``rounds`` round trips (Cristian's method). Rank 0 gets (0, 0). Ranks wait for their
-        turn asleep, so the ones being measured have the cores."""
-        buf = np.zeros(1, dtype=np.float64)
-        if self.rank == 0:
-            for peer in range(1, self.size):
-                best, offset = float("inf"), 0.0
-                for _ in range(rounds):
-                    sent = time.perf_counter()
-                    self.comm.Send([buf, MPI.DOUBLE], dest=peer, tag=Tag.CLOCK)
-                    self.comm.Recv([buf, MPI.DOUBLE], source=peer, tag=Tag.CLOCK)
-                    back = time.perf_counter()
-                    if back - sent < best:
-                        best, offset = back - sent, (sent + back) / 2 - float(buf[0])
-                self.comm.Send([np.array([offset, best / 2]), MPI.DOUBLE], dest=peer, tag=Tag.CLOCK)
-            return 0.0, 0.0
-        wait_until(lambda: self.comm.Iprobe(source=0, tag=Tag.CLOCK) or None, self.timeout_s,
-                   lambda _: WaitTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s "
-                                         "for the clock alignment"), max_sleep_s=1e-4)
-        for _ in range(rounds):
-            self.comm.Recv([buf, MPI.DOUBLE], source=0, tag=Tag.CLOCK)
-            buf[0] = time.perf_counter()
-            self.comm.Send([buf, MPI.DOUBLE], dest=0, tag=Tag.CLOCK)
-        result = np.zeros(2, dtype=np.float64)
-        self.comm.Recv([result, MPI.DOUBLE], source=0, tag=Tag.CLOCK)
-        return float(result[0]), float(result[1])
+        """This rank's clock against rank 0's (collective; :func:`dsi_mpi.clocks.offset`)."""
+        return clocks.offset(self.comm, self.timeout_s, rounds)
 
     def gather(self, obj: object) -> list | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere); pickled: for the end of a run, never
