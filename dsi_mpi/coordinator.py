@@ -172,7 +172,7 @@ class Coordinator:
 
     def shutdown(self) -> None:
         """Tell every worker to stop and wait for each one's Bye (bounded by ``--timeout``)."""
-        self.transport.stop_heartbeats()  # nothing may follow a Shutdown
+        self.transport.pulse.stop()  # nothing may follow a Shutdown
         for rank in self.workers:
             self.transport.send(rank, Shutdown())
             self._owed[rank] = "Shutdown"
@@ -187,7 +187,7 @@ class Coordinator:
         dropping whatever else comes (drafts, results, a worker's own failure or signal report:
         it says Bye after it too). Returns the workers that did not answer: the job must then
         be aborted."""
-        self.transport.stop_heartbeats()
+        self.transport.pulse.stop()
         waiting = set(self.workers)
         for rank in sorted(waiting):
             self.transport.send(rank, Shutdown())

@@ -238,8 +238,8 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
     transport.send(0, Ready())
     recorder = tracing.start(transport, transport.rank, role) if trace else tracing.NO_TRACE
     # While the run is active, each side hears from the other at least every heartbeat.
-    transport.start_heartbeats([0], _heartbeat_s(base.timeout_s))
-    transport.watch(0, base.timeout_s + LOST_AFTER_S[transport.rank != 1])
+    transport.pulse.start([0], _heartbeat_s(base.timeout_s))
+    transport.pulse.watch(0, base.timeout_s + LOST_AFTER_S[transport.rank != 1])
     if role == "target":
         assert backend is not None  # loaded above
         serve_target(transport, backend, base.sampling, recorder, group)
@@ -252,8 +252,8 @@ def _serve(transport: Transport, layout: Layout, configs: Sequence[RunConfig],
         while not isinstance(transport.wait(source=0, what="shutdown", timeout_s=IDLE).message,
                              Shutdown):
             pass
-    transport.unwatch()
-    transport.stop_heartbeats()  # nothing may follow the Bye
+    transport.pulse.unwatch()
+    transport.pulse.stop()  # nothing may follow the Bye
     transport.flush()
     transport.send(0, Bye())
     if group is not None:
@@ -275,7 +275,7 @@ def _coordinate(coordinator: Coordinator, configs: Sequence[RunConfig], work: Ra
     base = configs[0]
     translated = (any(c.uses_drafter for c in configs)
                   and vocabularies_differ(base.target, base.drafter or ""))
-    transport.start_heartbeats(coordinator.workers, _heartbeat_s(transport.timeout_s))
+    transport.pulse.start(coordinator.workers, _heartbeat_s(transport.timeout_s))
     coordinator.wait_ready()
     if trace:  # every worker is ready and aligning its clock with rank 0's
         coordinator.trace = tracing.start(transport, 0, "coordinator")
@@ -345,8 +345,8 @@ def _end_early(transport: Transport, coordinator: Coordinator | None, rank: int,
         report = Error(reason)
     answered = False
     try:
-        transport.unwatch()
-        transport.stop_heartbeats()
+        transport.pulse.unwatch()
+        transport.pulse.stop()
         transport.send(0, report)
         deadline = time.monotonic() + END_GRACE_S
         while not answered and (left := deadline - time.monotonic()) > 0:

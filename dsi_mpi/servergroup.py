@@ -217,7 +217,7 @@ class ServerGroup:
             now = time.monotonic()
             if shutdown_at is not None and now - shutdown_at > self.bound_s:
                 return None  # the leader is gone: rank 0 already ends the job
-            transport.keep_alive()
+            transport.pulse.keep_alive()
             time.sleep(min(max(0.25 * (now - start), 1e-5), transport.poll_max_s))
         payload = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
         self.comm.Recv([payload, MPI.INT64_T], 0, status.Get_tag())

@@ -23,7 +23,8 @@ Liveness, both ways, while a run is active: every rank sends a HEARTBEAT to its 
 to every worker, a worker to rank 0) each ``every_s`` seconds from its waits, which is where
 an idle rank spends its time; poll swallows heartbeats (the role loops never see them) and
 notes when each rank was last heard from (``self.liveness``, a :class:`~dsi_mpi.liveness.
-Liveness`). A worker that watches rank 0 raises :class:`CoordinatorLost` from a wait once rank
+Liveness`); :class:`Pulse` (``transport.pulse``) sends the heartbeats and receives the watched
+rank's. A worker that watches rank 0 raises :class:`CoordinatorLost` from a wait once rank
 0 has been silent for its bound; the coordinator names a silent worker itself
 (``coordinator.py``). Every wait is a :func:`~dsi_mpi.liveness.wait_until`; how a message
 becomes a buffer and back is ``protocol.py``'s.
@@ -117,6 +118,7 @@ class Transport:
         self._sends: list[tuple[MPI.Request, np.ndarray]] = []
         self.closed = False
         self.liveness = Liveness(self.size, time.monotonic())
+        self.pulse = Pulse(self)  # heartbeats sent and the watched rank's received
 
     # ------------------------------------------------------------------ sending
 
@@ -208,7 +210,7 @@ class Transport:
         """
         msg = self.poll(source, tag)
         limit = self.timeout_s if timeout_s is None else timeout_s
-        self._beat(time.monotonic())  # a rank that is never idle must beat too
+        self.pulse.beat(time.monotonic())  # a rank that is never idle must beat too
         if msg is None:
             msg = wait_until(
                 lambda: self.poll(source, tag), limit,
@@ -221,63 +223,11 @@ class Transport:
             raise Stopped(msg.message.signum, rank=msg.source)
         return msg
 
-    # ------------------------------------------------------------------ liveness
-
-    def start_heartbeats(self, ranks: Sequence[int], every_s: float) -> None:
-        """From now on, send a HEARTBEAT to ``ranks`` every ``every_s`` seconds (from waits)."""
-        self.liveness.start_heartbeats(ranks, every_s)
-        self._beat(time.monotonic())
-
-    def stop_heartbeats(self) -> None:
-        """Before the last message to a peer (Shutdown, Bye): nothing may follow it."""
-        self.liveness.stop_heartbeats()
-
-    def _beat(self, now: float) -> None:
-        for rank in self.liveness.beats_due(now):
-            self.send(rank, Heartbeat())
-
-    def keep_alive(self) -> None:
-        """For a rank that waits on another communicator (a follower waiting for its leader,
-        ``servergroup.py``): the heartbeats due, and the watch on rank 0, as a wait does them."""
-        self._between_polls(time.monotonic())
-        self.progress()
-
-    def watch(self, rank: int, silence_s: float) -> None:
-        """Worker: raise CoordinatorLost from a wait once ``rank`` has been silent this long."""
-        self.liveness.watch(rank, silence_s, time.monotonic())
-
-    def unwatch(self) -> None:
-        self.liveness.unwatch()
-
     def _between_polls(self, now: float) -> None:
         """What a waiting rank does between polls: its sends, its heartbeats, its watch."""
         if self._sends:
             self.progress()
-        self._beat(now)
-        if self.liveness.watched_silent(now) is not None:
-            self._check_watched(now)
-
-    def _drain_heartbeats(self) -> int:
-        """Receive the heartbeats queued from the watched rank; how many there were."""
-        watched = self.liveness.watched
-        if watched < 0:
-            return 0
-        status, count = MPI.Status(), 0
-        while self.comm.Iprobe(source=watched, tag=Tag.HEARTBEAT, status=status):
-            self._recv(status)
-            count += 1
-        return count
-
-    def _check_watched(self, now: float) -> None:
-        """The watched rank seems silent: receive the heartbeats a wait for one tag left
-        queued, and raise if there were none."""
-        if self._drain_heartbeats():
-            self.liveness.heard_from(self.liveness.watched, now)
-        silent = self.liveness.watched_silent(now)
-        if silent is not None:
-            raise CoordinatorLost(f"the coordinator (rank {self.liveness.watched}) has sent "
-                                  f"nothing, not even a heartbeat, for {silent:.0f} s: it is "
-                                  "hung or gone")
+        self.pulse.tick(now)
 
     # ------------------------------------------------------------------ collective helpers
 
@@ -327,10 +277,74 @@ class Transport:
         the job rather than finalizing MPI."""
         if self.closed:
             return 0
-        self.stop_heartbeats()
+        self.pulse.stop()
         left = self.flush(timeout_s)
-        self._drain_heartbeats()  # those a wait for one tag left queued
+        self.pulse.drain()  # those a wait for one tag left queued
         if not left:
             self.comm.Free()
         self.closed = True
         return left
+
+
+class Pulse:
+    """A transport's liveness on the wire: the heartbeats it sends (from its waits) and those
+    of the rank it watches, received even by a wait for another tag (the state, who was heard
+    when, is the transport's :class:`~dsi_mpi.liveness.Liveness`)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.liveness = transport.liveness
+
+    def start(self, ranks: Sequence[int], every_s: float) -> None:
+        """From now on, send a HEARTBEAT to ``ranks`` every ``every_s`` seconds (from waits)."""
+        self.liveness.start_heartbeats(ranks, every_s)
+        self.beat(time.monotonic())
+
+    def stop(self) -> None:
+        """Before the last message to a peer (Shutdown, Bye): nothing may follow it."""
+        self.liveness.stop_heartbeats()
+
+    def beat(self, now: float) -> None:
+        for rank in self.liveness.beats_due(now):
+            self.transport.send(rank, Heartbeat())
+
+    def watch(self, rank: int, silence_s: float) -> None:
+        """Worker: raise CoordinatorLost from a wait once ``rank`` has been silent this long."""
+        self.liveness.watch(rank, silence_s, time.monotonic())
+
+    def unwatch(self) -> None:
+        self.liveness.unwatch()
+
+    def tick(self, now: float) -> None:
+        """Between polls: the heartbeats due, and the watch."""
+        self.beat(now)
+        if self.liveness.watched_silent(now) is not None:
+            self._check_watched(now)
+
+    def keep_alive(self) -> None:
+        """For a rank that waits on another communicator (a follower waiting for its leader,
+        ``servergroup.py``): what a wait does between polls."""
+        self.transport._between_polls(time.monotonic())
+        self.transport.progress()
+
+    def drain(self) -> int:
+        """Receive the heartbeats queued from the watched rank; how many there were."""
+        watched = self.liveness.watched
+        if watched < 0:
+            return 0
+        comm, status, count = self.transport.comm, MPI.Status(), 0
+        while comm.Iprobe(source=watched, tag=Tag.HEARTBEAT, status=status):
+            self.transport._recv(status)
+            count += 1
+        return count
+
+    def _check_watched(self, now: float) -> None:
+        """The watched rank seems silent: receive the heartbeats a wait for one tag left
+        queued, and raise if there were none."""
+        if self.drain():
+            self.liveness.heard_from(self.liveness.watched, now)
+        silent = self.liveness.watched_silent(now)
+        if silent is not None:
+            raise CoordinatorLost(f"the coordinator (rank {self.liveness.watched}) has sent "
+                                  f"nothing, not even a heartbeat, for {silent:.0f} s: it is "
+                                  "hung or gone")
