@@ -7,11 +7,11 @@ against the simulator's prediction from a profile of the same prompts.
 ``FILE.json`` is ``dsi-mpi profile`` of the same pair on the same prompts (HumanEval's first
 ``--num-prompts``), the same number of tokens and the same threads per rank. Rank 0 asks the
 planner for the lookaheads at this rank count (``make_plan`` with one GPU per model rank: DSI's
-and SI's best lookahead, within the profile's cost curve), predicts each mode's time per prompt
-with the simulator (that prompt's TTFTs and acceptance, the profile's cost curves, the shared
-latencies where the other model runs at once; 20 seeds each), then the three modes run on the
-ranks (coordinator, drafter, targets) after one untimed warm-up prompt each, and rank 0 runs
-``generate`` (greedy, float32) as the reference for every prompt.
+and SI's best lookahead, within the profile's cost curve, and DSI's ``min_drafts``), predicts
+each mode's time per prompt with the simulator (that prompt's TTFTs and acceptance, the
+profile's cost curves, the shared latencies where the other model runs at once; 20 seeds each),
+then the three modes run on the ranks (coordinator, drafter, targets) after one untimed warm-up
+prompt each, and rank 0 runs ``generate`` (greedy, float32) as the reference for every prompt.
 
 Printed and appended to ``--out`` (one JSON line per mode and one summary line): each mode's
 median and mean wall time per prompt, the prediction's mean, runtime over prediction, prompts
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, provenance
 from bench.modes import first_difference, reference
 from dsi_mpi.config import RunConfig
-from dsi_mpi.runtime import run
+from dsi_mpi.runtime import Rank0, run
 
 MODES = ("dsi", "si", "nonsi")
 REPEATS = 20
@@ -67,7 +67,8 @@ def predict(profile_path: str, ranks: int, tokens: int) -> dict:
         lat_i = prompt_latencies(lat, entry)
         for mode in MODES:
             summary = simulate(mode, lat_i, entry["acceptance"], lookahead[mode], ranks - 2,
-                               tokens, REPEATS)
+                               tokens, REPEATS,
+                               min_drafts=plan.min_drafts if mode == "dsi" else 1)
             per_prompt[mode].append(summary.mean_ms)
     return {"plan": plan.as_dict(), "lookahead": lookahead, "predicted_ms": per_prompt,
             "acceptance": acceptance}
@@ -84,7 +85,8 @@ def summarise(records: list[dict], expected: list[list[int]], prediction: dict,
         firsts = [first_difference(r["tokens"], expected[r["prompt_index"]]) for r in mine]
         rows.append({
             "bench": "real_pair", "mode": mode, **meta, "prompts": len(mine),
-            "lookahead": mine[0]["lookahead"], "sp": mine[0]["sp"],
+            "lookahead": mine[0]["lookahead"], "min_drafts": mine[0].get("min_drafts", 1),
+            "sp": mine[0]["sp"],
             "identical": sum(f is None for f in firsts), "first_difference": firsts,
             "median_s": round(statistics.median(walls), 3), "mean_s": round(means[mode], 3),
             "predicted_mean_s": round(statistics.fmean(predicted) / 1e3, 3),
@@ -126,6 +128,8 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--trace", metavar="FILE.json",
+                        help="also write every rank's trace (dsi-mpi timeline FILE.json)")
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "real_pair.jsonl"))
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
@@ -162,10 +166,11 @@ def main() -> int:
     base = RunConfig(target=target, drafter=drafter, mode="nonsi", dtype="float32",
                      max_new_tokens=args.max_new_tokens, timeout_s=args.timeout)
     k = prediction["lookahead"]
-    configs = [replace(base, mode="dsi", lookahead=k["dsi"], sp=size - 2),
+    configs = [replace(base, mode="dsi", lookahead=k["dsi"], sp=size - 2,
+                       min_drafts=prediction["plan"]["min_drafts"]),
                replace(base, mode="si", lookahead=k["si"]), base]
     comm.Barrier()
-    outcome = run(comm, configs, prompts if rank == 0 else (), None, warmup=1)
+    outcome = run(comm, configs, Rank0(prompts, warmup=1), trace=args.trace)
     gc.collect()  # the ranks' models go before rank 0 loads the reference
     comm.Barrier()
     if rank != 0:

@@ -28,6 +28,9 @@ class RunConfig:
     drafter: str | None = None  # the same for the drafter; unused by nonsi
     mode: str = "dsi"  # dsi, si (classic speculative inference) or nonsi (target alone)
     lookahead: int = 5  # drafts per verification task (k)
+    # dsi: a task carries no drafts or at least this many (a forward of 2+ tokens that costs
+    # much more than one, as on a CPU, is not worth a draft or two; `plan` picks it)
+    min_drafts: int = 1
     sp: int | None = None  # target servers to use; None: every target rank (dsi), 1 otherwise
     max_new_tokens: int = 64
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -66,6 +69,9 @@ class RunConfig:
         if self.mode != "nonsi" and self.lookahead < 1:
             raise ConfigError(f"--lookahead must be >= 1, got {self.lookahead}: "
                               "a task verifies at least one draft")
+        if self.min_drafts < 1 or (self.mode == "dsi" and self.min_drafts > self.lookahead):
+            raise ConfigError(f"--min-drafts must be from 1 to --lookahead ({self.lookahead}), "
+                              f"got {self.min_drafts}")
         if self.sp is not None and self.sp < 1:
             raise ConfigError(f"--sp must be >= 1, got {self.sp}")
         if self.mode in ("si", "nonsi") and self.sp not in (None, 1):
@@ -129,8 +135,8 @@ class RunConfig:
 
     def loads_as(self, other: RunConfig) -> bool:
         """Whether ``other`` needs the very models, engines, sampling and caches this config
-        does: the configs of one run (its modes) may differ in mode, lookahead, SP and seed
-        only."""
+        does: the configs of one run (its modes) may differ in mode, lookahead, min_drafts, SP
+        and seed only."""
         def loaded(c: RunConfig) -> tuple[object, ...]:
             s = c.sampling
             return (c.target, c.drafter, c.dtype, c.device, c.engine, c.graph_segments,

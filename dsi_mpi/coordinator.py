@@ -118,7 +118,8 @@ class Coordinator:
         servers = self.layout.active_targets(config.mode, config.sp)
         return Policy(config.mode, list(servers), config.lookahead, config.run_ahead(len(servers)),
                       config.max_new_tokens, eos_ids=self.eos_ids, verify=config.verify,
-                      seed=config.sampling.seed, reuse_cache=config.reuse_cache, ids=self.ids)
+                      seed=config.sampling.seed, reuse_cache=config.reuse_cache, ids=self.ids,
+                      min_drafts=config.min_drafts if config.mode == "dsi" else 1)
 
     def generate(self, policy: Policy, prompt: Sequence[int],
                  seed: int | None = None) -> PromptResult:

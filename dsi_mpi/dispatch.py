@@ -21,9 +21,10 @@ class TaskQueue:
     longest prefix, cancelled when the drafts they verify are gone."""
 
     def __init__(self, rules: Rules, pool: ServerPool, ids: Ids, ledger: Ledger, lookahead: int,
-                 want_probs: bool, seed: int, covered_end: int) -> None:
+                 want_probs: bool, seed: int, covered_end: int, min_drafts: int = 1) -> None:
         self.rules, self.pool, self.ids, self.ledger = rules, pool, ids, ledger
         self.lookahead, self.want_probs, self.seed = lookahead, want_probs, seed
+        self.min_drafts = min_drafts  # a task carries no drafts or at least this many
         self.queue: deque[Task] = deque()  # tasks waiting for a free server
         self.covered_end = covered_end  # highest position some live task covers
 
@@ -50,7 +51,7 @@ class TaskQueue:
         while True:
             pending = bool(self.pool.tasks or self.queue)
             view = Coverage(n, len(proposed), self.covered_end, limit, drafter_stopped)
-            length = self.rules.next_task_length(view, lookahead, pending)
+            length = self.rules.next_task_length(view, lookahead, pending, self.min_drafts)
             if length is None:
                 break
             length = min(length, last_position)
@@ -62,10 +63,13 @@ class TaskQueue:
             task = self.queue.popleft()
             if self.rules.widen_queued:
                 # A forward costs about the same for a few more tokens, so the task that gets
-                # the free server covers everything queued and every draft there is now.
-                task.length = min(max(len(proposed), task.length), last_position)
-                self.queue.clear()
-                self.covered_end = max(self.covered_end, task.length)
+                # the free server covers everything queued and every draft there is now (a
+                # zero-draft task only with enough drafts to pay for the longer forward).
+                widened = min(max(len(proposed), task.length), last_position)
+                if task.length > n or widened - n >= self.min_drafts:
+                    task.length = widened
+                    self.queue.clear()
+                    self.covered_end = max(self.covered_end, task.length)
             task.context = tuple(proposed[: task.length])
             server = self.pool.closest(free, task.context)
             free.remove(server)

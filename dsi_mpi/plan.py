@@ -30,6 +30,7 @@ DEFAULT_LOOKAHEADS = (1, 2, 3, 4, 5, 6, 7, 8, 10)
 class Plan:
     lookahead: int  # recommended for DSI
     sp: int  # recommended target servers
+    min_drafts: int  # recommended for DSI: a task carries no drafts or at least this many
     eq1_lookahead: int  # the paper's Eq. 1 at the available SP
     si_lookahead: int  # SI's best lookahead
     dsi: SimSummary
@@ -39,6 +40,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {
             "lookahead": self.lookahead,
+            "min_drafts": self.min_drafts,
             "sp": self.sp,
             "eq1_lookahead": self.eq1_lookahead,
             "si_lookahead": self.si_lookahead,
@@ -123,12 +125,22 @@ def weigh_tp(options: Iterable[tuple[int, Latencies, float]], gpus: int, tokens:
     return out
 
 
+def min_drafts_sweep(lat: Latencies, lookahead: int) -> range:
+    """The ``min_drafts`` worth simulating for DSI at ``lookahead``: on a flat cost curve a
+    draft never makes a forward dearer, so 1; on a curve (a CPU's step) 1 .. lookahead."""
+    shared = lat.shared.target_block_ms if lat.shared is not None else ()
+    return range(1, lookahead + 1) if lat.target_block_ms or shared else range(1, 2)
+
+
 def best(mode: str, lat: Latencies, acceptance: float, lookaheads: Iterable[int], sp: int,
          tokens: int, repeats: int, seed: int, messages: MessageModel = IDEAL) -> SimSummary:
-    """The lookahead with the lowest mean latency (the smallest on ties)."""
-    runs = [simulate(mode, lat, acceptance, k, sp, tokens, repeats, seed, messages=messages)
-            for k in sorted(set(lookaheads))]
-    return min(runs, key=lambda s: (round(s.mean_ms, 9), s.lookahead))
+    """The lookahead (and for DSI the ``min_drafts``) with the lowest mean latency (the
+    smallest on ties)."""
+    runs = [simulate(mode, lat, acceptance, k, sp, tokens, repeats, seed, messages=messages,
+                     min_drafts=m)
+            for k in sorted(set(lookaheads))
+            for m in (min_drafts_sweep(lat, k) if mode == "dsi" else (1,))]
+    return min(runs, key=lambda s: (round(s.mean_ms, 9), s.lookahead, s.min_drafts))
 
 
 def make_plan(lat: Latencies, acceptance: float, gpus: int, tokens: int = 50, repeats: int = 20,
@@ -145,10 +157,11 @@ def make_plan(lat: Latencies, acceptance: float, gpus: int, tokens: int = 50, re
     # state; prefill and restarts make the simulator the judge). Spare GPUs can serve others.
     sp = available
     for candidate in range(min(servers_needed(lat, dsi.lookahead), available), available):
-        smaller = simulate("dsi", lat, acceptance, dsi.lookahead, candidate, tokens, repeats, seed)
+        smaller = simulate("dsi", lat, acceptance, dsi.lookahead, candidate, tokens, repeats, seed,
+                           min_drafts=dsi.min_drafts)
         if smaller.mean_ms <= dsi.mean_ms * 1.01:
             dsi, sp = smaller, candidate
             break
     si = best("si", lat, acceptance, lookaheads, 1, tokens, repeats, seed)
     nonsi = simulate("nonsi", lat, acceptance, 1, 1, tokens, repeats, seed)
-    return Plan(dsi.lookahead, sp, eq1, si.lookahead, dsi, si, nonsi)
+    return Plan(dsi.lookahead, sp, dsi.min_drafts, eq1, si.lookahead, dsi, si, nonsi)

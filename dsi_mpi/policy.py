@@ -60,7 +60,7 @@ class Policy:
                  max_new_tokens: int, eos_ids: frozenset[int] = frozenset(),
                  verify: str | VerifyMode = VerifyMode.EXACT, seed: int = 0,
                  reuse_cache: bool = False, ids: Ids | None = None,
-                 prompt_run: type[PromptRun] | None = None) -> None:
+                 prompt_run: type[PromptRun] | None = None, min_drafts: int = 1) -> None:
         if mode not in RULES:
             raise ValueError(f"unknown mode {mode!r}")
         self.rules = RULES[mode]
@@ -68,7 +68,10 @@ class Policy:
             raise ValueError(f"mode {mode} uses exactly one target server")
         self.mode = mode
         self.servers = tuple(servers)
+        if not 1 <= min_drafts <= max(1, lookahead):
+            raise ValueError(f"min_drafts must be in 1..lookahead ({lookahead}), got {min_drafts}")
         self.lookahead = lookahead
+        self.min_drafts = min_drafts  # a task carries no drafts or at least this many
         self.run_ahead = run_ahead
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids
@@ -189,7 +192,7 @@ class PromptRun:
         self.ledger = Ledger()
         self.tasks = TaskQueue(policy.rules, policy.pool, policy.ids, self.ledger,
                                policy.lookahead, policy.verify is VerifyMode.REJECTION, seed,
-                               covered_end=n - 1)
+                               covered_end=n - 1, min_drafts=policy.min_drafts)
 
     @property
     def epoch(self) -> int:

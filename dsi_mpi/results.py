@@ -40,6 +40,7 @@ def identity(config: RunConfig, sp: int, prompt_tokens: int, seed: int | None = 
     return {
         "prompt_tokens": prompt_tokens,
         "lookahead": config.lookahead if uses_drafter else 0,
+        "min_drafts": config.min_drafts if config.mode == "dsi" else 1,
         "sp": sp,
         "tp_size": config.target_ranks,  # ranks per target server (--target-ranks)
         "verify": config.verify,
@@ -146,8 +147,8 @@ def _resume(path: str, planned: Mapping[Key, Mapping]) -> Resumed:
                     "wrote it, or start again with --overwrite"
                 )
             for name, value in expected.items():
-                # records from before --target-ranks existed were written with one rank each
-                written = record.get(name, 1 if name == "tp_size" else value)
+                # records from before --target-ranks and --min-drafts were written with 1
+                written = record.get(name, 1 if name in ("tp_size", "min_drafts") else value)
                 if written != value:
                     raise ConfigError(
                         f"--resume: {path}:{number} was written with {name} {written!r}, this "

@@ -37,8 +37,11 @@ class Rules:
         """Servers that prefill the prompt (a zero-draft task each) when it begins."""
         raise NotImplementedError
 
-    def next_task_length(self, view: Coverage, lookahead: int, outstanding: bool) -> int | None:
-        """Context length of the next task to create, or None."""
+    def next_task_length(self, view: Coverage, lookahead: int, outstanding: bool,
+                         min_drafts: int = 1) -> int | None:
+        """Context length of the next task to create, or None. ``min_drafts``: a task carries
+        no drafts or at least this many (where a forward of two tokens costs much more than
+        one, a few drafts do not pay for it)."""
         raise NotImplementedError
 
 
@@ -54,10 +57,13 @@ class DSIRules(Rules):
         # the first token.
         return servers
 
-    def next_task_length(self, view: Coverage, lookahead: int, outstanding: bool) -> int | None:
+    def next_task_length(self, view: Coverage, lookahead: int, outstanding: bool,
+                         min_drafts: int = 1) -> int | None:
         avail, covered = view.drafted, view.covered_end
         if view.committed > covered:
-            return avail  # the next position has no verifier: send what we have, now
+            # The next position has no verifier: send what we have, now, or no drafts at all
+            # (the non-SI step) when too few to pay for a longer forward.
+            return avail if avail - view.committed >= min_drafts else view.committed
         if avail - covered >= lookahead:
             return covered + lookahead
         if view.drafter_stopped and avail > covered:
@@ -90,7 +96,8 @@ class SIRules(Rules):
     def prefill(self, servers: Sequence[int]) -> Sequence[int]:
         return ()  # classic SI: the first verification includes the prompt's prefill
 
-    def next_task_length(self, view: Coverage, lookahead: int, outstanding: bool) -> int | None:
+    def next_task_length(self, view: Coverage, lookahead: int, outstanding: bool,
+                         min_drafts: int = 1) -> int | None:
         if outstanding:
             return None  # the drafter waits for the verdict of the one task
         avail, n = view.drafted, view.committed

@@ -122,6 +122,7 @@ class SimSummary:
     sp: int
     tokens: int
     runs: list[SimRun] = field(default_factory=list)
+    min_drafts: int = 1  # dsi: a task carries no drafts or at least this many
 
     @property
     def latencies(self) -> list[float]:
@@ -144,6 +145,7 @@ class SimSummary:
             "std_ms": self.std_ms,
             "median_ms": statistics.median(self.latencies),
             "lookahead": self.lookahead,
+            "min_drafts": self.min_drafts,
             "sp": self.sp,
             "tokens": self.tokens,
             "repeats": len(self.runs),
@@ -161,14 +163,16 @@ class _Simulation:
     def __init__(self, mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                  tokens: int, seed: int, vocab: int = 32000, prompt: Sequence[int] = PROMPT,
                  run_ahead: int | None = None, messages: MessageModel = IDEAL,
-                 prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True) -> None:
+                 prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True,
+                 min_drafts: int = 1) -> None:
         self.prompt = tuple(prompt)
         target = lat.target_spec(vocab, seed)
         drafter = EmulatedSpec(lat.drafter_tpot_ms, lat.drafter_ttft, acceptance, vocab, seed)
         servers = list(range(sp if mode == "dsi" else 1))
         if mode == "si" or run_ahead is None:
             run_ahead = default_run_ahead(mode, lookahead, len(servers))
-        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, prompt_run=prompt_run)
+        self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, prompt_run=prompt_run,
+                             min_drafts=min_drafts if mode == "dsi" else 1)
         self.lat = lat
         self.msg = messages
         self.now = 0.0
@@ -369,7 +373,8 @@ class _Simulation:
 def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int,
                   tokens: int, seed: int = 0, prompt: Sequence[int] = PROMPT,
                   run_ahead: int | None = None, messages: MessageModel = IDEAL,
-                  prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True) -> SimRun:
+                  prompt_run: type[PromptRun] = PromptRun, preempt_drafter: bool = True,
+                  min_drafts: int = 1) -> SimRun:
     """One generation of ``tokens`` tokens; the emulated language's seed and the prompt set the
     acceptances (the same as an emulated MPI run with that seed and prompt). ``run_ahead``
     overrides DSI's drafter run-ahead (default ``lookahead * (sp + 1)``, as the runtime);
@@ -378,12 +383,13 @@ def simulate_once(mode: str, lat: Latencies, acceptance: float, lookahead: int, 
     drafter as it once was (it finished every forward, even one a rollback had made stale)."""
     return _Simulation(mode, lat, acceptance, lookahead, sp, tokens, seed, prompt=prompt,
                        run_ahead=run_ahead, messages=messages,
-                       prompt_run=prompt_run, preempt_drafter=preempt_drafter).run()
+                       prompt_run=prompt_run, preempt_drafter=preempt_drafter,
+                       min_drafts=min_drafts).run()
 
 
 def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: int, tokens: int,
              repeats: int = 1, seed: int = 0, run_ahead: int | None = None,
-             messages: MessageModel = IDEAL) -> SimSummary:
+             messages: MessageModel = IDEAL, min_drafts: int = 1) -> SimSummary:
     """``repeats`` generations with seeds ``seed .. seed + repeats - 1`` (the same acceptance
     draws for every mode and lookahead: common random numbers make ratios precise)."""
     if mode not in MODES:
@@ -392,11 +398,15 @@ def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: i
         raise ValueError("lookahead, sp, tokens and repeats must be >= 1")
     if not 0.0 <= acceptance <= 1.0:
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
+    if mode == "dsi" and not 1 <= min_drafts <= lookahead:
+        raise ValueError(f"min_drafts must be in 1..lookahead ({lookahead}), got {min_drafts}")
+    min_drafts = min_drafts if mode == "dsi" else 1
     summary = SimSummary(mode, lookahead if mode != "nonsi" else 0, sp if mode == "dsi" else 1,
-                         tokens)
+                         tokens, min_drafts=min_drafts)
     for r in range(repeats):
         summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r,
-                                          run_ahead=run_ahead, messages=messages))
+                                          run_ahead=run_ahead, messages=messages,
+                                          min_drafts=min_drafts))
     return summary
 
 

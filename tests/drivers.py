@@ -120,11 +120,11 @@ def emulated(acceptance: float | None = None) -> Backend:
 
 
 def make_policy(mode: str, sp: int, lookahead: int, max_new: int, eos: frozenset[int] = frozenset(),
-            reuse_cache: bool = True) -> Policy:
+            reuse_cache: bool = True, min_drafts: int = 1) -> Policy:
     """A policy on servers 0..sp-1 with the runtime's default run-ahead."""
     servers = list(range(sp))
     return Policy(mode, servers, lookahead, default_run_ahead(mode, lookahead, sp), max_new, eos,
-                  reuse_cache=reuse_cache)
+                  reuse_cache=reuse_cache, min_drafts=min_drafts)
 
 
 # Phi3-14B / Phi3-4B on HumanEval (the paper's latencies), 9 ranks: the configuration on which

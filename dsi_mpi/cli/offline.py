@@ -37,6 +37,8 @@ def add_offline(sub: Subparsers) -> None:
     add_latency_flags(p)
     p.add_argument("--lookahead", default="5", help="an integer, or auto (the planner's choice)")
     p.add_argument("--sp", type=int, default=7, help="target servers (dsi)")
+    p.add_argument("--min-drafts", type=int, default=1, metavar="M",
+                   help="dsi: a task carries no drafts or at least M (auto lookahead: swept)")
     p.add_argument("--tokens", type=int, default=50)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -131,8 +133,12 @@ def simulate_command(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--lookahead must be an integer or auto, got {args.lookahead!r}") from None
         positive(argparse.Namespace(lookahead=lookahead), "lookahead")
+        if args.mode == "dsi" and not 1 <= args.min_drafts <= lookahead:
+            raise ConfigError(f"--min-drafts must be from 1 to --lookahead ({lookahead}), "
+                              f"got {args.min_drafts}")
         summary = simulate(args.mode, lat, acceptance, lookahead, args.sp, args.tokens,
-                           args.repeats, args.seed, messages=messages)
+                           args.repeats, args.seed, messages=messages,
+                           min_drafts=args.min_drafts if args.mode == "dsi" else 1)
     out = summary.as_dict()
     if not messages.ideal:
         out["messages"] = dataclasses.asdict(messages)
@@ -153,8 +159,8 @@ def plan_command(args: argparse.Namespace) -> int:
     assert acceptance is not None  # required with a drafter
     plan = make_plan(lat, acceptance, args.gpus, args.tokens, args.repeats, args.seed)
     d = plan.as_dict()
-    print(f"recommended: --mode dsi --lookahead {d['lookahead']} --sp {d['sp']} "
-          f"(mpiexec -n {d['ranks']}: coordinator, drafter, {d['sp']} targets)")
+    print(f"recommended: --mode dsi --lookahead {d['lookahead']}{_min_drafts_flag(d)} "
+          f"--sp {d['sp']} (mpiexec -n {d['ranks']}: coordinator, drafter, {d['sp']} targets)")
     print(f"Eq. 1 lookahead with {args.gpus - 1} target servers: {d['eq1_lookahead']}; "
           f"SI's best lookahead: {d['si_lookahead']}")
     print(f"expected latency for {args.tokens} tokens: DSI {d['dsi_ms']:.1f} ms, "
@@ -187,17 +193,23 @@ def _plan_tp(args: argparse.Namespace) -> int:
             continue
         d = plan.as_dict() | {"tp": n, "ranks": 2 + plan.sp * n}
         rows.append(d)
-        print(f"TP {n}: --sp {d['sp']} --lookahead {d['lookahead']} (mpiexec -n {d['ranks']}): "
+        print(f"TP {n}: --sp {d['sp']} --lookahead {d['lookahead']}{_min_drafts_flag(d)} "
+              f"(mpiexec -n {d['ranks']}): "
               f"DSI {d['dsi_ms']:.1f} ms, SI {d['si_ms']:.1f} ms, non-SI {d['nonsi_ms']:.1f} ms "
               f"for {args.tokens} tokens")
     if not rows:
         raise ConfigError(f"--gpus {args.gpus}: no profiled TP degree fits")
     d = min(rows, key=lambda r: r["dsi_ms"])
     print(f"recommended: --mode dsi --target-ranks {d['tp']} --sp {d['sp']} --lookahead "
-          f"{d['lookahead']} (mpiexec -n {d['ranks']}: coordinator, drafter, {d['sp']} servers "
-          f"x {d['tp']} ranks)")
+          f"{d['lookahead']}{_min_drafts_flag(d)} (mpiexec -n {d['ranks']}: coordinator, "
+          f"drafter, {d['sp']} servers x {d['tp']} ranks)")
     print(json.dumps(d))
     return 0
+
+
+def _min_drafts_flag(plan: dict) -> str:
+    """`` --min-drafts M`` where the plan wants it (M > 1: a cost curve with a step)."""
+    return f" --min-drafts {plan['min_drafts']}" if plan["min_drafts"] > 1 else ""
 
 
 def heatmap_command(args: argparse.Namespace) -> int:

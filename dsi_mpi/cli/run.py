@@ -43,6 +43,9 @@ def add_run(sub: Subparsers) -> None:
                    help="dsi, si, nonsi, or a comma-separated list run on the same ranks")
     p.add_argument("--lookahead", type=int, default=5,
                    help="drafts per verification task (ignored by nonsi)")
+    p.add_argument("--min-drafts", type=int, default=1, metavar="M",
+                   help="dsi: a task carries no drafts or at least M (where a forward of 2+ "
+                        "tokens costs much more than one, as on a CPU; plan picks M)")
     p.add_argument("--sp", type=int, help="target servers DSI uses (default: every target server)")
     p.add_argument("--target-ranks", type=int, default=1, metavar="N",
                    help="ranks per target server: N consecutive ranks of one node share the "
@@ -107,6 +110,7 @@ def build_configs(args: argparse.Namespace) -> list[RunConfig]:
         raise ConfigError("--repeats must be >= 1 and --warmup >= 0")
     base = RunConfig(
         target=args.target, drafter=args.drafter, mode=modes[0], lookahead=args.lookahead,
+        min_drafts=args.min_drafts,
         sp=args.sp, max_new_tokens=args.max_new_tokens, sampling=sampling_params(args),
         verify=args.verify, dtype=args.dtype, device=args.device, engine=args.engine,
         graph_segments=args.graph_segments, max_run_ahead=args.max_run_ahead,

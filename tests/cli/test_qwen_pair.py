@@ -23,12 +23,13 @@ def test_qwen_coder_pair_dsi_and_si_equal_generate(qwen_coder: dict[str, str],
 
     out = tmp_path / "qwen.jsonl"
     proc = launch(3, "run", "--target", qwen_coder["target"], "--drafter", qwen_coder["drafter"],
-                  "--mode", "dsi,si", "--lookahead", "3", "--max-new-tokens", str(MAX_NEW),
+                  "--mode", "dsi,si", "--lookahead", "3", "--min-drafts", "2",
+                  "--max-new-tokens", str(MAX_NEW),
                   "--dtype", "float32", "--prompt-file", qwen_coder["humaneval"],
                   "--num-prompts", "1", "--output", str(out), "--quiet", timeout=900)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["mode"] for r in records) == ["dsi", "si"]
+    assert sorted((r["mode"], r["min_drafts"]) for r in records) == [("dsi", 2), ("si", 1)]
     # the reference after the ranks are gone: one 1.5B model in memory at a time
     from transformers import AutoTokenizer
 

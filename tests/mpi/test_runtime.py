@@ -29,6 +29,9 @@ def _configs(target: str, drafter: str, lookaheads=(1, 3, 5), sps=(1, 2, 3),
     out = [base]
     out += [replace(base, mode="si", lookahead=k) for k in lookaheads]
     out += [replace(base, mode="dsi", lookahead=k, sp=sp) for k in lookaheads for sp in sps]
+    # tasks of no drafts or at least k (--min-drafts, for a cost curve with a step)
+    out += [replace(base, mode="dsi", lookahead=k, sp=1, min_drafts=k) for k in lookaheads
+            if k > 1]
     return out
 
 

@@ -15,6 +15,8 @@ D = "emulated:tpot_ms=1,acceptance=0.5"
     ("kwargs", "message"),
     [
         ({"lookahead": 0}, "--lookahead must be >= 1"),
+        ({"min_drafts": 0}, r"--min-drafts must be from 1 to --lookahead \(5\), got 0"),
+        ({"lookahead": 2, "min_drafts": 3}, r"--min-drafts must be from 1 to --lookahead \(2\)"),
         ({"max_new_tokens": 0}, "--max-new-tokens must be >= 1"),
         ({"mode": "turbo"}, "--mode must be one of"),
         ({"drafter": None}, "needs --drafter"),

@@ -121,7 +121,8 @@ def test_the_planner_picks_the_lookahead_the_curve_favours() -> None:
     step = make_plan(replace(LAT, target_block_ms=((2, 23.0),)), 0.9, 2, tokens=30, repeats=5)
     assert step.lookahead > flat.lookahead
     assert step.dsi.mean_ms == simulate("dsi", replace(LAT, target_block_ms=((2, 23.0),)), 0.9,
-                                        step.lookahead, step.sp, 30, repeats=5).mean_ms
+                                        step.lookahead, step.sp, 30, repeats=5,
+                                        min_drafts=step.min_drafts).mean_ms
     assert step.nonsi.mean_ms == flat.nonsi.mean_ms
 
 
@@ -140,3 +141,23 @@ def test_plan_reads_the_curve_and_the_shared_latencies_from_a_profile(tmp_path: 
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="lengths >= 2"):
         from_profile(str(path))
+
+
+@pytest.mark.parametrize("acceptance", [0.5, 0.7])
+def test_min_drafts_keeps_dsi_no_slower_than_non_si_on_a_step(acceptance: float) -> None:
+    """Blocks of 2+ tokens at 2.3x one token (this CPU's step): at SP 1, a task that verifies
+    one or two drafts costs more than the tokens it is expected to commit, so DSI as the paper
+    states it (every task carries the drafts there are) loses to non-SI at every lookahead.
+    Tasks of no drafts or at least ``min_drafts`` (the planner's choice) win back the
+    guarantee; on a flat curve the planner keeps ``min_drafts`` 1."""
+    lat = Latencies(10.0, 4.0, 15.0, 5.0, target_block_ms=((2, 23.0),))
+    nonsi = simulate("nonsi", lat, acceptance, 1, 1, 30, repeats=10).mean_ms
+    for k in (1, 2, 3, 5, 8):
+        assert simulate("dsi", lat, acceptance, k, 1, 30, repeats=10).mean_ms > nonsi * 1.05
+    plan = make_plan(lat, acceptance, 2, tokens=30, repeats=10)
+    assert plan.min_drafts > 1 and plan.dsi.min_drafts == plan.min_drafts
+    assert plan.dsi.mean_ms <= nonsi
+    assert plan.dsi.mean_ms == simulate("dsi", lat, acceptance, plan.lookahead, 1, 30, repeats=10,
+                                        min_drafts=plan.min_drafts).mean_ms
+    flat = make_plan(replace(lat, target_block_ms=()), acceptance, 2, tokens=30, repeats=10)
+    assert flat.min_drafts == 1

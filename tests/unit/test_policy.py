@@ -29,10 +29,13 @@ def test_random_interleavings_are_lossless(mode: str, acceptance: float) -> None
         rng = random.Random(trial)
         sp = 1 if mode != "dsi" else rng.choice([1, 2, 3, 5])
         lookahead = rng.choice([1, 2, 3, 5, 8])
-        policy = make_policy(mode, sp, lookahead, 40, reuse_cache=trial % 2 == 0)
+        # dsi: tasks of no drafts or at least min_drafts (a CPU's cost step; 1: any number)
+        min_drafts = rng.randint(1, lookahead) if mode == "dsi" else 1
+        policy = make_policy(mode, sp, lookahead, 40, reuse_cache=trial % 2 == 0,
+                             min_drafts=min_drafts)
         driver = RandomDriver(policy, {s: emulated() for s in range(sp)},
                                None if mode == "nonsi" else emulated(acceptance), GREEDY, rng)
-        assert driver.run(prompt) == expected, (trial, sp, lookahead)
+        assert driver.run(prompt) == expected, (trial, sp, lookahead, min_drafts)
         c = policy.counters
         assert c.accepted + c.rejected + c.forced == len(expected)
         assert c.verifications_aborted <= c.verifications_cancelled <= c.verifications_sent
@@ -104,6 +107,37 @@ def test_scripted_dsi_sequence() -> None:
     assert policy.on_draft(epoch, 6, 999) == []  # a stale draft is dropped
     policy.on_cancelled(11, spec[0].task_id)
     assert policy.counters.verifications_aborted == 1
+
+
+@pytest.mark.parametrize("min_drafts", [1, 2])
+def test_too_few_drafts_make_a_zero_draft_task(min_drafts: int) -> None:
+    """With min_drafts 2, the next position's verifier carries no draft rather than one (a
+    forward of two tokens costing 2.3x one, as on a CPU, is not worth one draft), and the
+    task that gets the server later still takes every draft there is."""
+    policy = Policy("dsi", [10], lookahead=3, run_ahead=8, max_new_tokens=8,
+                    min_drafts=min_drafts)
+    prefill = sent(policy.begin([7, 8]), Verify)
+    epoch = policy.epoch
+    assert policy.on_draft(epoch, 2, 100) == [] and policy.on_draft(epoch, 3, 101) == []
+    out = sent(policy.on_result(10, prefill[0].task_id, 2, [100]), Verify)  # d_2 accepted
+    assert policy.output == [100]
+    # position 3 has no verifier; one draft (101) is there
+    drafts = (100,) if min_drafts == 2 else (100, 101)
+    assert [(a.server, a.keep, a.tokens, a.first_position) for a in out] == [(10, 2, drafts, 3)]
+    later = policy.on_draft(epoch, 4, 102) + policy.on_draft(epoch, 5, 103)
+    later += policy.on_draft(epoch, 6, 104)
+    assert later == []  # the one server is busy: what is drafted now waits for it
+    out = sent(policy.on_result(10, out[0].task_id, 3, [101] if min_drafts == 2 else [101, 102]),
+               Verify)
+    # the task that gets the server covers every draft there is
+    assert out[0].tokens[-1] == 104 and out[0].first_position == 4 + (min_drafts == 1)
+    assert policy.output == [100, 101] + [102] * (min_drafts == 1)
+
+
+def test_min_drafts_is_between_1_and_the_lookahead() -> None:
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="min_drafts must be in 1..lookahead"):
+            Policy("dsi", [10], lookahead=3, run_ahead=8, max_new_tokens=8, min_drafts=bad)
 
 
 def test_a_restart_lets_committed_prefills_finish() -> None:

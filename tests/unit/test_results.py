@@ -135,7 +135,8 @@ def test_a_run_s_identity_is_planned_for_every_record_it_writes() -> None:
                                   for r in (0, 1))
     assert plan[("dsi", 1, 1)] == identity(dsi, 3, 2, 9)
     assert plan[("dsi", 1, 1)] | {"sp": 3} == {
-        "prompt_tokens": 2, "lookahead": 3, "sp": 3, "tp_size": 1, "verify": "exact",
+        "prompt_tokens": 2, "lookahead": 3, "min_drafts": 1, "sp": 3, "tp_size": 1,
+        "verify": "exact",
         "temperature": 0.0, "seed": 9, "target": dsi.target, "drafter": dsi.drafter,
         "max_new_tokens": 8, "engine": None}  # emulated models run no engine
     assert plan[("nonsi", 0, 0)]["lookahead"] == 0 and plan[("nonsi", 0, 0)]["drafter"] is None
@@ -156,3 +157,16 @@ def test_the_modes_of_one_run_load_the_same_models_and_sampling() -> None:
              replace(base, sampling=SamplingParams(temperature=0.5)),
              replace(base, target="emulated:tpot_ms=3")]
     assert not any(c.loads_as(base) for c in other)
+
+
+def test_records_from_before_min_drafts_resume_as_min_drafts_1(tmp_path: Path) -> None:
+    """Files written before --min-drafts existed ran every task with any number of drafts."""
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(_record(0)) + "\n")  # no min_drafts field
+    ones = {key: {**fields, "min_drafts": 1} for key, fields in PLAN.items()}
+    out, resumed = open_output(str(path), True, False, ones)
+    out.close()
+    assert resumed.done == {("dsi", 0, 0)}
+    twos = {key: {**fields, "min_drafts": 2} for key, fields in PLAN.items()}
+    with pytest.raises(ConfigError, match="written with min_drafts 1, this run has 2"):
+        open_output(str(path), True, False, twos)
