@@ -108,6 +108,37 @@ def summarise(records: list[dict], expected: list[list[int]], prediction: dict,
     return rows
 
 
+def explain(trace_path: str, profile_path: str) -> list[dict]:
+    """Where each mode's time went, from the run's trace: its generations' total, the target's
+    busy time and forwards, those same forwards at the profile's prices (the cost curve; the
+    shared one for DSI, whose drafter drafts beside the target), and the drafter's median
+    draft against the profile's TPOT. Runtime over prediction splits into forwards dearer than
+    profiled (busy / repriced) and a different mix of forwards or idle time."""
+    from dsi_mpi.plan import from_profile
+
+    lat, _ = from_profile(profile_path)
+    events = json.loads(Path(trace_path).read_text())["traceEvents"]
+    rows = []
+    for mode in MODES:
+        mine = [e for e in events if e.get("ph") == "X" and e["args"].get("mode") == mode
+                and not e["args"].get("warmup")]
+        prices = lat.shared if mode == "dsi" and lat.shared is not None else lat
+        forwards = [e for e in mine if e["pid"] == 2 and e["name"] in ("verify", "prefill")]
+        repriced = sum(prices.target_ttft if e["name"] == "prefill"
+                       else prices.target_forward_ms(e["args"]["fed"]) for e in forwards)
+        drafts = [e["dur"] / 1e3 for e in mine if e["pid"] == 1 and e["name"] == "draft"]
+        rows.append({
+            "mode": mode,
+            "generate_s": round(sum(e["dur"] for e in mine if e["name"] == "generate") / 1e6, 2),
+            "target_busy_s": round(sum(e["dur"] for e in forwards) / 1e6, 2),
+            "target_forwards": len(forwards),
+            "repriced_s": round(repriced / 1e3, 2),
+            "draft_ms": round(statistics.median(drafts), 1) if drafts else None,
+            "profiled_draft_ms": round(prices.drafter_tpot_ms, 1) if drafts else None,
+        })
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| mode | lookahead | identical | median (s) | mean (s) | predicted mean (s) "
              "| runtime / prediction |", "|---|---|---|---|---|---|---|"]
@@ -185,6 +216,17 @@ def main() -> int:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     print(table(rows), flush=True)
+    if args.trace:
+        gaps = explain(args.trace, args.profile)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps({"bench": "real_pair", "mode": "explain", **meta,
+                                 "rows": gaps}) + "\n")
+        print("\n| mode | generations (s) | target busy (s) | its forwards | at the profile's "
+              "prices (s) | draft (ms) | profiled draft (ms) |\n|---|---|---|---|---|---|---|")
+        for g in gaps:
+            print(f"| {g['mode']} | {g['generate_s']} | {g['target_busy_s']} "
+                  f"| {g['target_forwards']} | {g['repriced_s']} | {g['draft_ms']} "
+                  f"| {g['profiled_draft_ms']} |", flush=True)
     return 0 if all(r["identical"] == r["prompts"] for r in rows[:-1]) else 1
 
 

@@ -4,4 +4,5 @@ import sys
 
 from dsi_mpi.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned process imports it (costcurve.InProcess)
+    sys.exit(main())

@@ -6,27 +6,45 @@ CPU a forward of several new tokens takes another matrix-multiply path than a fo
 the target verifies, on the same memory bus when they share a machine. This module measures
 both, so that the simulator prices what the run will see:
 
-- the cost curve: after a prompt and all but the last ``k + 1`` of the target's tokens, a
-  forward of ``n`` = 1 .. ``k + 1`` new tokens, each timed and cropped back (one per prompt and
-  length: the curve is per prompt, its median across prompts goes to the planner);
+- the cost curve: after a prompt and all but the last few of the target's tokens, a forward
+  of ``n`` = 1 .. ``2k + 1`` new tokens (:func:`curve_lengths`: DSI at SP 1 sends a task with
+  every draft of its run-ahead, ``2k``, and the token before them), each timed and cropped
+  back (one per prompt and length: the curve is per prompt, its median across prompts goes to
+  the planner);
 - the same under load (``shared``): while the target's curve and TTFT are timed (its TPOT is
-  the curve's 1-token forward),
-  the drafter decodes greedily in a second thread of the same process, one token a forward as
+  the curve's 1-token forward), the drafter decodes greedily beside it, one token a forward as
   on a drafter rank; while the drafter's are timed, the target verifies blocks of ``k + 1``
-  tokens in that thread. torch releases the GIL inside its kernels, so the two threads compute
-  at once, each on the torch threads the process has (``--threads``: set it to what each rank
-  will have, e.g. 1 on a 2-core node running a coordinator, a drafter and a target).
+  tokens beside it. The other model runs in a process of its own (:class:`InProcess`), as
+  another rank would, on the torch threads each rank will have (``--threads``, e.g. 1 on a
+  2-core node running a coordinator, a drafter and a target). A second thread of the same
+  process (:class:`Background`) was tried first and underestimated the contention: the two
+  models' Python halves take turns on the GIL, so the drafter slowed the target's 5- and
+  6-token forwards by 1-4% in a thread and by 8-15% in a process (Qwen2.5-Coder 1.5B / 0.5B, 2
+  cores, docs/results.md), and by as much in a run.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 from dsi_mpi.backends import Backend
 
 _STOP_WAIT_S = 600.0  # bound on joining the background thread (one forward)
+_LOAD_WAIT_S = 1800.0  # bound on the other process loading its model (a conversion included)
+_START_WAIT_S = 600.0  # ... and on its prefill, or its last forward
+
+Beside = Callable[[Sequence[int], int], AbstractContextManager[Any]]  # (context, block): running
+
+
+def curve_lengths(lookahead: int) -> int:
+    """The longest forward the cost curve measures: DSI at SP 1 may send a task with every
+    draft of its run-ahead (``2 * lookahead``) and the token before them."""
+    return 2 * lookahead + 1
 
 
 class Background:
@@ -52,7 +70,7 @@ class Background:
             base, i = len(self.context), 0
             while not self._stop.is_set():
                 tokens = [self.context[(i + j) % len(self.context)] for j in range(self.block)]
-                self.backend.forward(tokens, GREEDY, num_outputs=1)
+                self.backend.forward(tokens, GREEDY, num_outputs=self.block)  # as a verification
                 self.forwards += 1
                 i += self.block
                 if self.backend.cached_length() >= base + self.span:
@@ -73,10 +91,109 @@ class Background:
             raise RuntimeError(f"the background model failed: {self.error}") from self.error
 
 
+class InProcess:
+    """Another model computing in a process of its own, as another rank would: loaded once by
+    ``loader`` (a picklable callable returning a Backend, e.g. a ``functools.partial`` of
+    ``load_backend``) on ``threads`` torch threads; ``running(context, block)`` is open while
+    it runs forwards of ``block`` tokens after ``context``, back to back (as
+    :class:`Background`). Every wait is bounded; the process is ended on close."""
+
+    def __init__(self, loader: Callable[[], Backend], threads: int | None) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, loader, threads), daemon=True)
+        self._proc.start()
+        child.close()
+        self._expect("ready", _LOAD_WAIT_S, "load its model")
+
+    def _expect(self, what: str, timeout_s: float, doing: str) -> Any:
+        if not self._conn.poll(timeout_s):
+            self.close()
+            raise RuntimeError(f"the model beside did not {doing} in {timeout_s:g} s")
+        kind, value = self._conn.recv()
+        if kind != what:
+            self.close()
+            raise RuntimeError(f"the model beside failed: {value}")
+        return value
+
+    @contextmanager
+    def running(self, context: Sequence[int], block: int = 1) -> Iterator[None]:
+        self._conn.send(("run", list(context), block))
+        self._expect("started", _START_WAIT_S, "prefill")
+        try:
+            yield
+        finally:
+            self._conn.send(("stop", None))
+            self._expect("stopped", _START_WAIT_S, "finish its forward")
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("quit", None))
+            except OSError:
+                pass
+            self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(10)
+        self._conn.close()
+
+    def __enter__(self) -> InProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _serve(conn: Any, loader: Callable[[], Backend], threads: int | None) -> None:
+    """The process of :class:`InProcess`: load, then run forwards while asked to."""
+    from dsi_mpi.profile import GREEDY
+
+    try:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        backend = loader()
+        conn.send(("ready", None))
+        while True:
+            kind, *args = conn.recv()
+            if kind == "quit":
+                return
+            context, block = args
+            backend.reset()
+            backend.forward(context, GREEDY, num_outputs=1)
+            conn.send(("started", None))
+            base, i, forwards = len(context), 0, 0
+            while not conn.poll():
+                tokens = [context[(i + j) % len(context)] for j in range(block)]
+                backend.forward(tokens, GREEDY, num_outputs=block)  # as a verification
+                forwards, i = forwards + 1, i + block
+                if backend.cached_length() >= base + 32:
+                    backend.crop(base)
+            kind, _ = conn.recv()
+            conn.send(("stopped", forwards))
+            if kind == "quit":
+                return
+    except BaseException as exc:  # told to the parent, which raises it
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+
+
+def in_thread(backend: Backend) -> Beside:
+    """``backend`` beside, in a thread of this process (:class:`Background`)."""
+    return lambda context, block: Background(backend, context, block=block)
+
+
 def curve(target: Backend, prompt: Sequence[int], tokens: Sequence[int],
           lengths: int) -> list[float]:
     """ms of target forwards of 1 .. ``lengths`` new tokens after ``prompt`` and the target's
-    ``tokens`` but their last ``lengths`` (the block's tokens), each cropped back."""
+    ``tokens`` but their last ``lengths`` (the block's tokens), each cropped back. Each computes
+    the logits of all its positions, as a verification does: on a CPU the vocabulary
+    projection of n positions takes the multi-token path too, which a curve of one-output
+    forwards missed (docs/results.md, issue 22)."""
     from dsi_mpi.profile import _timed_forward
 
     context = list(prompt) + list(tokens)
@@ -86,7 +203,7 @@ def curve(target: Backend, prompt: Sequence[int], tokens: Sequence[int],
     _timed_forward(target, context[:cut])
     out = []
     for n in range(1, lengths + 1):
-        _, ms = _timed_forward(target, block[:n])
+        _, ms = _timed_forward(target, block[:n], num_outputs=n)
         target.crop(cut)
         out.append(ms)
     return out
@@ -108,13 +225,17 @@ def _fit(lengths: Sequence[int], ms: Sequence[float]) -> dict:
 
 
 def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
-            per_prompt: list[dict], lookahead: int, shared: bool = True) -> dict:
+            per_prompt: list[dict], lookahead: int, shared: bool = True,
+            beside: tuple[Callable[[], Beside], Callable[[], Beside]] | None = None) -> dict:
     """The cost curve (into ``per_prompt``'s entries and the returned ``target.block_ms``), TTFT
     against prompt length, and with ``shared`` every latency again with the other model running
-    beside it. ``per_prompt`` holds the entries ``profile.measure`` made (with ``tokens``)."""
+    beside it. ``per_prompt`` holds the entries ``profile.measure`` made (with ``tokens``).
+    ``beside``: (the drafter beside the target, the target beside the drafter), each opened
+    for its phase, e.g. :class:`InProcess`'s ``running``; default: the loaded models, each in a
+    thread (:func:`in_thread`)."""
     from dsi_mpi.profile import _timed_forward, follow
 
-    lengths = lookahead + 1
+    lengths = curve_lengths(lookahead)
     curve(target, prompts[0], per_prompt[0]["tokens"], lengths)  # warm-up: new shapes' first use
     for prompt, entry in zip(prompts, per_prompt, strict=True):
         entry["target_curve_ms"] = curve(target, prompt, entry["tokens"], lengths)
@@ -127,15 +248,20 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
     }
     if not shared:
         return result
-    for prompt, entry in zip(prompts, per_prompt, strict=True):
-        tokens = entry["tokens"]
-        with Background(drafter, prompt):  # the drafter drafts while the target works
-            entry["target_curve_shared_ms"] = curve(target, prompt, tokens, lengths)
-            target.reset()
-            _, entry["target_ttft_shared_ms"] = _timed_forward(target, prompt)
-        entry["target_tpot_shared_ms"] = entry["target_curve_shared_ms"][0]
-        with Background(target, list(prompt) + list(tokens), block=lengths):
-            _, timing = follow(drafter, prompt, tokens)
+    drafter_beside, target_beside = beside or (lambda: in_thread(drafter),
+                                               lambda: in_thread(target))
+    with _opened(drafter_beside) as running:  # the drafter drafts while the target works
+        for prompt, entry in zip(prompts, per_prompt, strict=True):
+            with running(prompt, 1):
+                entry["target_curve_shared_ms"] = curve(target, prompt, entry["tokens"], lengths)
+                target.reset()
+                _, entry["target_ttft_shared_ms"] = _timed_forward(target, prompt)
+            entry["target_tpot_shared_ms"] = entry["target_curve_shared_ms"][0]
+    with _opened(target_beside) as running:  # the target verifies blocks while the drafter drafts
+        for prompt, entry in zip(prompts, per_prompt, strict=True):
+            tokens = entry["tokens"]
+            with running(list(prompt) + list(tokens), lookahead + 1):
+                _, timing = follow(drafter, prompt, tokens)
             entry["drafter_ttft_shared_ms"], entry["drafter_tpot_shared_ms"] = \
                 timing.ttft_ms, timing.tpot_ms
 
@@ -151,3 +277,15 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
                     "tpot_ms": mean("drafter_tpot_shared_ms")},
     }
     return result
+
+
+@contextmanager
+def _opened(make: Callable[[], Beside]) -> Iterator[Beside]:
+    """The model beside, for one phase: a process is started here and ended after it."""
+    running = make()
+    try:
+        yield running
+    finally:
+        owner = getattr(running, "__self__", None)  # a bound InProcess.running
+        if isinstance(owner, InProcess):
+            owner.close()

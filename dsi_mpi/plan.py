@@ -143,14 +143,29 @@ def best(mode: str, lat: Latencies, acceptance: float, lookaheads: Iterable[int]
     return min(runs, key=lambda s: (round(s.mean_ms, 9), s.lookahead, s.min_drafts))
 
 
+def within_curve(lat: Latencies, lookaheads: Iterable[int], mode: str) -> list[int]:
+    """The lookaheads whose tasks the cost curve prices by measurement, not by extending its
+    last point: SI's tasks are k + 1 tokens long, DSI's at SP 1 up to 2k + 1 (every draft of its
+    run-ahead). Every lookahead without a curve; at least 1."""
+    wanted = sorted(set(lookaheads))
+    if not lat.target_block_ms:
+        return wanted
+    longest = lat.target_block_ms[-1][0]
+    fits = [k for k in wanted if (k + 1 if mode == "si" else 2 * k + 1) <= longest]
+    return fits or [1]
+
+
 def make_plan(lat: Latencies, acceptance: float, gpus: int, tokens: int = 50, repeats: int = 20,
               seed: int = 0, lookaheads: Iterable[int] = DEFAULT_LOOKAHEADS) -> Plan:
-    """One GPU for the drafter, the rest for target servers (the coordinator needs none)."""
+    """One GPU for the drafter, the rest for target servers (the coordinator needs none).
+    With a cost curve, only lookaheads it covers are weighed (:func:`within_curve`)."""
     if gpus < 2:
         raise ValueError(f"DSI needs at least 2 GPUs (one drafter, one target), got {gpus}")
     available = gpus - 1
     eq1 = min_lookahead(lat, available)
-    dsi = best("dsi", lat, acceptance, dsi_lookaheads(lat, available, lookaheads), available,
+    lookaheads = list(lookaheads)
+    dsi = best("dsi", lat, acceptance,
+               within_curve(lat, dsi_lookaheads(lat, available, lookaheads), "dsi"), available,
                tokens, repeats, seed)
     # The fewest servers that keep the chosen lookahead within 1% of every server's latency
     # (the paper's "more than ceil(t_target / t_drafter) servers cannot help" holds in steady
@@ -162,6 +177,6 @@ def make_plan(lat: Latencies, acceptance: float, gpus: int, tokens: int = 50, re
         if smaller.mean_ms <= dsi.mean_ms * 1.01:
             dsi, sp = smaller, candidate
             break
-    si = best("si", lat, acceptance, lookaheads, 1, tokens, repeats, seed)
+    si = best("si", lat, acceptance, within_curve(lat, lookaheads, "si"), 1, tokens, repeats, seed)
     nonsi = simulate("nonsi", lat, acceptance, 1, 1, tokens, repeats, seed)
     return Plan(dsi.lookahead, sp, dsi.min_drafts, eq1, si.lookahead, dsi, si, nonsi)

@@ -31,6 +31,8 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 from dsi_mpi import costcurve
 from dsi_mpi.backends import Backend, load_backend
@@ -62,11 +64,14 @@ def _sync(backend: Backend) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_forward(backend: Backend, tokens: Sequence[int]) -> tuple[int, float]:
-    """The model's greedy token after ``tokens`` (appended to its cache) and the forward's ms."""
+def _timed_forward(backend: Backend, tokens: Sequence[int],
+                   num_outputs: int = 1) -> tuple[int, float]:
+    """The model's greedy token after ``tokens`` (appended to its cache) and the forward's ms,
+    with the logits of the last ``num_outputs`` positions computed (a verification's: one per
+    position it covers)."""
     _sync(backend)
     start = time.perf_counter()
-    out = backend.forward(tokens, GREEDY, num_outputs=1)
+    out = backend.forward(tokens, GREEDY, num_outputs=num_outputs)
     _sync(backend)
     return int(out.tokens[-1]), (time.perf_counter() - start) * 1e3
 
@@ -137,11 +142,11 @@ def _summary(spec: str, timings: Sequence[Timing]) -> dict:
 
 def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
             max_new_tokens: int = 20, lookahead: int = 5, warmup: int = 1,
-            shared: bool = False) -> dict:
+            shared: bool = False, beside: Any = None) -> dict:
     """Profile a loaded pair on ``prompts`` (token ids); the dict ``dsi-mpi profile`` writes,
     without the specs. Then the target's cost curve of 1 .. ``lookahead + 1`` new tokens and
     TTFT against prompt length, and with ``shared`` every latency again with the other model
-    running beside it (``costcurve.py``)."""
+    running beside it (``costcurve.py``; ``beside``: how, see ``costcurve.measure``)."""
     if not prompts:
         raise ValueError("profile needs at least one prompt")
     for _ in range(warmup):
@@ -174,7 +179,7 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
     # A translating drafter's counts are the pass above's: the cost-curve pass leaves them.
     translating = drafter if isinstance(drafter, TranslatingDrafter) else None
     counted = (translating.drafter_forwards, translating.model_seconds) if translating else None
-    costs = costcurve.measure(target, drafter, prompts, per_prompt, lookahead, shared)
+    costs = costcurve.measure(target, drafter, prompts, per_prompt, lookahead, shared, beside)
     if translating is not None and counted is not None:
         translating.drafter_forwards, translating.model_seconds = counted
     result = {
@@ -222,8 +227,18 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
     # forwards, timings and matches are per target token, as the planner needs them.
     drafter = load_drafter(config.drafter or "", config.target, config.dtype, config.device,
                            target_eos=target.eos_token_ids, engine=engine)
+    beside = None
+    if shared and group is None:
+        # Each model beside the other in a process of its own, as the ranks of a run are (a
+        # server of several ranks, under mpiexec, keeps threads: its ranks are in lockstep).
+        loaders = (partial(load_drafter, config.drafter or "", config.target, config.dtype,
+                           config.device, target_eos=target.eos_token_ids, engine=engine),
+                   partial(load_backend, config.target, config.dtype, config.device,
+                           engine=engine))
+        beside = (lambda: costcurve.InProcess(loaders[0], threads).running,
+                  lambda: costcurve.InProcess(loaders[1], threads).running)
     result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup,
-                     shared)
+                     shared, beside)
     result["translation"] = None
     if isinstance(drafter, TranslatingDrafter):
         result["translation"] = method_for(config.verify)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from dsi_mpi.backends import load_backend
 from dsi_mpi.backends.emulated import EmulatedSpec, block_cost, parse_block_ms
-from dsi_mpi.costcurve import Background
+from dsi_mpi.costcurve import Background, InProcess
 from dsi_mpi.plan import from_profile, make_plan
 from dsi_mpi.profile import GREEDY, measure
 from dsi_mpi.simulate import Latencies, simulate
@@ -57,12 +58,13 @@ def test_profile_measures_the_emulated_curve_and_ttft_against_prompt_length() ->
     def near(measured: float, ms: float) -> bool:
         return ms <= measured < ms * 1.25
 
+    # forwards of up to 2k + 1 = 7 tokens: DSI at SP 1 sends every draft of its run-ahead
     curve = dict(result["target"]["block_ms"])
-    assert sorted(curve) == [2, 3, 4]
-    for n, ms in ((2, 60.0), (3, 70.0), (4, 80.0)):
+    assert sorted(curve) == [2, 3, 4, 5, 6, 7]
+    for n, ms in ((2, 60.0), (3, 70.0), (4, 80.0), (7, 80.0)):
         assert near(curve[n], ms), (n, curve[n])
     for entry in result["per_prompt"]:
-        assert len(entry["target_curve_ms"]) == 4 and near(entry["target_curve_ms"][0], 20.0)
+        assert len(entry["target_curve_ms"]) == 7 and near(entry["target_curve_ms"][0], 20.0)
     fit = result["ttft_vs_prompt"]["target"]  # emulated TTFT does not grow with the prompt
     assert abs(fit["per_token_ms"]) < 3.0
     assert near(fit["intercept_ms"] + 4.5 * fit["per_token_ms"], 50.0)  # at the mean length
@@ -70,7 +72,34 @@ def test_profile_measures_the_emulated_curve_and_ttft_against_prompt_length() ->
     shared = result["shared"]
     assert near(shared["target"]["tpot_ms"], 20.0) and near(shared["target"]["ttft_ms"], 50.0)
     assert near(shared["drafter"]["tpot_ms"], 5.0)
-    assert [n for n, _ in shared["target"]["block_ms"]] == [2, 3, 4]
+    assert [n for n, _ in shared["target"]["block_ms"]] == [2, 3, 4, 5, 6, 7]
+
+
+def test_the_model_beside_runs_in_a_process_of_its_own() -> None:
+    """What ``dsi-mpi profile`` runs beside each model: a process, as another rank would be."""
+    spec = "emulated:tpot_ms=5,acceptance=0.8,vocab=100"
+    beside = InProcess(partial(load_backend, spec), threads=1)
+    try:
+        for _ in range(2):  # loaded once, for every prompt of a phase
+            with beside.running([1, 2, 3], 2):
+                time.sleep(0.1)
+            assert beside._proc.is_alive()
+    finally:
+        beside.close()
+    assert not beside._proc.is_alive()
+    made: list[InProcess] = []
+
+    def start() -> object:
+        made.append(InProcess(partial(load_backend, spec), threads=1))
+        return made[-1].running
+
+    target = load_backend("emulated:tpot_ms=20,ttft_ms=50,block_ms=2:60,vocab=100")
+    result = measure(target, load_backend(spec), [[1, 2, 3]], max_new_tokens=4, lookahead=1,
+                     warmup=0, shared=True, beside=(start, start))
+    assert 20.0 <= result["shared"]["target"]["tpot_ms"] < 25.0
+    assert len(made) == 2 and not any(m._proc.is_alive() for m in made)  # one per phase, ended
+    with pytest.raises(RuntimeError, match="the model beside failed: .*no_such_model"):
+        InProcess(partial(load_backend, "/no_such_model"), threads=1)
 
 
 def test_background_model_runs_while_open_and_stops() -> None:
@@ -83,6 +112,9 @@ def test_background_model_runs_while_open_and_stops() -> None:
     assert background.forwards == count  # stopped
 
 
+# Forwards of 2+ tokens at 2.3x one token, measured up to 21 tokens (the planner weighs only
+# the lookaheads a curve covers: DSI's tasks at SP 1 reach 2k + 1 tokens)
+STEP = ((2, 23.0), (21, 23.0))
 LAT = Latencies(target_tpot_ms=10.0, drafter_tpot_ms=2.0, target_ttft_ms=15.0,
                 drafter_ttft_ms=3.0)
 
@@ -118,9 +150,9 @@ def test_the_planner_picks_the_lookahead_the_curve_favours() -> None:
     # hardly grows with its length, so at a high acceptance longer blocks amortise it, and the
     # planner, pricing each forward by its length, picks a longer lookahead than on a flat curve.
     flat = make_plan(LAT, 0.9, 2, tokens=30, repeats=5)
-    step = make_plan(replace(LAT, target_block_ms=((2, 23.0),)), 0.9, 2, tokens=30, repeats=5)
+    step = make_plan(replace(LAT, target_block_ms=STEP), 0.9, 2, tokens=30, repeats=5)
     assert step.lookahead > flat.lookahead
-    assert step.dsi.mean_ms == simulate("dsi", replace(LAT, target_block_ms=((2, 23.0),)), 0.9,
+    assert step.dsi.mean_ms == simulate("dsi", replace(LAT, target_block_ms=STEP), 0.9,
                                         step.lookahead, step.sp, 30, repeats=5,
                                         min_drafts=step.min_drafts).mean_ms
     assert step.nonsi.mean_ms == flat.nonsi.mean_ms
@@ -134,7 +166,7 @@ def test_plan_reads_the_curve_and_the_shared_latencies_from_a_profile(tmp_path: 
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(data))
     lat, acceptance = from_profile(str(path))
-    assert [n for n, _ in lat.target_block_ms] == [2, 3]
+    assert [n for n, _ in lat.target_block_ms] == [2, 3, 4, 5]  # up to 2 x lookahead + 1
     assert 9.0 <= lat.target_forward_ms(2) < 12.0 and lat.shared is not None
     assert lat.shared.target_block_ms and 0 <= acceptance <= 1
     data["target"]["block_ms"] = [[1, 3.0]]
@@ -150,7 +182,7 @@ def test_min_drafts_keeps_dsi_no_slower_than_non_si_on_a_step(acceptance: float)
     states it (every task carries the drafts there are) loses to non-SI at every lookahead.
     Tasks of no drafts or at least ``min_drafts`` (the planner's choice) win back the
     guarantee; on a flat curve the planner keeps ``min_drafts`` 1."""
-    lat = Latencies(10.0, 4.0, 15.0, 5.0, target_block_ms=((2, 23.0),))
+    lat = Latencies(10.0, 4.0, 15.0, 5.0, target_block_ms=STEP)
     nonsi = simulate("nonsi", lat, acceptance, 1, 1, 30, repeats=10).mean_ms
     for k in (1, 2, 3, 5, 8):
         assert simulate("dsi", lat, acceptance, k, 1, 30, repeats=10).mean_ms > nonsi * 1.05
@@ -161,3 +193,14 @@ def test_min_drafts_keeps_dsi_no_slower_than_non_si_on_a_step(acceptance: float)
                                         min_drafts=plan.min_drafts).mean_ms
     flat = make_plan(replace(lat, target_block_ms=()), acceptance, 2, tokens=30, repeats=10)
     assert flat.min_drafts == 1
+
+
+def test_the_planner_weighs_only_lookaheads_the_curve_covers() -> None:
+    from dsi_mpi.plan import within_curve
+
+    curve = replace(LAT, target_block_ms=((2, 23.0), (11, 25.0)))  # profile --lookahead 5
+    assert within_curve(curve, range(1, 11), "dsi") == [1, 2, 3, 4, 5]  # 2k + 1 <= 11
+    assert within_curve(curve, range(1, 11), "si") == list(range(1, 11))  # k + 1 <= 11
+    assert within_curve(LAT, [8, 3], "dsi") == [3, 8]  # no curve: every lookahead
+    plan = make_plan(curve, 0.9, 2, tokens=30, repeats=3)
+    assert plan.lookahead <= 5
