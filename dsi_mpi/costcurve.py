@@ -188,12 +188,13 @@ def in_thread(backend: Backend) -> Beside:
 
 
 def curve(target: Backend, prompt: Sequence[int], tokens: Sequence[int],
-          lengths: int) -> list[float]:
+          lengths: int, every_output: bool = True) -> list[float]:
     """ms of target forwards of 1 .. ``lengths`` new tokens after ``prompt`` and the target's
     ``tokens`` but their last ``lengths`` (the block's tokens), each cropped back. Each computes
     the logits of all its positions, as a verification does: on a CPU the vocabulary
     projection of n positions takes the multi-token path too, which a curve of one-output
-    forwards missed (docs/results.md, issue 22)."""
+    forwards missed (docs/results.md, issue 22). ``every_output=False``: one output, as a
+    drafter's forward of several tokens (tokens it lacks, then the draft)."""
     from dsi_mpi.profile import _timed_forward
 
     context = list(prompt) + list(tokens)
@@ -203,7 +204,7 @@ def curve(target: Backend, prompt: Sequence[int], tokens: Sequence[int],
     _timed_forward(target, context[:cut])
     out = []
     for n in range(1, lengths + 1):
-        _, ms = _timed_forward(target, block[:n], num_outputs=n)
+        _, ms = _timed_forward(target, block[:n], num_outputs=n if every_output else 1)
         target.crop(cut)
         out.append(ms)
     return out
@@ -234,13 +235,23 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
     for its phase, e.g. :class:`InProcess`'s ``running``; default: the loaded models, each in a
     thread (:func:`in_thread`)."""
     from dsi_mpi.profile import _timed_forward, follow
+    from dsi_mpi.translate import TranslatingDrafter
 
     lengths = curve_lengths(lookahead)
+    # The drafter's forwards of 1 .. k + 1 tokens: a draft after tokens it lacks (SI's bonus
+    # token after its last draft, committed tokens). Not for a translating drafter, whose
+    # forwards are its own model's and vary with the text.
+    drafter_curve = not isinstance(drafter, TranslatingDrafter)
     curve(target, prompts[0], per_prompt[0]["tokens"], lengths)  # warm-up: new shapes' first use
     for prompt, entry in zip(prompts, per_prompt, strict=True):
         entry["target_curve_ms"] = curve(target, prompt, entry["tokens"], lengths)
+        if drafter_curve:
+            entry["drafter_curve_ms"] = curve(drafter, prompt, entry["tokens"], lookahead + 1,
+                                              every_output=False)
     result: dict = {
         "block_ms": _median_curve([e["target_curve_ms"] for e in per_prompt]),
+        "drafter_block_ms": (_median_curve([e["drafter_curve_ms"] for e in per_prompt])
+                             if drafter_curve else []),
         "ttft_vs_prompt": {
             name: _fit([e["prompt_tokens"] for e in per_prompt],
                        [e[f"{name}_ttft_ms"] for e in per_prompt])
@@ -262,6 +273,9 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
             tokens = entry["tokens"]
             with running(list(prompt) + list(tokens), lookahead + 1):
                 _, timing = follow(drafter, prompt, tokens)
+                if drafter_curve:
+                    entry["drafter_curve_shared_ms"] = curve(drafter, prompt, tokens,
+                                                             lookahead + 1, every_output=False)
             entry["drafter_ttft_shared_ms"], entry["drafter_tpot_shared_ms"] = \
                 timing.ttft_ms, timing.tpot_ms
 
@@ -274,7 +288,9 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
                    "tpot_ms": mean("target_tpot_shared_ms"),
                    "block_ms": _median_curve([e["target_curve_shared_ms"] for e in per_prompt])},
         "drafter": {"ttft_ms": mean("drafter_ttft_shared_ms"),
-                    "tpot_ms": mean("drafter_tpot_shared_ms")},
+                    "tpot_ms": mean("drafter_tpot_shared_ms"),
+                    "block_ms": (_median_curve([e["drafter_curve_shared_ms"] for e in per_prompt])
+                                 if drafter_curve else [])},
     }
     return result
 

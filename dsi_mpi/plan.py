@@ -75,17 +75,19 @@ def from_profile(path: str) -> tuple[Latencies, float]:
         raise ValueError("latencies must be >= 0 ms with the target's TPOT > 0, "
                          "and acceptance in [0, 1]")
     block = _block_ms(data["target"].get("block_ms"))
+    drafter_block = _block_ms(data["drafter"].get("block_ms"))
     shared = None
     if data.get("shared"):
         try:
             t, d = data["shared"]["target"], data["shared"]["drafter"]
             shared = Latencies(float(t["tpot_ms"]), float(d["tpot_ms"]), float(t["ttft_ms"]),
-                               float(d["ttft_ms"]), _block_ms(t.get("block_ms")))
+                               float(d["ttft_ms"]), _block_ms(t.get("block_ms")),
+                               drafter_block_ms=_block_ms(d.get("block_ms")))
         except (KeyError, TypeError, ValueError):
             raise ValueError("its shared latencies need target and drafter tpot_ms and "
                              "ttft_ms") from None
     return Latencies(target_tpot, drafter_tpot, target_ttft, drafter_ttft, block,
-                     shared), acceptance
+                     shared, drafter_block), acceptance
 
 
 def _block_ms(pairs: object) -> tuple[tuple[int, float], ...]:

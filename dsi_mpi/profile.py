@@ -184,7 +184,7 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
         translating.drafter_forwards, translating.model_seconds = counted
     result = {
         "target": _summary("", target_timings) | {"block_ms": costs["block_ms"]},
-        "drafter": _summary("", drafter_timings),
+        "drafter": _summary("", drafter_timings) | {"block_ms": costs["drafter_block_ms"]},
         "acceptance": sum(map(sum, matches)) / total,
         "acceptance_per_position": per_position,
         "mean_accepted_length": mean_length,
@@ -290,6 +290,10 @@ def table(result: dict) -> str:
     if curve:
         lines.append(f"target forward of n new tokens (ms, median): "
                      f"1:{result['target']['tpot_ms']:.0f} {curve}")
+    curve = " ".join(f"{n}:{ms:.0f}" for n, ms in result["drafter"].get("block_ms", []))
+    if curve:
+        lines.append(f"drafter forward of n new tokens (ms, median): "
+                     f"1:{result['drafter']['tpot_ms']:.0f} {curve}")
     shared = result.get("shared")
     if shared:
         curve = " ".join(f"{n}:{ms:.0f}" for n, ms in shared["target"]["block_ms"])
@@ -297,7 +301,8 @@ def table(result: dict) -> str:
                      f"{shared['target']['ttft_ms']:.1f} ms, forwards 1:"
                      f"{shared['target']['tpot_ms']:.0f} {curve}; drafter TTFT "
                      f"{shared['drafter']['ttft_ms']:.1f} ms, TPOT "
-                     f"{shared['drafter']['tpot_ms']:.1f} ms")
+                     f"{shared['drafter']['tpot_ms']:.1f} ms"
+                     + "".join(f" {n}:{ms:.0f}" for n, ms in shared["drafter"].get("block_ms", [])))
     if result.get("translation"):
         drafter = result["drafter"]
         per_token = drafter["model_forwards"] / drafter["forwards"]

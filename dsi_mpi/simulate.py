@@ -82,6 +82,9 @@ class Latencies:
     drafter_ttft_ms: float | None = None  # default: drafter_tpot_ms
     target_block_ms: tuple[tuple[int, float], ...] = ()
     shared: Latencies | None = None
+    # the drafter's cost curve: a draft that first feeds tokens it lacks (SI's bonus token
+    # after its last draft, committed tokens after a rollback) is a forward of several tokens
+    drafter_block_ms: tuple[tuple[int, float], ...] = ()
 
     @property
     def target_ttft(self) -> float:
@@ -94,6 +97,10 @@ class Latencies:
     def target_forward_ms(self, new_tokens: int) -> float:
         """A warm target forward of ``new_tokens`` tokens."""
         return block_cost(self.target_tpot_ms, self.target_block_ms, new_tokens)
+
+    def drafter_forward_ms(self, new_tokens: int) -> float:
+        """A warm drafter forward of ``new_tokens`` tokens."""
+        return block_cost(self.drafter_tpot_ms, self.drafter_block_ms, new_tokens)
 
     def target_spec(self, vocab: int, seed: int) -> EmulatedSpec:
         return EmulatedSpec(self.target_tpot_ms, self.target_ttft, None, vocab, seed,
@@ -362,7 +369,8 @@ class _Simulation:
         if self._d_busy or not self.drafter.can_draft():
             return
         lat = self.lat.while_other_runs(bool(self._running))
-        cost = lat.drafter_ttft if self.drafter.cold else lat.drafter_tpot_ms
+        cost = (lat.drafter_ttft if self.drafter.cold
+                else lat.drafter_forward_ms(self.drafter.pending()))
         self._d_busy = True
         self._d_forward += 1
         self._d_started, self._d_ends = self.now, self.now + cost

@@ -108,6 +108,11 @@ class DrafterWorker:
         """The next forward fills an empty cache (a prefill: TTFT, not TPOT)."""
         return self.reset_cache or not self.runner.tokens
 
+    def pending(self) -> int:
+        """Tokens the next forward feeds: those of ``seq`` past the longest cached prefix that
+        agrees with it (at least the last one, whose logits give the draft)."""
+        return len(self.seq) - self.runner.reusable(self.seq)
+
     def step(self, should_cancel: Callable[[], bool] | None = None) -> Draft | None:
         """One forward: the next draft (and its distribution q, under rejection sampling), or
         None when ``should_cancel`` abandoned it (a Rollback, Start or Stop came: the draft

@@ -110,6 +110,12 @@ class ContextRunner:
         self.tokens.extend(int(t) for t in tokens)
         return out
 
+    def reusable(self, context: Sequence[int], num_outputs: int = 1) -> int:
+        """Cached positions :meth:`run` keeps for ``context``: the longest cached prefix that
+        agrees with it, short of the positions whose outputs are wanted."""
+        return min(common_prefix(self.tokens, context), len(context) - 1,
+                   len(context) - num_outputs)
+
     def run(
         self,
         context: Sequence[int],
@@ -120,6 +126,5 @@ class ContextRunner:
     ) -> StepOutput:
         """Outputs for the last ``num_outputs`` positions up to ``len(context)``, reusing the
         longest cached prefix that agrees with ``context``."""
-        keep = min(common_prefix(self.tokens, context), len(context) - 1,
-                   len(context) - num_outputs)
+        keep = self.reusable(context, num_outputs)
         return self.extend(keep, context[keep:], params, num_outputs, want_probs, should_cancel)

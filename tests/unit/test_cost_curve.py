@@ -50,7 +50,7 @@ def test_an_emulated_block_lasts_its_listed_cost() -> None:
 def test_profile_measures_the_emulated_curve_and_ttft_against_prompt_length() -> None:
     # costs long enough that a loaded machine's scheduling delays stay within the tolerance
     target = load_backend("emulated:tpot_ms=20,ttft_ms=50,block_ms=2:60/4:80,vocab=100")
-    drafter = load_backend("emulated:tpot_ms=5,acceptance=0.8,vocab=100")
+    drafter = load_backend("emulated:tpot_ms=5,acceptance=0.8,block_ms=2:10,vocab=100")
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     result = measure(target, drafter, prompts, max_new_tokens=8, lookahead=3, warmup=0,
                      shared=True)
@@ -65,6 +65,10 @@ def test_profile_measures_the_emulated_curve_and_ttft_against_prompt_length() ->
         assert near(curve[n], ms), (n, curve[n])
     for entry in result["per_prompt"]:
         assert len(entry["target_curve_ms"]) == 7 and near(entry["target_curve_ms"][0], 20.0)
+    # the drafter's forwards of 1 .. k + 1 tokens (a draft after tokens it lacks)
+    drafter_curve = dict(result["drafter"]["block_ms"])
+    assert sorted(drafter_curve) == [2, 3, 4] and near(drafter_curve[3], 10.0)
+    assert [n for n, _ in result["shared"]["drafter"]["block_ms"]] == [2, 3, 4]
     fit = result["ttft_vs_prompt"]["target"]  # emulated TTFT does not grow with the prompt
     assert abs(fit["per_token_ms"]) < 3.0
     assert near(fit["intercept_ms"] + 4.5 * fit["per_token_ms"], 50.0)  # at the mean length
@@ -132,6 +136,16 @@ def test_the_simulator_prices_each_forward_by_its_length() -> None:
     level = replace(LAT, target_block_ms=((2, 10.0),))
     assert simulate("dsi", level, 0.9, 3, 2, 30, repeats=3).mean_ms == \
         simulate("dsi", LAT, 0.9, 3, 2, 30, repeats=3).mean_ms
+
+
+def test_the_simulator_prices_a_draft_by_the_tokens_it_feeds() -> None:
+    # SI's first draft of a block feeds its last draft and the bonus token: with a drafter whose
+    # 2-token forward costs 3x one, SI slows down; DSI's drafter mostly feeds one token a draft.
+    dear = replace(LAT, drafter_block_ms=((2, 6.0),))
+    si, si_dear = (simulate("si", lat, 0.9, 4, 1, 30, repeats=5).mean_ms for lat in (LAT, dear))
+    assert si_dear >= si + 3 * 4.0  # at least three accepted blocks paid 4 ms more for a draft
+    assert simulate("nonsi", dear, 0.9, 1, 1, 30).mean_ms == \
+        simulate("nonsi", LAT, 0.9, 1, 1, 30).mean_ms
 
 
 def test_shared_latencies_apply_when_the_other_model_runs_at_once() -> None:

@@ -123,10 +123,10 @@ def test_profile_command_writes_what_plan_and_simulate_read(tmp_path: Path,
     assert data["prompts"] == 1 and data["tokens"] == 30
     assert len(data["acceptance_per_position"]) == 3
 
-    # The flags below carry no cost curve and no shared latencies: compare with a profile
+    # The flags below carry no cost curves and no shared latencies: compare with a profile
     # without them (test_cost_curve.py checks that plan and simulate use them).
-    assert data["target"]["block_ms"] and data["shared"]
-    del data["target"]["block_ms"], data["shared"]
+    assert data["target"]["block_ms"] and data["drafter"]["block_ms"] and data["shared"]
+    del data["target"]["block_ms"], data["drafter"]["block_ms"], data["shared"]
     path.write_text(json.dumps(data))
     assert main(["plan", "--profile", str(path), "--gpus", "4", "--repeats", "2"]) == 0
     plan = json.loads(capsys.readouterr().out.splitlines()[-1])
