@@ -146,9 +146,12 @@ class InProcess:
 
 
 def _serve(conn: Any, loader: Callable[[], Backend], threads: int | None) -> None:
-    """The process of :class:`InProcess`: load, then run forwards while asked to."""
-    from dsi_mpi.profile import GREEDY
+    """The process of :class:`InProcess`: load, then run forwards while asked to. It imports
+    nothing that starts MPI (``dsi_mpi.profile`` does): under mpiexec the parent's rank is
+    not its own."""
+    from dsi_mpi.verify import SamplingParams
 
+    greedy = SamplingParams()
     try:
         if threads is not None:
             import torch
@@ -162,12 +165,12 @@ def _serve(conn: Any, loader: Callable[[], Backend], threads: int | None) -> Non
                 return
             context, block = args
             backend.reset()
-            backend.forward(context, GREEDY, num_outputs=1)
+            backend.forward(context, greedy, num_outputs=1)
             conn.send(("started", None))
             base, i, forwards = len(context), 0, 0
             while not conn.poll():
                 tokens = [context[(i + j) % len(context)] for j in range(block)]
-                backend.forward(tokens, GREEDY, num_outputs=block)  # as a verification
+                backend.forward(tokens, greedy, num_outputs=block)  # as a verification
                 forwards, i = forwards + 1, i + block
                 if backend.cached_length() >= base + 32:
                     backend.crop(base)
