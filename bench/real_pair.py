@@ -59,8 +59,9 @@ def predict(profile_path: str, ranks: int, tokens: int) -> dict:
 
     lat, acceptance = from_profile(profile_path)
     data = json.loads(Path(profile_path).read_text())
-    sweep = range(1, int(data["lookahead"]) + 1)  # the lookaheads the cost curve covers
-    plan = make_plan(lat, acceptance, ranks - 1, tokens, REPEATS, lookaheads=sweep)
+    # the planner's sweep, within what the cost curve covers (plan.within_curve: DSI's tasks at
+    # SP 1 reach 2k + 1 tokens, SI's k + 1), as `dsi-mpi plan --profile` weighs them
+    plan = make_plan(lat, acceptance, ranks - 1, tokens, REPEATS)
     lookahead = {"dsi": plan.lookahead, "si": plan.si_lookahead, "nonsi": 1}
     per_prompt = {mode: [] for mode in MODES}
     for entry in data["per_prompt"]:
