@@ -51,12 +51,12 @@ def main() -> int:
     tokens = [generate(target, p, args.max_new_tokens)[0] for p in prompts]
     curve(target, prompts[0], tokens[0], args.lengths)  # warm-up
     rows: dict[str, list[list[float]]] = {"alone": [], "thread": [], "process": []}
-    with InProcess(partial(load_backend, args.drafter, args.dtype, "cpu"), threads=1) as other:
+    with InProcess(partial(load_backend, args.drafter, args.dtype, "cpu"), threads=1) as beside:
         for prompt, toks in zip(prompts, tokens, strict=True):
             rows["alone"].append(curve(target, prompt, toks, args.lengths))
             with Background(drafter, prompt):
                 rows["thread"].append(curve(target, prompt, toks, args.lengths))
-            with other.running(prompt, 1):
+            with beside(prompt, 1):
                 rows["process"].append(curve(target, prompt, toks, args.lengths))
     medians = {k: [statistics.median(c[i] for c in v) for i in range(args.lengths)]
                for k, v in rows.items()}

@@ -17,10 +17,11 @@ both, so that the simulator prices what the run will see:
   tokens beside it. The other model runs in a process of its own (:class:`InProcess`), as
   another rank would, on the torch threads each rank will have (``--threads``, e.g. 1 on a
   2-core node running a coordinator, a drafter and a target). A second thread of the same
-  process (:class:`Background`) was tried first and underestimated the contention: the two
-  models' Python halves take turns on the GIL, so the drafter slowed the target's 5- and
-  6-token forwards by 1-4% in a thread and by 8-15% in a process (Qwen2.5-Coder 1.5B / 0.5B, 2
-  cores, docs/results.md), and by as much in a run.
+  process (:class:`Background`) was tried first: in one process the two models' Python halves
+  take turns on the GIL, which couples them as two ranks never are. With one-output forwards
+  the thread understated what the drafter costs the target (1-4% against 8-15% in a process),
+  with every position's logits it overstated it (16-29% against 2-18%; ``bench/beside.py``,
+  Qwen2.5-Coder 1.5B / 0.5B on 2 cores, docs/results.md).
 """
 
 from __future__ import annotations
@@ -29,16 +30,39 @@ import multiprocessing
 import statistics
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from dsi_mpi.backends import Backend
+from dsi_mpi.verify import SamplingParams
 
 _STOP_WAIT_S = 600.0  # bound on joining the background thread (one forward)
 _LOAD_WAIT_S = 1800.0  # bound on the other process loading its model (a conversion included)
 _START_WAIT_S = 600.0  # ... and on its prefill, or its last forward
+SPAN = 32  # the model beside crops back to its context every SPAN tokens
 
 Beside = Callable[[Sequence[int], int], AbstractContextManager[Any]]  # (context, block): running
+
+
+def run_beside(backend: Backend, context: Sequence[int], block: int, span: int,
+               stopped: Callable[[], bool], started: Callable[[], None] | None = None) -> int:
+    """What the model beside does, in a thread or a process: read ``context``, then forwards of
+    ``block`` tokens (tokens of ``context`` again, every position's logits as a verification)
+    back to back until ``stopped()``, cropping back to the context every ``span`` tokens.
+    ``started`` is told when the prefill is done. Returns the forwards after it."""
+    greedy = SamplingParams()
+    backend.reset()
+    backend.forward(context, greedy, num_outputs=1)
+    if started is not None:
+        started()
+    base, i, forwards = len(context), 0, 0
+    while not stopped():
+        tokens = [context[(i + j) % len(context)] for j in range(block)]
+        backend.forward(tokens, greedy, num_outputs=block)
+        forwards, i = forwards + 1, i + block
+        if backend.cached_length() >= base + span:
+            backend.crop(base)
+    return forwards
 
 
 def curve_lengths(lookahead: int) -> int:
@@ -53,7 +77,7 @@ class Background:
     ``context`` again), cropping back to the context every ``span`` tokens."""
 
     def __init__(self, backend: Backend, context: Sequence[int], block: int = 1,
-                 span: int = 32) -> None:
+                 span: int = SPAN) -> None:
         self.backend, self.context = backend, list(context)
         self.block, self.span = block, span
         self.forwards = 0
@@ -62,19 +86,9 @@ class Background:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from dsi_mpi.profile import GREEDY
-
         try:
-            self.backend.reset()
-            self.backend.forward(self.context, GREEDY, num_outputs=1)
-            base, i = len(self.context), 0
-            while not self._stop.is_set():
-                tokens = [self.context[(i + j) % len(self.context)] for j in range(self.block)]
-                self.backend.forward(tokens, GREEDY, num_outputs=self.block)  # as a verification
-                self.forwards += 1
-                i += self.block
-                if self.backend.cached_length() >= base + self.span:
-                    self.backend.crop(base)
+            self.forwards = run_beside(self.backend, self.context, self.block, self.span,
+                                       self._stop.is_set)
         except BaseException as exc:  # reported by close()
             self.error = exc
 
@@ -96,7 +110,8 @@ class InProcess:
     ``loader`` (a picklable callable returning a Backend, e.g. a ``functools.partial`` of
     ``load_backend``) on ``threads`` torch threads; ``running(context, block)`` is open while
     it runs forwards of ``block`` tokens after ``context``, back to back (as
-    :class:`Background`). Every wait is bounded; the process is ended on close."""
+    :class:`Background`). Open (``with``) for one phase, it gives ``running``; every wait is
+    bounded; the process is ended on close."""
 
     def __init__(self, loader: Callable[[], Backend], threads: int | None) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
@@ -138,8 +153,8 @@ class InProcess:
             self._proc.join(10)
         self._conn.close()
 
-    def __enter__(self) -> InProcess:
-        return self
+    def __enter__(self) -> Beside:
+        return self.running
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
@@ -149,9 +164,6 @@ def _serve(conn: Any, loader: Callable[[], Backend], threads: int | None) -> Non
     """The process of :class:`InProcess`: load, then run forwards while asked to. It imports
     nothing that starts MPI (``dsi_mpi.profile`` does): under mpiexec the parent's rank is
     not its own."""
-    from dsi_mpi.verify import SamplingParams
-
-    greedy = SamplingParams()
     try:
         if threads is not None:
             import torch
@@ -164,16 +176,8 @@ def _serve(conn: Any, loader: Callable[[], Backend], threads: int | None) -> Non
             if kind == "quit":
                 return
             context, block = args
-            backend.reset()
-            backend.forward(context, greedy, num_outputs=1)
-            conn.send(("started", None))
-            base, i, forwards = len(context), 0, 0
-            while not conn.poll():
-                tokens = [context[(i + j) % len(context)] for j in range(block)]
-                backend.forward(tokens, greedy, num_outputs=block)  # as a verification
-                forwards, i = forwards + 1, i + block
-                if backend.cached_length() >= base + 32:
-                    backend.crop(base)
+            forwards = run_beside(backend, context, block, SPAN, conn.poll,
+                                  lambda: conn.send(("started", None)))
             kind, _ = conn.recv()
             conn.send(("stopped", forwards))
             if kind == "quit":
@@ -185,9 +189,9 @@ def _serve(conn: Any, loader: Callable[[], Backend], threads: int | None) -> Non
             pass
 
 
-def in_thread(backend: Backend) -> Beside:
-    """``backend`` beside, in a thread of this process (:class:`Background`)."""
-    return lambda context, block: Background(backend, context, block=block)
+def in_thread(backend: Backend) -> AbstractContextManager[Beside]:
+    """``backend`` beside, in a thread of this process (:class:`Background`), for a phase."""
+    return nullcontext(lambda context, block: Background(backend, context, block=block))
 
 
 def curve(target: Backend, prompt: Sequence[int], tokens: Sequence[int],
@@ -230,12 +234,13 @@ def _fit(lengths: Sequence[int], ms: Sequence[float]) -> dict:
 
 def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
             per_prompt: list[dict], lookahead: int, shared: bool = True,
-            beside: tuple[Callable[[], Beside], Callable[[], Beside]] | None = None) -> dict:
+            beside: tuple[Callable[[], AbstractContextManager[Beside]],
+                          Callable[[], AbstractContextManager[Beside]]] | None = None) -> dict:
     """The cost curve (into ``per_prompt``'s entries and the returned ``target.block_ms``), TTFT
     against prompt length, and with ``shared`` every latency again with the other model running
     beside it. ``per_prompt`` holds the entries ``profile.measure`` made (with ``tokens``).
     ``beside``: (the drafter beside the target, the target beside the drafter), each opened
-    for its phase, e.g. :class:`InProcess`'s ``running``; default: the loaded models, each in a
+    for its phase, e.g. an :class:`InProcess` maker; default: the loaded models, each in a
     thread (:func:`in_thread`)."""
     from dsi_mpi.profile import _timed_forward, follow
     from dsi_mpi.translate import TranslatingDrafter
@@ -264,14 +269,14 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
         return result
     drafter_beside, target_beside = beside or (lambda: in_thread(drafter),
                                                lambda: in_thread(target))
-    with _opened(drafter_beside) as running:  # the drafter drafts while the target works
+    with drafter_beside() as running:  # the drafter drafts while the target works
         for prompt, entry in zip(prompts, per_prompt, strict=True):
             with running(prompt, 1):
                 entry["target_curve_shared_ms"] = curve(target, prompt, entry["tokens"], lengths)
                 target.reset()
                 _, entry["target_ttft_shared_ms"] = _timed_forward(target, prompt)
             entry["target_tpot_shared_ms"] = entry["target_curve_shared_ms"][0]
-    with _opened(target_beside) as running:  # the target verifies blocks while the drafter drafts
+    with target_beside() as running:  # the target verifies blocks while the drafter drafts
         for prompt, entry in zip(prompts, per_prompt, strict=True):
             tokens = entry["tokens"]
             with running(list(prompt) + list(tokens), lookahead + 1):
@@ -296,15 +301,3 @@ def measure(target: Backend, drafter: Backend, prompts: Sequence[Sequence[int]],
                                  if drafter_curve else [])},
     }
     return result
-
-
-@contextmanager
-def _opened(make: Callable[[], Beside]) -> Iterator[Beside]:
-    """The model beside, for one phase: a process is started here and ended after it."""
-    running = make()
-    try:
-        yield running
-    finally:
-        owner = getattr(running, "__self__", None)  # a bound InProcess.running
-        if isinstance(owner, InProcess):
-            owner.close()

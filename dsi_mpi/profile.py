@@ -235,8 +235,8 @@ def profile(config: RunConfig, prompts: Sequence[Sequence[int]], warmup: int = 1
                            config.device, target_eos=target.eos_token_ids, engine=engine),
                    partial(load_backend, config.target, config.dtype, config.device,
                            engine=engine))
-        beside = (lambda: costcurve.InProcess(loaders[0], threads).running,
-                  lambda: costcurve.InProcess(loaders[1], threads).running)
+        beside = (partial(costcurve.InProcess, loaders[0], threads),
+                  partial(costcurve.InProcess, loaders[1], threads))
     result = measure(target, drafter, prompts, config.max_new_tokens, config.lookahead, warmup,
                      shared, beside)
     result["translation"] = None

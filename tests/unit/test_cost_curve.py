@@ -93,9 +93,9 @@ def test_the_model_beside_runs_in_a_process_of_its_own() -> None:
     assert not beside._proc.is_alive()
     made: list[InProcess] = []
 
-    def start() -> object:
+    def start() -> InProcess:
         made.append(InProcess(partial(load_backend, spec), threads=1))
-        return made[-1].running
+        return made[-1]
 
     target = load_backend("emulated:tpot_ms=20,ttft_ms=50,block_ms=2:60,vocab=100")
     result = measure(target, load_backend(spec), [[1, 2, 3]], max_new_tokens=4, lookahead=1,
