@@ -119,7 +119,7 @@ class Coordinator:
         return Policy(config.mode, list(servers), config.lookahead, config.run_ahead(len(servers)),
                       config.max_new_tokens, eos_ids=self.eos_ids, verify=config.verify,
                       seed=config.sampling.seed, reuse_cache=config.reuse_cache, ids=self.ids,
-                      min_drafts=config.min_drafts if config.mode == "dsi" else 1)
+                      min_drafts=config.min_drafts)
 
     def generate(self, policy: Policy, prompt: Sequence[int],
                  seed: int | None = None) -> PromptResult:

@@ -68,10 +68,12 @@ class Policy:
             raise ValueError(f"mode {mode} uses exactly one target server")
         self.mode = mode
         self.servers = tuple(servers)
-        if not 1 <= min_drafts <= max(1, lookahead):
+        if mode == "dsi" and not 1 <= min_drafts <= lookahead:
             raise ValueError(f"min_drafts must be in 1..lookahead ({lookahead}), got {min_drafts}")
         self.lookahead = lookahead
-        self.min_drafts = min_drafts  # a task carries no drafts or at least this many
+        # dsi: a task carries no drafts or at least this many; SI verifies one block of
+        # lookahead drafts and non-SI none, so they ignore it
+        self.min_drafts = min_drafts if mode == "dsi" else 1
         self.run_ahead = run_ahead
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids

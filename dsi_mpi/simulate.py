@@ -179,7 +179,7 @@ class _Simulation:
         if mode == "si" or run_ahead is None:
             run_ahead = default_run_ahead(mode, lookahead, len(servers))
         self.policy = Policy(mode, servers, lookahead, run_ahead, tokens, prompt_run=prompt_run,
-                             min_drafts=min_drafts if mode == "dsi" else 1)
+                             min_drafts=min_drafts)
         self.lat = lat
         self.msg = messages
         self.now = 0.0
@@ -406,11 +406,8 @@ def simulate(mode: str, lat: Latencies, acceptance: float, lookahead: int, sp: i
         raise ValueError("lookahead, sp, tokens and repeats must be >= 1")
     if not 0.0 <= acceptance <= 1.0:
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
-    if mode == "dsi" and not 1 <= min_drafts <= lookahead:
-        raise ValueError(f"min_drafts must be in 1..lookahead ({lookahead}), got {min_drafts}")
-    min_drafts = min_drafts if mode == "dsi" else 1
     summary = SimSummary(mode, lookahead if mode != "nonsi" else 0, sp if mode == "dsi" else 1,
-                         tokens, min_drafts=min_drafts)
+                         tokens, min_drafts=min_drafts if mode == "dsi" else 1)
     for r in range(repeats):
         summary.runs.append(simulate_once(mode, lat, acceptance, lookahead, sp, tokens, seed + r,
                                           run_ahead=run_ahead, messages=messages,
