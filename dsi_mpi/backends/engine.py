@@ -82,16 +82,10 @@ class EagerEngine:
         start = self.cached_length()
         n = len(tokens) if num_outputs is None else min(num_outputs, len(tokens))
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # [1, m]
-        self.gate.begin(should_cancel)
-        try:
+        with self.gate.forward(should_cancel, lambda: self.crop(start)):
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
             with torch.inference_mode():
                 out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=n,
                                  **{self.cache_keyword: self.cache})
-        except Cancelled:
-            self.crop(start)
-            raise
-        finally:
-            self.gate.end()
         return out.logits[0, -n:, :]

@@ -168,6 +168,21 @@ class LayerGate:
         self._should_cancel = None
 
     @contextmanager
+    def forward(self, should_cancel: Callable[[], bool] | None,
+                undo: Callable[[], None]) -> Iterator[None]:
+        """One forward of an engine under the gate, between :meth:`begin` and :meth:`end`: a
+        :class:`Cancelled` raised in it (by a probe, or by the engine's own check) calls
+        ``undo``, which takes back what the forward wrote to the cache, then propagates."""
+        self.begin(should_cancel)
+        try:
+            yield
+        except Cancelled:
+            undo()
+            raise
+        finally:
+            self.end()
+
+    @contextmanager
     def quiet(self) -> Iterator[None]:
         """The layer hooks pass through (a graph segment replayed eagerly probes only between
         segments, where the engine calls :meth:`before_layer` itself)."""

@@ -38,7 +38,6 @@ from typing import Any, Protocol
 
 import torch
 
-from dsi_mpi.backends.base import Cancelled
 from dsi_mpi.backends.choice import EngineOptions, graph_refusal
 from dsi_mpi.backends.gate import LayerGate
 from dsi_mpi.backends.static import StaticEngine
@@ -273,9 +272,8 @@ class GraphEngine(StaticEngine):
         block.buffers["ids"].copy_(torch.as_tensor(list(tokens), dtype=torch.long).view(1, m))
         if "positions" in block.buffers:
             block.buffers["positions"].copy_(self._positions(start, m))
-        ran = 0
-        self.gate.begin(should_cancel)
-        try:
+        ran = 0  # segments replayed: what a cancel takes back
+        with self.gate.forward(should_cancel, lambda: self._take_back(block.layers[:ran], m)):
             with torch.inference_mode():
                 for s, graph in enumerate(block.graphs):
                     self.gate.before_layer(s)  # probe for CANCEL; bounded run-ahead
@@ -283,11 +281,6 @@ class GraphEngine(StaticEngine):
                         graph.replay()
                     ran = s + 1
                     self.gate.after_layer(s)
-        except Cancelled:
-            self._take_back(block.layers[:ran], m)
-            raise
-        finally:
-            self.gate.end()
         self.length = start + m
         return block.buffers["logits"][0, -n:, :].clone()  # the next replay overwrites it
 

@@ -122,20 +122,16 @@ class StaticEngine:
         n = m if num_outputs is None else min(num_outputs, m)
         self.reserve(start + m)
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # [1, m]
-        self.gate.begin(should_cancel)
         self.visible.n = start + m
         try:
-            if should_cancel is not None and should_cancel():
-                raise Cancelled()
-            with torch.inference_mode():
-                out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=n,
-                                 **self.cache_kwargs(start, m))
-        except Cancelled:
-            self.rewind(start)
-            raise
+            with self.gate.forward(should_cancel, lambda: self.rewind(start)):
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled()
+                with torch.inference_mode():
+                    out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=n,
+                                     **self.cache_kwargs(start, m))
         finally:
             self.visible.n = None
-            self.gate.end()
         self.length = start + m
         return out.logits[0, -n:, :]
 
